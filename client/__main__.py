@@ -1,0 +1,75 @@
+"""python -m client classify PATH... --url HOST:PORT --model NAME [--top-k K] [--json]
+
+PATH may be a file, a folder (searched recursively for images) or a glob. One line per file; a file
+that cannot be read gets an error line and the rest are still classified. Exit code: 0 all files
+classified, 1 some files failed, 2 the server or model could not be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from client.classifier import ClientError, TritonClassifier
+from client.preprocessing import IMAGE_SUFFIXES
+
+
+def expand_paths(arguments: list[str]) -> list[str]:
+    """Files as given; folders and globs expanded to the image files below them, sorted."""
+    paths: list[str] = []
+    for argument in arguments:
+        matches = sorted(glob.glob(argument, recursive=True)) if glob.has_magic(argument) else [argument]
+        if not matches:
+            paths.append(argument)  # reported as 'no such file' rather than dropped silently
+        for match in matches:
+            if Path(match).is_dir():
+                paths += sorted(str(p) for p in Path(match).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            else:
+                paths.append(match)
+    return list(dict.fromkeys(paths))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    classify = commands.add_parser("classify", help="classify image files on a Triton server")
+    classify.add_argument("paths", nargs="+", metavar="PATH")
+    classify.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default: %(default)s)")
+    classify.add_argument("--model", required=True)
+    classify.add_argument("--model-version", default="", help="default: the latest the server has")
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args(argv)
+
+    paths = expand_paths(args.paths)
+    if not paths:
+        print("error: no image files found in the given paths", file=sys.stderr)
+        return 1
+    try:
+        classifier = TritonClassifier(args.url, args.model, args.model_version)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    failures = 0
+    with classifier:
+        for result in classifier.classify_files(paths, args.top_k):
+            failures += not result.ok
+            if args.json:
+                print(json.dumps(asdict(result)), flush=True)
+            elif result.ok:
+                top = ", ".join(f"{p.label} {p.score:.4f}" for p in result.predictions)
+                print(f"{result.path}\t{top}", flush=True)
+            else:
+                print(f"{result.path}\terror: {result.error}", flush=True)
+    if failures:
+        print(f"{failures} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

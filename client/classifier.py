@@ -1,0 +1,121 @@
+"""A thin gRPC client for a histoserve model on Triton: reads the serving contract from the server,
+preprocesses files with the one shared implementation, sends uint8 batches, returns top-k labels
+through Triton's classification extension."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from client.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
+
+
+class ClientError(RuntimeError):
+    """The server or model cannot be used at all (as opposed to one bad file)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: str
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def parse_classification(entry: bytes | str) -> Prediction:
+    """Triton's classification output is 'score:index:label' (label may be absent)."""
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    score, index, *label = text.split(":", 2)
+    return Prediction(label=label[0] if label else index, index=int(index), score=float(score))
+
+
+class TritonClassifier:
+    def __init__(self, url: str, model: str, version: str = "", timeout_s: float = 60.0):
+        self.url, self.model, self.version, self.timeout_s = url, model, version, timeout_s
+        self.client = grpcclient.InferenceServerClient(url)
+        try:
+            if not self.client.is_model_ready(model, version):
+                raise ClientError(f"model {model!r} (version {version or 'latest'}) is not ready on {url}")
+            config = self.client.get_model_config(model, version, as_json=True)["config"]
+        except InferenceServerException as error:
+            raise ClientError(f"cannot reach Triton at {url}: {error.message()}") from error
+        if len(config.get("input", [])) != 1 or len(config.get("output", [])) != 1:
+            raise ClientError(f"model {model!r} must have exactly one input and one output")
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        self.num_classes = int(config["output"][0]["dims"][-1])
+        self.max_batch_size = max(1, int(config.get("max_batch_size", 0)))
+        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        try:
+            self.spec = PreprocessSpec.from_parameters(parameters)
+        except ValueError as error:
+            raise ClientError(f"model {model!r}: {error}") from error
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "TritonClassifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
+        """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
+        request = grpcclient.InferInput(self.input_name, list(images.shape), "UINT8")
+        request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        output = grpcclient.InferRequestedOutput(self.output_name, class_count=min(top_k, self.num_classes))
+        result = self.client.infer(self.model, [request], self.version, outputs=[output], client_timeout=self.timeout_s)
+        return [[parse_classification(entry) for entry in row] for row in result.as_numpy(self.output_name)]
+
+    def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """The full FP32 probability rows, for parity checks against PyTorch."""
+        request = grpcclient.InferInput(self.input_name, list(images.shape), "UINT8")
+        request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        result = self.client.infer(self.model, [request], self.version,
+                                   outputs=[grpcclient.InferRequestedOutput(self.output_name)],
+                                   client_timeout=self.timeout_s)
+        return result.as_numpy(self.output_name)
+
+    def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 1) -> Iterator[FileResult]:
+        """One result per path, in order; a bad file yields an error result and never stops the rest."""
+        pending: list[tuple[str, np.ndarray]] = []
+        for path in paths:
+            try:
+                pending.append((os.fspath(path), preprocess_file(path, self.spec)))
+            except ImageLoadError as error:
+                yield from self._flush(pending, top_k)
+                pending = []
+                yield FileResult(os.fspath(path), error=error.reason)
+                continue
+            if len(pending) == self.max_batch_size:
+                yield from self._flush(pending, top_k)
+                pending = []
+        yield from self._flush(pending, top_k)
+
+    def _flush(self, pending: list[tuple[str, np.ndarray]], top_k: int) -> Iterator[FileResult]:
+        if not pending:
+            return
+        try:
+            rows = self.infer(np.stack([image for _, image in pending]), top_k)
+        except InferenceServerException as error:
+            for path, _ in pending:
+                yield FileResult(path, error=f"inference failed: {error.message()}")
+            return
+        for (path, _), predictions in zip(pending, rows):
+            yield FileResult(path, predictions=predictions)

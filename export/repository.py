@@ -1,0 +1,154 @@
+"""The Triton model repository, written with Triton's own protobuf types.
+
+Layout (what Triton, `serve/` and the k8s manifests read):
+
+    <repository>/<name>/config.pbtxt
+    <repository>/<name>/labels.txt
+    <repository>/<name>/<version>/model.onnx
+
+A new version is assembled in a hidden, non-numeric folder (Triton ignores those) and renamed into
+place, so a polling Triton never loads half a model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from client.preprocessing import PreprocessSpec
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+LABELS_FILE = "labels.txt"
+MODEL_FILE = "model.onnx"
+CONTRACT_VERSION = "1"
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+
+class RepositoryError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 16
+    max_queue_delay_us: int = 500
+    instance_count: int = 1
+
+
+def build_config(
+    name: str, num_classes: int, spec: PreprocessSpec, batching: BatchingConfig = BatchingConfig()
+) -> mc.ModelConfig:
+    """The production config: ONNX Runtime on GPU with dynamic batching and the serving contract."""
+    if not NAME_PATTERN.match(name):
+        raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
+    if batching.max_batch_size < 1:
+        raise RepositoryError("max_batch_size must be at least 1 (the batch axis is dynamic)")
+    dims = [3, spec.crop_size, spec.crop_size]
+    config = mc.ModelConfig(
+        name=name,
+        backend="onnxruntime",
+        max_batch_size=batching.max_batch_size,
+        input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_UINT8, format=mc.ModelInput.FORMAT_NCHW, dims=dims)],
+        output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[num_classes], label_filename=LABELS_FILE)],
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=batching.instance_count)],
+        dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us),
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+    )
+    sizes = sorted({1, batching.max_batch_size})
+    for batch_size in sizes:  # warm up before readiness, so the first real request is not the slow one
+        config.model_warmup.append(
+            mc.ModelWarmup(
+                name=f"zeros_batch_{batch_size}",
+                batch_size=batch_size,
+                inputs={INPUT_NAME: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=dims, zero_data=True)},
+            )
+        )
+    for key, value in {**spec.to_parameters(), "contract_version": CONTRACT_VERSION}.items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def config_to_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except text_format.ParseError as error:
+        raise RepositoryError(f"{path}: not a valid Triton model config ({error})") from error
+
+
+def config_parameters(config: mc.ModelConfig) -> dict[str, str]:
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+
+
+def publish(
+    repository: Path, config: mc.ModelConfig, labels: list[str], onnx_file: Path, version: int | None = None
+) -> Path:
+    """Write config.pbtxt, labels.txt and `<version>/model.onnx`; returns the version folder.
+
+    A model that already exists keeps its contract: a new version with other labels, input
+    geometry or preprocessing is refused instead of silently breaking the versions being served.
+    """
+    model_dir = Path(repository) / config.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if (model_dir / "config.pbtxt").exists():
+        _check_same_contract(model_dir, read_config(model_dir / "config.pbtxt"), config, labels)
+    version = version or (max(versions(model_dir), default=0) + 1)
+    target = model_dir / str(version)
+    if target.exists():
+        raise RepositoryError(f"{target} already exists: versions are immutable, pick another --version")
+
+    _write_text_atomically(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+    _write_text_atomically(model_dir / "config.pbtxt", config_to_text(config))
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
+    try:
+        shutil.copyfile(onnx_file, staging / MODEL_FILE)
+        os.chmod(staging, 0o755)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _check_same_contract(model_dir: Path, old: mc.ModelConfig, new: mc.ModelConfig, labels: list[str]) -> None:
+    old_labels = (model_dir / LABELS_FILE).read_text().splitlines() if (model_dir / LABELS_FILE).exists() else []
+    differences = []
+    if old_labels != labels:
+        differences.append(f"labels {old_labels} → {labels}")
+    if list(old.input) != list(new.input) or list(old.output) != list(new.output):
+        differences.append("input/output tensors")
+    if config_parameters(old) != config_parameters(new):
+        differences.append(f"parameters {config_parameters(old)} → {config_parameters(new)}")
+    if differences:
+        raise RepositoryError(
+            f"{model_dir} already serves another contract ({'; '.join(differences)}). "
+            f"Export under a new --name, or move the old model folder away yourself."
+        )
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

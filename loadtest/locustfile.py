@@ -1,0 +1,122 @@
+"""Locust load test for a histoserve model on Triton over gRPC.
+
+    locust -f loadtest/locustfile.py --headless --users 8 --spawn-rate 8 --run-time 30s \
+        --triton-url localhost:8001 --model digits --images data/digits/test \
+        --csv reports/locust --html reports/locust.html
+
+Each simulated user holds its own gRPC channel and sends real images, preprocessed once per process
+with the client's preprocessing (the server's contract), as uint8 batches of --batch-size.
+"""
+
+# grpc must be patched for gevent before anything imports it; without this only one request is ever
+# in flight per process and the measured load is silently understated (DESIGN.md §5).
+from grpc.experimental import gevent as grpc_gevent
+
+grpc_gevent.init_gevent()
+
+import json  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from functools import lru_cache  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from locust import User, constant, events, task  # noqa: E402
+from locust.exception import StopUser  # noqa: E402
+from locust.runners import WorkerRunner  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from client.classifier import ClientError, TritonClassifier  # noqa: E402
+from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, PreprocessSpec, preprocess_file  # noqa: E402
+
+MAX_IMAGES = 512
+
+
+@events.init_command_line_parser.add_listener
+def add_arguments(parser):
+    group = parser.add_argument_group("histoserve", "Triton model under test")
+    group.add_argument("--triton-url", default="localhost:8001", env_var="HISTOSERVE_TRITON_URL",
+                       help="Triton gRPC address")
+    group.add_argument("--model", default="digits", env_var="HISTOSERVE_MODEL", help="model name")
+    group.add_argument("--images", default="data/digits/test", env_var="HISTOSERVE_IMAGES",
+                       help="folder of images to send (searched recursively)")
+    group.add_argument("--batch-size", type=int, default=1, env_var="HISTOSERVE_BATCH_SIZE",
+                       help="images per request")
+
+
+@lru_cache(maxsize=4)
+def load_images(folder: str, spec: PreprocessSpec) -> np.ndarray:
+    """Preprocess up to MAX_IMAGES images once per process; bad files are skipped, not fatal."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    arrays = []
+    for path in paths[:MAX_IMAGES]:
+        try:
+            arrays.append(preprocess_file(path, spec))
+        except ImageLoadError as error:
+            print(f"loadtest: skipping {error}")
+    if not arrays:
+        raise ValueError(f"--images {folder}: no readable images")
+    return np.stack(arrays)
+
+
+@events.quitting.add_listener
+def write_final_summary(environment, **_kwargs):
+    """Locust's --csv files are rewritten once a second and miss the last second of a run; the final
+    totals go to PREFIX_summary.json, which `python -m loadtest.report` reads."""
+    prefix = getattr(environment.parsed_options, "csv_prefix", None)
+    if not prefix or isinstance(environment.runner, WorkerRunner):
+        return
+    total = environment.stats.total
+    summary = {
+        "requests": total.num_requests,
+        "failures": total.num_failures,
+        "requests_per_second": total.total_rps,
+        "p50_ms": total.get_response_time_percentile(0.5) if total.num_requests else 0.0,
+        "p99_ms": total.get_response_time_percentile(0.99) if total.num_requests else 0.0,
+        "average_ms": total.avg_response_time,
+    }
+    Path(f"{prefix}_summary.json").write_text(json.dumps(summary, indent=2))
+
+
+class TritonGrpcUser(User):
+    wait_time = constant(0)  # closed loop: each user sends its next request as soon as one returns
+
+    def on_start(self):
+        options = self.environment.parsed_options
+        try:
+            self.classifier = TritonClassifier(options.triton_url, options.model)
+            self.images = load_images(options.images, self.classifier.spec)
+        except (ClientError, ValueError) as error:
+            # Nothing can be measured: end the whole run with a non-zero exit code, not a green report.
+            print(f"loadtest: error: {error}", flush=True)
+            self.environment.process_exit_code = 2
+            if self.environment.runner is not None:
+                self.environment.runner.quit()
+            raise StopUser() from error
+        self.batch_size = max(1, min(options.batch_size, self.classifier.max_batch_size))
+        self.name = f"infer {options.model} batch={self.batch_size}"
+
+    def on_stop(self):
+        if hasattr(self, "classifier"):
+            self.classifier.close()
+
+    @task
+    def infer(self):
+        indices = random.sample(range(len(self.images)), k=min(self.batch_size, len(self.images)))
+        batch = self.images[indices]
+        started = time.perf_counter()
+        exception = None
+        try:
+            self.classifier.infer(batch, top_k=1)
+        except InferenceServerException as error:  # its repr is empty: name the status and message
+            exception = RuntimeError(f"{error.status() or 'error'}: {error.message()}")
+        except Exception as error:  # every failure must reach Locust's statistics, whatever its type
+            exception = error
+        self.environment.events.request.fire(
+            request_type="grpc",
+            name=self.name,
+            response_time=(time.perf_counter() - started) * 1000.0,
+            response_length=batch.nbytes,
+            exception=exception,
+            context={"batch_size": len(batch)},
+        )

@@ -1,0 +1,131 @@
+"""The main job, end to end on the bundled digits: `make demo` (or `.venv/bin/python scripts/demo.py`).
+
+prepare data → train ResNet50 → test report → export ONNX to model_repository/ → real Triton →
+classify the test split over gRPC → 30 s Locust run → stop Triton → summary.
+Every step is the documented command line, printed before it runs, so each can be rerun by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loadtest.report import plot_history, read_summary  # noqa: E402
+from serve.server import free_ports  # noqa: E402
+
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+
+def step(title: str, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    print(f"\n=== {title}\n$ {shlex.join(str(c) for c in command)}", flush=True)
+    result = subprocess.run([str(c) for c in command], cwd=ROOT, **kwargs)
+    if result.returncode != 0:
+        sys.exit(f"demo: step '{title}' failed with exit code {result.returncode}")
+    return result
+
+
+def start_server(repository: Path, ports) -> subprocess.Popen:
+    command = [PYTHON, "-m", "serve", "--model-repository", repository,
+               "--http-port", ports.http, "--grpc-port", ports.grpc, "--metrics-port", ports.metrics]
+    print(f"\n=== serve (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
+    server = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in server.stdout:
+        print(f"  serve | {line.rstrip()}", flush=True)
+        if line.startswith("Ctrl-C"):
+            return server
+    sys.exit(f"demo: the server did not start (exit code {server.wait()})")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.send_signal(signal.SIGTERM)
+        for line in server.stdout:
+            print(f"  serve | {line.rstrip()}", flush=True)
+        server.wait(timeout=60)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--load-seconds", type=int, default=30)
+    parser.add_argument("--users", type=int, default=8)
+    args = parser.parse_args()
+
+    data, run, repository, reports = Path("data/digits"), Path("runs/demo"), Path("model_repository"), Path("reports")
+    model = "digits"
+    started = time.monotonic()
+
+    step("1. demo data: scikit-learn's digits as an ImageFolder tree", [PYTHON, "-m", "train", "demo-data", data])
+    step("2. train + test report", [
+        PYTHON, "-m", "train", "fit", "--data", data, "--out", run, "--arch", args.arch, "--weights", "none",
+        "--epochs", args.epochs, "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light",
+    ])
+    step("3. export: ONNX, parity gate, Triton model repository",
+         [PYTHON, "-m", "export", run / "checkpoint.pt", "--repository", repository, "--name", model],
+         stdout=subprocess.DEVNULL)
+
+    ports = free_ports()
+    server = start_server(repository, ports)
+    try:
+        result = step("4. classify the test split over gRPC (first lines shown)", [
+            PYTHON, "-m", "client", "classify", data / "test", "--url", f"127.0.0.1:{ports.grpc}",
+            "--model", model, "--top-k", 3, "--json",
+        ], stdout=subprocess.PIPE, text=True)
+        served = [json.loads(line) for line in result.stdout.splitlines()]
+        correct = 0
+        for i, row in enumerate(served):
+            truth = Path(row["path"]).parent.name
+            top = row["predictions"][0]["label"] if row["predictions"] else None
+            correct += top == truth
+            if i < 8:
+                scores = ", ".join(f"{p['label']} {p['score']:.3f}" for p in row["predictions"])
+                print(f"  {Path(row['path']).relative_to(data)}  true {truth}  →  {scores}")
+        served_accuracy = correct / max(1, len(served))
+        print(f"  ... {len(served)} files classified, served top-1 accuracy {served_accuracy:.4f}")
+
+        reports.mkdir(exist_ok=True)
+        step(f"5. load test: {args.users} gRPC users for {args.load_seconds}s", [
+            BIN / "locust", "-f", "loadtest/locustfile.py", "--headless", "--users", args.users,
+            "--spawn-rate", args.users, "--run-time", f"{args.load_seconds}s", "--only-summary",
+            "--triton-url", f"127.0.0.1:{ports.grpc}", "--model", model, "--images", data / "test",
+            "--csv", reports / "locust", "--html", reports / "locust.html",
+        ])
+    finally:
+        print("\n=== 6. stop the server", flush=True)
+        stop_server(server)
+
+    metrics = json.loads((ROOT / run / "test_metrics.json").read_text())
+    load = read_summary(ROOT / reports / "locust")
+    plot = plot_history(ROOT / reports / "locust")
+    minutes = (time.monotonic() - started) / 60
+    print(f"""
+=== summary ({minutes:.1f} min)
+  test accuracy (PyTorch, {metrics['images']} images)   {metrics['accuracy']:.4f}
+  served accuracy (Triton, {len(served)} images)  {served_accuracy:.4f}
+  load test ({args.users} users, {args.load_seconds}s, batch 1, 3×32² uint8)
+{load.table()}
+  reports
+    test report         {run / 'test_report.txt'}
+    confusion matrix    {run / 'test_confusion_matrix.png'}
+    training curves     {run / 'training_curves.png'}
+    model repository    {repository / model}
+    locust              {reports / 'locust.html'}, {reports / 'locust_stats.csv'}
+    latency plot        {plot.relative_to(ROOT)}""")
+    return 0 if load.failures == 0 else 1
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.exit(main())

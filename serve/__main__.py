@@ -1,0 +1,63 @@
+"""python -m serve [--model-repository model_repository] [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+
+Runs the real Triton Inference Server over a CPU derivative of the model repository until Ctrl-C or
+SIGTERM, then stops it and everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from serve.local_repository import LocalRepositoryError
+from serve.server import Ports, ServerError, TritonServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--address", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def request_stop(signum, _frame):
+        raise KeyboardInterrupt
+
+    server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
+                          args.address, args.ready_timeout, args.log_verbose)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        print(f"starting tritonserver on {args.model_repository} ...", flush=True)
+        server.start()
+        print(f"ready: models {', '.join(server.models)}", flush=True)
+        print(f"  gRPC     {server.grpc_url}", flush=True)
+        print(f"  HTTP     {server.http_url}", flush=True)
+        print(f"  metrics  {server.metrics_url}", flush=True)
+        print(f"  log      {server.log_file}", flush=True)
+        print("Ctrl-C or SIGTERM stops it.", flush=True)
+        code = server.process.wait()
+        print(f"error: tritonserver exited on its own with code {code}:\n{server.log_tail()}", file=sys.stderr)
+        server.stop()
+        return 1
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("stopping tritonserver ...", flush=True)
+        code = server.stop()
+        print(f"stopped (exit code {code}).", flush=True)
+        return 0
+    except (ServerError, LocalRepositoryError) as error:
+        server.stop()
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`python -m client classify` against the session's real Triton."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import MODEL, make_truncated_png, run_cli
+
+
+def classify(server, *paths, check=False):
+    return run_cli("-m", "client", "classify", *paths, "--url", server.grpc_url, "--model", MODEL,
+                   "--top-k", 3, "--json", check=check)
+
+
+def rows(result):
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_one_file(server, test_files):
+    result = classify(server, test_files[0])
+    assert result.returncode == 0, result.stderr
+    [row] = rows(result)
+    assert row["path"] == str(test_files[0]) and row["error"] is None
+    assert len(row["predictions"]) == 3
+    scores = [p["score"] for p in row["predictions"]]
+    assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] <= scores[0] <= 1
+    assert all(p["label"] == str(p["index"]) for p in row["predictions"])  # digits: label i is class i
+
+
+def test_folder_and_glob(server, digits_root):
+    folder = classify(server, digits_root / "test" / "3")
+    assert folder.returncode == 0, folder.stderr
+    expected = sorted(str(p) for p in (digits_root / "test" / "3").glob("*.png"))
+    assert [r["path"] for r in rows(folder)] == expected
+    pattern = classify(server, str(digits_root / "test" / "*" / "digit_00*.png"))
+    assert pattern.returncode == 0, pattern.stderr
+    assert rows(pattern) and all(r["path"].split("/")[-1].startswith("digit_00") for r in rows(pattern))
+
+
+def test_a_corrupt_file_among_good_ones_gives_one_error_and_all_other_results(server, test_files, tmp_path):
+    good = test_files[:20]  # more than max_batch_size, so results span several batches
+    for path in good:
+        shutil.copy(path, tmp_path / f"{path.parent.name}_{path.name}")
+    make_truncated_png(tmp_path / "5_corrupt.png")
+    result = classify(server, tmp_path)
+    assert result.returncode == 1
+    results = rows(result)
+    assert len(results) == 21
+    errors = [r for r in results if r["error"]]
+    assert [e["path"] for e in errors] == [str(tmp_path / "5_corrupt.png")]
+    assert "truncated" in errors[0]["error"]
+    assert all(len(r["predictions"]) == 3 for r in results if not r["error"])
+    assert "1 of 21 file(s) failed" in result.stderr
+
+
+def test_plain_text_output_and_missing_file(server, test_files, tmp_path):
+    result = run_cli("-m", "client", "classify", test_files[0], tmp_path / "missing.png",
+                     "--url", server.grpc_url, "--model", MODEL, "--top-k", 2, check=False)
+    assert result.returncode == 1
+    first, second = result.stdout.splitlines()
+    assert first.startswith(str(test_files[0]) + "\t") and len(first.split("\t")[1].split(", ")) == 2
+    assert second == f"{tmp_path / 'missing.png'}\terror: no such file"
+
+
+@pytest.mark.parametrize("url, model, message", [
+    ("127.0.0.1:9", MODEL, "cannot reach Triton at 127.0.0.1:9"),
+    (None, "no_such_model", "no_such_model"),
+])
+def test_unusable_server_or_model_exits_2_with_a_message(server, test_files, url, model, message):
+    result = run_cli("-m", "client", "classify", test_files[0], "--url", url or server.grpc_url,
+                     "--model", model, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr

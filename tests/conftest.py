@@ -1,0 +1,96 @@
+"""Session fixtures: real digits data → a short real training run → a real export → a real Triton.
+
+Everything is built once per test session in a temporary folder; the server runs on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "digits"
+
+
+def run_cli(*args, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python -m ...` (or another venv tool) from the repository root, the way users do."""
+    command = [str(a) for a in args]
+    if command[0] != "locust":
+        command = [sys.executable, *command]
+    else:
+        command[0] = str(Path(sys.executable).parent / "locust")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from train.data import write_digits_demo
+
+    root = tmp_path_factory.mktemp("data") / "digits"
+    write_digits_demo(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(digits_root, tmp_path_factory) -> Path:
+    """One short epoch of ResNet18 at 32×32 through the real CLI."""
+    out = tmp_path_factory.mktemp("run")
+    run_cli("-m", "train", "fit", "--data", digits_root, "--out", out, "--arch", "resnet18",
+            "--epochs", 1, "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light")
+    return out
+
+
+@pytest.fixture(scope="session")
+def repository(trained_run, tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("model_repository")
+    run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
+            "--max-batch-size", 16, "--max-queue-delay-us", 2000)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(repository):
+    from serve.server import TritonServer, free_ports
+
+    with TritonServer(repository, free_ports()) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def test_files(digits_root) -> list[Path]:
+    return sorted((digits_root / "test").rglob("*.png"))
+
+
+def make_noise_png(path: Path, size=(64, 48), seed: int = 0) -> Path:
+    """A real, incompressible RGB PNG (big enough that cutting it in half truncates pixel data)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_truncated_png(path: Path) -> Path:
+    make_noise_png(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any HTTP(S) download fails at once, as on a machine without internet."""
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    return os.environ

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from client.preprocessing import preprocess_file
+from export.onnx_model import ParityError, check_parity
+from tests.conftest import MODEL, run_cli
+from train.checkpoint import load_checkpoint
+from train.model import ServingModel, build_classifier
+
+
+@pytest.fixture(scope="module")
+def parity_inputs(trained_run, repository, test_files):
+    classifier, meta = load_checkpoint(trained_run / "checkpoint.pt")
+    images = np.stack([preprocess_file(p, meta.preprocess) for p in test_files[::9]])
+    return ServingModel(classifier).eval(), repository / MODEL / "1" / "model.onnx", images
+
+
+def test_parity_gate_passes_for_the_exported_model(parity_inputs):
+    model, onnx_file, images = parity_inputs
+    report = check_parity(model, onnx_file, images, atol=1e-4)
+    assert report.passed and report.images == len(images) and report.max_abs_diff <= 1e-4
+
+
+def test_parity_gate_refuses_a_model_that_differs(parity_inputs):
+    _, onnx_file, images = parity_inputs
+    other = ServingModel(build_classifier("resnet18", 10)).eval()
+    with pytest.raises(ParityError, match="FAILED"):
+        check_parity(other, onnx_file, images)
+
+
+def test_export_publishes_nothing_when_parity_fails(trained_run, tmp_path):
+    """A negative tolerance cannot be met: the gate must fail and leave no model folder behind."""
+    result = run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", tmp_path / "repo",
+                     "--name", "gated", "--atol", "-1", check=False)
+    assert result.returncode == 1 and "nothing was published" in result.stderr
+    assert not (tmp_path / "repo" / "gated").exists()

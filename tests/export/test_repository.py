@@ -1,0 +1,86 @@
+from pathlib import Path
+
+import onnx
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from client.preprocessing import PreprocessSpec
+from export.repository import BatchingConfig, RepositoryError, build_config, publish, read_config, versions
+from tests.conftest import MODEL
+
+
+def test_exported_config_parses_with_triton_types_and_carries_the_contract(repository):
+    config = read_config(repository / MODEL / "config.pbtxt")
+    assert config.name == MODEL and config.backend == "onnxruntime"
+    assert config.max_batch_size == 16
+    assert config.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    [image] = config.input
+    assert (image.name, image.data_type, image.format, list(image.dims)) == (
+        "image", mc.TYPE_UINT8, mc.ModelInput.FORMAT_NCHW, [3, 32, 32])
+    [probabilities] = config.output
+    assert (probabilities.name, probabilities.data_type, list(probabilities.dims), probabilities.label_filename) == (
+        "probabilities", mc.TYPE_FP32, [10], "labels.txt")
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    assert PreprocessSpec.from_parameters(parameters) == PreprocessSpec(36, 32, "bilinear")
+    assert parameters["color_mode"] == "RGB"
+    assert [w.batch_size for w in config.model_warmup] == [1, 16]
+    assert (repository / MODEL / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
+
+
+def test_exported_onnx_takes_uint8_with_a_dynamic_batch_and_returns_fp32(repository):
+    model = onnx.load(str(repository / MODEL / "1" / "model.onnx"))
+    [graph_input], [graph_output] = model.graph.input, model.graph.output
+    assert (graph_input.name, graph_output.name) == ("image", "probabilities")
+    assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert graph_output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    batch, *rest = graph_input.type.tensor_type.shape.dim
+    assert batch.dim_param and not batch.dim_value
+    assert [d.dim_value for d in rest] == [3, 32, 32]
+
+
+def small_config(name="m", crop=32, classes=3):
+    return build_config(name, classes, PreprocessSpec(crop + 4, crop), BatchingConfig(8, 100))
+
+
+def fake_model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"publish copies bytes; it is export's job to check them")
+    return path
+
+
+def test_versions_are_numbered_and_published_whole(tmp_path):
+    repo, onnx_file = tmp_path / "repo", fake_model_file(tmp_path)
+    assert publish(repo, small_config(), ["a", "b", "c"], onnx_file).name == "1"
+    (repo / "m" / "3").mkdir()
+    (repo / "m" / "3" / "model.onnx").write_bytes(b"x")
+    assert publish(repo, small_config(), ["a", "b", "c"], onnx_file).name == "4"
+    assert versions(repo / "m") == [1, 3, 4]
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "3", "4", "config.pbtxt", "labels.txt"]
+    assert (repo / "m" / "4" / "model.onnx").read_bytes() == onnx_file.read_bytes()
+
+
+def test_existing_versions_are_immutable(tmp_path):
+    repo, onnx_file = tmp_path / "repo", fake_model_file(tmp_path)
+    publish(repo, small_config(), ["a", "b", "c"], onnx_file, version=2)
+    with pytest.raises(RepositoryError, match="immutable"):
+        publish(repo, small_config(), ["a", "b", "c"], onnx_file, version=2)
+
+
+@pytest.mark.parametrize("config, labels, what", [
+    (small_config(), ["a", "b", "x"], "labels"),
+    (small_config(crop=48), ["a", "b", "c"], "input/output"),
+])
+def test_a_new_version_cannot_change_the_contract_of_a_model(tmp_path, config, labels, what):
+    repo, onnx_file = tmp_path / "repo", fake_model_file(tmp_path)
+    publish(repo, small_config(), ["a", "b", "c"], onnx_file)
+    before = (repo / "m" / "config.pbtxt").read_text()
+    with pytest.raises(RepositoryError, match=what):
+        publish(repo, config, labels, onnx_file)
+    assert (repo / "m" / "config.pbtxt").read_text() == before and versions(repo / "m") == [1]
+
+
+@pytest.mark.parametrize("name", ["bad name", "-x", "a/b", ""])
+def test_model_names_triton_cannot_use_are_refused(name):
+    with pytest.raises(RepositoryError):
+        small_config(name=name)

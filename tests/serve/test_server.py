@@ -1,0 +1,134 @@
+"""The real tritonserver from nvidia-pytriton, over real gRPC."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from client.classifier import TritonClassifier
+from client.preprocessing import preprocess_file
+from serve.server import free_ports
+from tests.conftest import MODEL, ROOT, run_cli
+from train.checkpoint import load_checkpoint
+from train.model import ServingModel
+
+
+def test_served_predictions_equal_pytorch(server, trained_run, test_files):
+    classifier, meta = load_checkpoint(trained_run / "checkpoint.pt")
+    files = test_files[::5]
+    images = np.stack([preprocess_file(p, meta.preprocess) for p in files])
+    with torch.no_grad():
+        expected = ServingModel(classifier).eval()(torch.from_numpy(images)).numpy()
+    with TritonClassifier(server.grpc_url, MODEL) as client:
+        assert client.spec == meta.preprocess  # the contract came from the server's config
+        results = list(client.classify_files(files, top_k=1))
+        served = np.concatenate([client.infer_probabilities(images[i:i + 16]) for i in range(0, len(images), 16)])
+    assert all(r.ok for r in results)
+    assert [r.predictions[0].index for r in results] == expected.argmax(1).tolist()
+    assert [r.predictions[0].label for r in results] == [meta.class_names[i] for i in expected.argmax(1)]
+    assert np.abs(served - expected).max() <= 1e-4
+
+
+def model_statistics(url):
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+    return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
+
+
+def test_concurrent_single_image_requests_are_batched(server, test_files):
+    with TritonClassifier(server.grpc_url, MODEL) as probe:
+        image = preprocess_file(test_files[0], probe.spec)[None]
+    inferences_before, executions_before = model_statistics(server.grpc_url)
+    requests, barrier, errors = 32, threading.Barrier(32), []
+
+    def send():
+        with TritonClassifier(server.grpc_url, MODEL) as client:
+            barrier.wait()
+            try:
+                client.infer(image)
+            except Exception as error:  # collected and asserted below
+                errors.append(error)
+
+    threads = [threading.Thread(target=send) for _ in range(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    inferences_after, executions_after = model_statistics(server.grpc_url)
+    assert not errors
+    assert inferences_after - inferences_before == requests
+    assert executions_after - executions_before < requests, "Triton executed every request alone"
+
+
+def test_health_and_metrics_endpoints_answer(server):
+    import urllib.request
+
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready"):
+        with urllib.request.urlopen(server.http_url + path, timeout=5) as response:
+            assert response.status == 200, path
+    with urllib.request.urlopen(server.metrics_url, timeout=5) as response:
+        metrics = response.read().decode()
+    assert f'nv_inference_request_success{{model="{MODEL}",version="1"}}' in metrics
+    assert "nv_inference_queue_duration_us" in metrics
+
+
+def test_serve_refuses_a_taken_port_with_a_clear_message(repository):
+    ports = free_ports()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", ports.grpc))
+        blocker.listen()
+        result = run_cli("-m", "serve", "--model-repository", repository, "--http-port", ports.http,
+                         "--grpc-port", ports.grpc, "--metrics-port", ports.metrics, check=False, timeout=120)
+    assert result.returncode == 1
+    assert f"grpc port {ports.grpc} on 127.0.0.1 already in use" in result.stderr
+
+
+def test_serve_refuses_a_missing_repository(tmp_path):
+    result = run_cli("-m", "serve", "--model-repository", tmp_path / "nothing", check=False, timeout=120)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+def descendants_alive(pid):
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if p.is_running()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_cli_stops_cleanly(repository, stop_signal):
+    ports = free_ports()
+    command = [sys.executable, "-m", "serve", "--model-repository", str(repository), "--http-port", str(ports.http),
+               "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        assert any(line.startswith("ready: models digits") for line in output), "".join(output) + process.stderr.read()
+        workdir = Path(next(line.split()[-1] for line in output if line.strip().startswith("log"))).parent
+        children = descendants_alive(process.pid)
+        shm_regions = list(Path("/dev/shm").glob(f"histoserve_{process.pid}_*"))
+        assert children and shm_regions and workdir.is_dir()  # what must be gone afterwards is there now
+
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=60) == 0
+        time.sleep(0.5)
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert not list(Path("/dev/shm").glob(f"histoserve_{process.pid}_*"))
+        assert not workdir.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -1,0 +1,64 @@
+"""The checkpoint: everything export needs to rebuild, check and publish the model, in one file."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from client.preprocessing import PreprocessSpec
+from train.model import Classifier, build_classifier
+
+FORMAT = "histoserve-checkpoint/1"
+
+
+@dataclass
+class CheckpointMeta:
+    arch: str
+    class_names: list[str]
+    preprocess: PreprocessSpec
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dropout: float
+    data_root: str
+    split_seed: int
+    temperature: float = 1.0
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+
+def save_checkpoint(path: Path, model: Classifier, meta: CheckpointMeta) -> None:
+    """Written to a temporary file in the same folder, then renamed: never a half-written file."""
+    payload = {"format": FORMAT, "model_state": model.state_dict(), **asdict(meta)}
+    payload["preprocess"] = asdict(meta.preprocess)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: Path) -> tuple[Classifier, CheckpointMeta]:
+    """The classifier in eval mode and its metadata."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint written by `python -m train fit`")
+    state = payload.pop("model_state")
+    payload.pop("format")
+    payload["preprocess"] = PreprocessSpec(**payload["preprocess"])
+    payload["mean"], payload["std"] = tuple(payload["mean"]), tuple(payload["std"])
+    meta = CheckpointMeta(**payload)
+    model = build_classifier(meta.arch, len(meta.class_names), meta.dropout, mean=meta.mean, std=meta.std)
+    model.load_state_dict(state)
+    return model.eval(), meta
