@@ -132,3 +132,22 @@ def test_serve_cli_stops_cleanly(repository, stop_signal):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_stock_http_client_sees_one_uint8_input_and_one_fp32_output(server, test_files):
+    """What generic Triton tools (image_client, perf_analyzer) rely on, spoken over HTTP/REST."""
+    import tritonclient.http as httpclient
+
+    with TritonClassifier(server.grpc_url, MODEL) as grpc_client:
+        image = preprocess_file(test_files[0], grpc_client.spec)[None]
+        expected = grpc_client.infer(image, top_k=2)[0]
+    client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    metadata = client.get_model_metadata(MODEL)
+    assert [(i["name"], i["datatype"], i["shape"]) for i in metadata["inputs"]] == [("image", "UINT8", [-1, 3, 32, 32])]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in metadata["outputs"]] == [("probabilities", "FP32", [-1, 10])]
+    request = httpclient.InferInput("image", list(image.shape), "UINT8")
+    request.set_data_from_numpy(image)
+    result = client.infer(MODEL, [request], outputs=[httpclient.InferRequestedOutput("probabilities", class_count=2)])
+    top = [entry.decode().split(":") for entry in result.as_numpy("probabilities")[0]]
+    assert [(int(index), label) for _, index, label in top] == [(p.index, p.label) for p in expected]
+    client.close()
