@@ -77,18 +77,18 @@ class TritonClassifier:
 
     def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
         """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
-        request = grpcclient.InferInput(self.input_name, list(images.shape), "UINT8")
-        request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
         output = grpcclient.InferRequestedOutput(self.output_name, class_count=min(top_k, self.num_classes))
-        result = self.client.infer(self.model, [request], self.version, outputs=[output], client_timeout=self.timeout_s)
-        return [[parse_classification(entry) for entry in row] for row in result.as_numpy(self.output_name)]
+        rows = self._infer(images, output)
+        return [[parse_classification(entry) for entry in row] for row in rows]
 
     def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
         """The full FP32 probability rows, for parity checks against PyTorch."""
+        return self._infer(images, grpcclient.InferRequestedOutput(self.output_name))
+
+    def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> np.ndarray:
         request = grpcclient.InferInput(self.input_name, list(images.shape), "UINT8")
         request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
-        result = self.client.infer(self.model, [request], self.version,
-                                   outputs=[grpcclient.InferRequestedOutput(self.output_name)],
+        result = self.client.infer(self.model, [request], self.version, outputs=[output],
                                    client_timeout=self.timeout_s)
         return result.as_numpy(self.output_name)
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             samples = list_image_folder(args.parity_images)[1]
         else:
             ratios = SplitRatios(meta.config.get("val_ratio", 0.15), meta.config.get("test_ratio", 0.15))
-            samples = load_splits(Path(meta.data_root), ratios, meta.split_seed).splits["test"]
+            samples = load_splits(Path(meta.data_root), ratios, meta.split_seed, meta.config.get("fold", -1)).splits["test"]
         images = parity_images([s.path for s in samples], meta.preprocess, args.parity_count)
         config = build_config(
             args.name, len(meta.class_names), meta.preprocess,

@@ -1,4 +1,4 @@
-"""python -m train {demo-data,fit,evaluate} ... — see README.md for the exact commands."""
+"""python -m train {demo-data,prepare,fit,evaluate,augment-preview} ... — see README.md for the exact commands."""
 
 from __future__ import annotations
 
@@ -7,7 +7,24 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from train.model import ARCHITECTURES, WeightsUnavailableError
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, defaults, skip=(), choices=None) -> None:
+    """One --option per dataclass field: the config class is the single list of options."""
+    for f in fields(defaults):
+        if f.name in skip:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", help="off by default")
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            parser.add_argument(flag, type=kind, default=default, choices=(choices or {}).get(f.name),
+                                help="default: %(default)s")
+
+
+def options_of(args: argparse.Namespace, config_class, skip=()) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if f.name not in skip}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,19 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("out", type=Path)
     demo.add_argument("--seed", type=int, default=0)
 
-    from train.fit import FitConfig
+    from train.config import ARCHITECTURES, FitConfig
+    from train.prepare import LAYOUTS, PrepareConfig
+
+    prepare = commands.add_parser("prepare", help="scan SRC into OUT/manifest.csv, a patient-level split and a data report")
+    prepare.add_argument("src", help="folder of images (class = first folder level unless --label-regex)")
+    prepare.add_argument("out", help="folder for manifest.csv, prepare.json, report.md and its PNGs")
+    add_dataclass_options(prepare, PrepareConfig(src="", out=""), skip=("src", "out"), choices={"layout": ("", *LAYOUTS)})
 
     fit_parser = commands.add_parser("fit", help="train a classifier and write checkpoint.pt + test report")
-    defaults = FitConfig(data="")
-    for f in fields(FitConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "data":
-            fit_parser.add_argument(flag, required=True, help="ImageFolder root (split or not)")
-        elif f.name == "arch":
-            fit_parser.add_argument(flag, default=defaults.arch, choices=ARCHITECTURES)
-        else:
-            kind = {int: int, float: float}.get(type(getattr(defaults, f.name)), str)
-            fit_parser.add_argument(flag, type=kind, default=getattr(defaults, f.name), help=f"default: %(default)s")
+    fit_parser.add_argument("--data", required=True, help="manifest.csv from `prepare`, or an ImageFolder root (split or not)")
+    add_dataclass_options(fit_parser, FitConfig(data=""), skip=("data",),
+                          choices={"arch": ARCHITECTURES})
+
+    preview = commands.add_parser("augment-preview", help="render an augmentation preset on real images as a PNG grid")
+    preview.add_argument("images", nargs="+", type=Path, help="image files or folders (the first 4 images are used)")
+    preview.add_argument("--preset", default="histology")
+    preview.add_argument("--out", type=Path, default=Path("augment_preview.png"))
+    preview.add_argument("--resize-size", type=int, default=256)
+    preview.add_argument("--crop-size", type=int, default=224)
+    preview.add_argument("--samples", type=int, default=6)
 
     evaluate = commands.add_parser("evaluate", help="report metrics of a checkpoint on one split")
     evaluate.add_argument("checkpoint", type=Path)
@@ -46,10 +70,23 @@ def main(argv: list[str] | None = None) -> int:
             data = write_digits_demo(args.out, seed=args.seed)
             for name, per_class in data.counts().items():
                 print(f"{args.out / name}: {sum(per_class)} images, per class {per_class}")
+        elif args.command == "prepare":
+            from train.prepare import prepare as run_prepare
+
+            run_prepare(PrepareConfig(src=args.src, out=args.out, **options_of(args, PrepareConfig, skip=("src", "out"))))
+        elif args.command == "augment-preview":
+            from client.preprocessing import IMAGE_SUFFIXES, PreprocessSpec
+            from train.augment import render_preview
+
+            paths = [p for arg in args.images for p in (sorted(q for q in arg.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES) if arg.is_dir() else [arg])]
+            if not paths:
+                raise ValueError("augment-preview: no images found")
+            render_preview(paths[:4], args.preset, PreprocessSpec(args.resize_size, args.crop_size), args.out, args.samples)
+            print(f"wrote {args.out}")
         elif args.command == "fit":
             from train.fit import fit
 
-            fit(FitConfig(**{f.name: getattr(args, f.name) for f in fields(FitConfig)}))
+            fit(FitConfig(data=args.data, **options_of(args, FitConfig, skip=("data",))))
         else:
             from train.checkpoint import load_checkpoint
             from train.data import SplitRatios, load_splits
@@ -57,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
             model, meta = load_checkpoint(args.checkpoint)
             ratios = SplitRatios(meta.config.get("val_ratio", 0.15), meta.config.get("test_ratio", 0.15))
-            data = load_splits(args.data or Path(meta.data_root), ratios, meta.split_seed)
+            data = load_splits(args.data or Path(meta.data_root), ratios, meta.split_seed, meta.config.get("fold", -1))
             if data.class_names != meta.class_names:
                 raise ValueError(f"classes in the data {data.class_names} differ from the checkpoint's {meta.class_names}")
             predictions = predict(model, data.splits[args.split], meta.preprocess)
             write_report(predictions, meta.class_names, args.out or args.checkpoint.parent, args.split)
-    except (WeightsUnavailableError, FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError) as error:  # PrepareError and WeightsUnavailableError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -85,8 +85,40 @@ def stratified_split(samples: list[Sample], ratios: SplitRatios, seed: int) -> d
     return {"train": train, "val": val, "test": test}
 
 
-def load_splits(root: Path, ratios: SplitRatios = SplitRatios(), seed: int = 0) -> DataSplits:
+def load_manifest_splits(path: Path, fold: int = -1) -> DataSplits:
+    """The `ok` rows of a manifest written by `python -m train prepare`, by its split column; with
+    fold >= 0 (K-fold manifests), fold k of the non-test rows is the validation split."""
+    from train.manifest import read_manifest
+
+    root, rows = read_manifest(path)
+    usable = [r for r in rows if r.status == "ok"]
+    class_names = sorted({r.label for r in usable})
+    index = {name: i for i, name in enumerate(class_names)}
+
+    def samples(selected) -> list[Sample]:
+        return [Sample(root / r.path, index[r.label]) for r in selected]
+
+    if fold >= 0:
+        folds = {r.fold for r in usable if r.fold}
+        if str(fold) not in folds:
+            raise ValueError(f"{path} has no fold {fold} (folds: {sorted(folds) or 'none; prepare with --folds K'})")
+        splits = {
+            "train": samples(r for r in usable if r.split != "test" and r.fold != str(fold)),
+            "val": samples(r for r in usable if r.split != "test" and r.fold == str(fold)),
+            "test": samples(r for r in usable if r.split == "test"),
+        }
+    else:
+        splits = {name: samples(r for r in usable if r.split == name) for name in SPLITS}
+        if not splits["val"] and any(r.fold for r in usable):
+            raise ValueError(f"{path} is a K-fold manifest: choose the validation fold with --fold K")
+    return DataSplits(class_names, splits)
+
+
+def load_splits(root: Path, ratios: SplitRatios = SplitRatios(), seed: int = 0, fold: int = -1) -> DataSplits:
+    """From a manifest CSV (the prepared way), a split ImageFolder, or a plain ImageFolder."""
     root = Path(root)
+    if root.is_file():
+        return load_manifest_splits(root, fold)
     if (root / "train").is_dir():
         class_names, train = list_image_folder(root / "train")
         splits = {"train": train}

@@ -8,7 +8,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,40 +18,48 @@ from tqdm import tqdm
 
 from client.preprocessing import PreprocessSpec
 from train.augment import training_transform
+from train.config import FitConfig
 from train.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from train.data import ImageDataset, SplitRatios, drop_unreadable, load_splits
 from train.evaluate import plot_training_curves, predict, summarize, write_report
 from train.model import IMAGENET_MEAN, IMAGENET_STD, build_classifier, load_backbone_weights
 
 
-@dataclass
-class FitConfig:
-    data: str
-    out: str = "runs/latest"
-    arch: str = "resnet50"
-    weights: str = "none"
-    weights_cache: str | None = None
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    dropout: float = 0.2
-    resize_size: int = 256
-    crop_size: int = 224
-    interpolation: str = "bilinear"
-    augment: str = "light"
-    seed: int = 0
-    val_ratio: float = 0.15
-    test_ratio: float = 0.15
-    workers: int = 0
-    threads: int = 0  # 0: one per core
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, steps: int, warmup_steps: int):
+    """AdamW (decoupled L2 weight decay); linear warmup, then cosine to zero, stepped per batch."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    warmup = min(steps - 1, max(1, warmup_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model, loader, optimizer, schedule, loss_fn, desc: str) -> dict:
+    model.train()
+    seen, correct, loss_sum = 0, 0, 0.0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False)
+    for images, labels in bar:
+        logits = model(images)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        seen += len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        loss_sum += loss.item() * len(labels)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+    return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen), "images": seen}
 
 
 def fit(config: FitConfig) -> dict:
@@ -61,7 +69,9 @@ def fit(config: FitConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     spec = PreprocessSpec(config.resize_size, config.crop_size, config.interpolation)
 
-    data = load_splits(Path(config.data), SplitRatios(config.val_ratio, config.test_ratio), config.seed)
+    data = load_splits(Path(config.data), SplitRatios(config.val_ratio, config.test_ratio), config.seed, config.fold)
+    if not data.splits["train"] or not data.splits["val"]:
+        raise ValueError(f"{config.data}: the train and val splits must not be empty ({ {k: len(v) for k, v in data.splits.items()} })")
     skipped = []
     for name, samples in data.splits.items():
         data.splits[name], errors = drop_unreadable(samples, name)
@@ -79,23 +89,30 @@ def fit(config: FitConfig) -> dict:
     backbone_state = load_backbone_weights(config.arch, config.weights, config.weights_cache)
     model = build_classifier(config.arch, len(data.class_names), config.dropout, backbone_state)
     generator = torch.Generator().manual_seed(config.seed)
+    labels = [s.label for s in data.splits["train"]]
+    class_counts = np.maximum(np.bincount(labels, minlength=len(data.class_names)), 1)
+    sampler = None
+    if config.balance == "sampler":  # every class drawn equally often, with replacement
+        weights = torch.tensor(1.0 / class_counts[labels], dtype=torch.double)
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
+    elif config.balance not in ("none", "loss"):
+        raise ValueError(f"--balance {config.balance!r} is not one of none, sampler, loss")
     train_loader = torch.utils.data.DataLoader(
         ImageDataset(data.splits["train"], training_transform(config.augment, spec)),
         batch_size=config.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         drop_last=len(data.splits["train"]) > config.batch_size,
         num_workers=config.workers,
         generator=generator,
     )
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps = config.epochs * len(train_loader)
-    warmup = min(steps - 1, max(1, int(config.warmup_epochs * len(train_loader))))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))),
-    )
-    loss_fn = nn.CrossEntropyLoss()
+    optimizer, schedule = make_optimizer(model, config.lr, config.weight_decay, config.epochs * len(train_loader),
+                                         int(config.warmup_epochs * len(train_loader)))
+    class_weights = None
+    if config.balance == "loss":  # inverse frequency, mean weight 1
+        class_weights = torch.tensor(len(labels) / (len(class_counts) * class_counts), dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights)
 
     history, best_accuracy = [], -1.0
     meta = CheckpointMeta(
@@ -110,29 +127,11 @@ def fit(config: FitConfig) -> dict:
         config=asdict(config),
     )
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        started, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
-        for images, labels in bar:
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            seen += len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
-            loss_sum += loss.item() * len(labels)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+        started = time.perf_counter()
+        row = train_one_epoch(model, train_loader, optimizer, schedule, loss_fn, f"epoch {epoch}/{config.epochs}")
         elapsed = time.perf_counter() - started
         val = summarize(predict(model, data.splits["val"], spec, desc="validating"), data.class_names)
-        row = {
-            "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "val_accuracy": val["accuracy"],
-            "images_per_second": seen / elapsed,
-        }
+        row = {"epoch": epoch, **row, "val_accuracy": val["accuracy"], "images_per_second": row["images"] / elapsed}
         history.append(row)
         print(
             f"epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "

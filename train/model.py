@@ -14,12 +14,13 @@ import torch
 from torch import nn
 from torchvision import models
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
+from train.config import ARCHITECTURES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(ValueError):
     """Pretrained weights could not be fetched or read; the message says what to do instead."""
 
 
