@@ -1,17 +1,21 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each builds .venv from scratch
-# when it is missing (pinned by constraints.txt), so both work on a fresh clone.
+# when it is missing (pinned by constraints.txt), so both work on a fresh clone. `make test` also
+# installs the offline Kubernetes checks: checkov in its own venv (its pins clash with ours) and
+# promtool from Debian's prometheus package (needs root and apt, as on CI).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHECKOV_VENV ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: demo test install constraints clean
+.PHONY: demo test install constraints clean promtool
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV_STAMP) promtool
 	$(PY) -m pytest
 
 install: $(STAMP)
@@ -22,10 +26,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
 	touch $@
 
+$(CHECKOV_STAMP): constraints-checkov.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet -c constraints-checkov.txt pip
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --progress-bar off -c constraints-checkov.txt checkov
+	touch $@
+
+promtool:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 # Re-pin after changing dependencies in pyproject.toml.
-constraints: $(STAMP)
+constraints: $(STAMP) $(CHECKOV_STAMP)
 	{ echo '# Exact versions CI installs (pip install -c constraints.txt -e ".[dev]"). Regenerate with `make constraints`.'; \
 	  $(PY) -m pip freeze --all --exclude-editable | grep -v '^histoserve'; } > constraints.txt
+	{ echo '# Exact versions for .venv-checkov (checkov pins packages that clash with the main venv). Regenerate with `make constraints`.'; \
+	  $(CHECKOV_VENV)/bin/python -m pip freeze --all; } > constraints-checkov.txt
 
 clean:
 	rm -rf runs reports .pytest_cache

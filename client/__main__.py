@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     classify = commands.add_parser("classify", help="classify image files on a Triton server")
     classify.add_argument("paths", nargs="+", metavar="PATH")
-    classify.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default: %(default)s)")
+    classify.add_argument("--url", default="localhost:8001",
+                          help="Triton gRPC address, or dns:///name:port to balance over every pod behind a "
+                               "headless Service (default: %(default)s)")
     classify.add_argument("--model", required=True)
     classify.add_argument("--model-version", default="", help="default: the latest the server has")
     classify.add_argument("--top-k", type=int, default=3)

@@ -44,10 +44,32 @@ def parse_classification(entry: bytes | str) -> Prediction:
     return Prediction(label=label[0] if label else index, index=int(index), score=float(score))
 
 
+def channel_arguments(url: str) -> list[tuple[str, object]] | None:
+    """For `dns:///host:port` targets, balance calls over every address the name resolves to.
+
+    A Kubernetes headless Service resolves to one address per ready pod. gRPC's default policy
+    (pick_first) sends everything over one long-lived HTTP/2 connection to one pod; round_robin keeps
+    a connection to each pod and spreads calls. tritonclient replaces all its channel options when
+    any are given, so its defaults are restated here.
+    """
+    if not url.startswith("dns:"):
+        return None
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.lb_policy_name", "round_robin"),
+    ]
+
+
 class TritonClassifier:
     def __init__(self, url: str, model: str, version: str = "", timeout_s: float = 60.0):
         self.url, self.model, self.version, self.timeout_s = url, model, version, timeout_s
-        self.client = grpcclient.InferenceServerClient(url)
+        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url))
         try:
             if not self.client.is_model_ready(model, version):
                 raise ClientError(f"model {model!r} (version {version or 'latest'}) is not ready on {url}")

@@ -2,7 +2,8 @@
 
 Layout (what Triton, `serve/` and the k8s manifests read):
 
-    <repository>/<name>/config.pbtxt
+    <repository>/<name>/config.pbtxt           (GPU: the default)
+    <repository>/<name>/configs/cpu.pbtxt      (the same on CPU: tritonserver --model-config-name=cpu)
     <repository>/<name>/labels.txt
     <repository>/<name>/<version>/model.onnx
 
@@ -76,6 +77,15 @@ def build_config(
     return config
 
 
+def cpu_variant(config: mc.ModelConfig) -> mc.ModelConfig:
+    """The same model on CPU nodes: Triton picks it with `--model-config-name=cpu` (k8s cpu overlay)."""
+    variant = mc.ModelConfig()
+    variant.CopyFrom(config)
+    for group in variant.instance_group:
+        group.kind = mc.ModelInstanceGroup.KIND_CPU
+    return variant
+
+
 def config_to_text(config: mc.ModelConfig) -> str:
     return text_format.MessageToString(config)
 
@@ -116,6 +126,8 @@ def publish(
 
     _write_text_atomically(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
     _write_text_atomically(model_dir / "config.pbtxt", config_to_text(config))
+    (model_dir / "configs").mkdir(exist_ok=True)
+    _write_text_atomically(model_dir / "configs" / "cpu.pbtxt", config_to_text(cpu_variant(config)))
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
     try:
         shutil.copyfile(onnx_file, staging / MODEL_FILE)
@@ -143,6 +155,10 @@ def _check_same_contract(model_dir: Path, old: mc.ModelConfig, new: mc.ModelConf
 
 
 def _write_text_atomically(path: Path, text: str) -> None:
+    """Rename into place, and only when the content changes: a polling Triton reloads a model whose
+    config.pbtxt or labels file was touched."""
+    if path.is_file() and path.read_text() == text:
+        return
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w") as handle:

@@ -42,6 +42,11 @@ def add_arguments(parser):
                        help="folder of images to send (searched recursively)")
     group.add_argument("--batch-size", type=int, default=1, env_var="HISTOSERVE_BATCH_SIZE",
                        help="images per request")
+    group.add_argument("--fail-p99-ms", type=float, default=0.0, env_var="HISTOSERVE_FAIL_P99_MS",
+                       help="exit with code 3 when the p99 latency is above this (0: no limit)")
+    group.add_argument("--fail-ratio", type=float, default=-1.0, env_var="HISTOSERVE_FAIL_RATIO",
+                       help="exit with code 3 when the failed share of requests is above this (-1: Locust's "
+                            "own rule, any failure exits 1)")
 
 
 @lru_cache(maxsize=4)
@@ -60,13 +65,12 @@ def load_images(folder: str, spec: PreprocessSpec) -> np.ndarray:
 
 
 @events.quitting.add_listener
-def write_final_summary(environment, **_kwargs):
-    """Locust's --csv files are rewritten once a second and miss the last second of a run; the final
-    totals go to PREFIX_summary.json, which `python -m loadtest.report` reads."""
-    prefix = getattr(environment.parsed_options, "csv_prefix", None)
-    if not prefix or isinstance(environment.runner, WorkerRunner):
+def summarize_and_judge(environment, **_kwargs):
+    """Write the final totals to PREFIX_summary.json (Locust's --csv files are rewritten once a
+    second and miss the last second of a run) and apply the pass/fail thresholds."""
+    if isinstance(environment.runner, WorkerRunner):
         return
-    total = environment.stats.total
+    options, total = environment.parsed_options, environment.stats.total
     summary = {
         "requests": total.num_requests,
         "failures": total.num_failures,
@@ -75,7 +79,20 @@ def write_final_summary(environment, **_kwargs):
         "p99_ms": total.get_response_time_percentile(0.99) if total.num_requests else 0.0,
         "average_ms": total.avg_response_time,
     }
-    Path(f"{prefix}_summary.json").write_text(json.dumps(summary, indent=2))
+    if getattr(options, "csv_prefix", None):
+        Path(f"{options.csv_prefix}_summary.json").write_text(json.dumps(summary, indent=2))
+    verdicts = []
+    if options.fail_p99_ms > 0 and summary["p99_ms"] > options.fail_p99_ms:
+        verdicts.append(f"p99 {summary['p99_ms']:.0f} ms > --fail-p99-ms {options.fail_p99_ms:.0f}")
+    if options.fail_ratio >= 0 and total.fail_ratio > options.fail_ratio:
+        verdicts.append(f"failure ratio {total.fail_ratio:.4f} > --fail-ratio {options.fail_ratio}")
+    if verdicts:
+        print(f"loadtest: FAILED: {'; '.join(verdicts)}", flush=True)
+        environment.process_exit_code = 3
+    elif options.fail_p99_ms > 0 or options.fail_ratio >= 0:
+        print("loadtest: passed the thresholds", flush=True)
+        if options.fail_ratio >= 0:  # failures within the allowed ratio must not fail the run
+            environment.process_exit_code = 0
 
 
 class TritonGrpcUser(User):

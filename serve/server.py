@@ -112,6 +112,7 @@ class TritonServer:
     address: str = "127.0.0.1"
     ready_timeout_s: float = 180.0
     log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)  # appended last, so they win
     process: subprocess.Popen | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
     models: list[str] = field(default_factory=list, init=False)
@@ -146,6 +147,7 @@ class TritonServer:
             "--allow-metrics=true", "--allow-gpu-metrics=false",
             "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=30",
             f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
         ]
 
     def environment(self, installation: TritonInstallation) -> dict[str, str]:

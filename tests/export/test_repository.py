@@ -28,6 +28,14 @@ def test_exported_config_parses_with_triton_types_and_carries_the_contract(repos
     assert (repository / MODEL / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
 
 
+def test_a_cpu_variant_differs_only_in_the_instance_kind(repository):
+    gpu = read_config(repository / MODEL / "config.pbtxt")
+    cpu = read_config(repository / MODEL / "configs" / "cpu.pbtxt")
+    assert [g.kind for g in cpu.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
+    del gpu.instance_group[:], cpu.instance_group[:]
+    assert gpu == cpu
+
+
 def test_exported_onnx_takes_uint8_with_a_dynamic_batch_and_returns_fp32(repository):
     model = onnx.load(str(repository / MODEL / "1" / "model.onnx"))
     [graph_input], [graph_output] = model.graph.input, model.graph.output
@@ -56,7 +64,7 @@ def test_versions_are_numbered_and_published_whole(tmp_path):
     (repo / "m" / "3" / "model.onnx").write_bytes(b"x")
     assert publish(repo, small_config(), ["a", "b", "c"], onnx_file).name == "4"
     assert versions(repo / "m") == [1, 3, 4]
-    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "3", "4", "config.pbtxt", "labels.txt"]
+    assert sorted(p.name for p in (repo / "m").iterdir()) == ["1", "3", "4", "config.pbtxt", "configs", "labels.txt"]
     assert (repo / "m" / "4" / "model.onnx").read_bytes() == onnx_file.read_bytes()
 
 
@@ -84,3 +92,15 @@ def test_a_new_version_cannot_change_the_contract_of_a_model(tmp_path, config, l
 def test_model_names_triton_cannot_use_are_refused(name):
     with pytest.raises(RepositoryError):
         small_config(name=name)
+
+
+def test_an_unchanged_config_is_not_rewritten_by_a_new_version(tmp_path):
+    """A polling Triton reloads a model whose config.pbtxt changes on disk."""
+    import os
+
+    repo, onnx_file = tmp_path / "repo", fake_model_file(tmp_path)
+    publish(repo, small_config(), ["a", "b", "c"], onnx_file)
+    config = repo / "m" / "config.pbtxt"
+    os.utime(config, (1_000_000, 1_000_000))
+    publish(repo, small_config(), ["a", "b", "c"], onnx_file)
+    assert config.stat().st_mtime == 1_000_000

@@ -27,3 +27,12 @@ def test_locust_run_fails_loudly_when_the_model_is_missing(server, digits_root):
                      "--images", digits_root / "test", check=False, timeout=120)
     assert result.returncode == 2
     assert "loadtest: error: model 'absent'" in result.stdout + result.stderr
+
+
+def test_latency_threshold_turns_a_slow_run_into_exit_code_3(server, digits_root, tmp_path):
+    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 2, "--spawn-rate", 2,
+                     "--run-time", "3s", "--only-summary", "--triton-url", server.grpc_url, "--model", MODEL,
+                     "--images", digits_root / "test", "--fail-p99-ms", 0.001, "--fail-ratio", 0.5,
+                     check=False, timeout=120)
+    assert result.returncode == 3
+    assert "loadtest: FAILED: p99" in result.stdout + result.stderr

@@ -1,0 +1,225 @@
+"""Rendering the kustomizations with real kubectl, and the invariants that schemas cannot see.
+
+Each check returns a list of problems (empty when fine), so a test can assert both that the real
+manifests pass and that a deliberately broken copy fails.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+KUBECTL = Path(sys.executable).parent / "kubectl"
+OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/cpu", "overlays/dev"]
+JOBS = ["jobs/loadtest", "jobs/training"]
+KUSTOMIZATIONS = OVERLAYS + JOBS
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$")
+SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+TRITON_PORTS = {8000, 8001, 8002}
+
+
+def render(kustomization: str) -> list[dict]:
+    result = subprocess.run([str(KUBECTL), "kustomize", str(K8S / kustomization)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"kubectl kustomize {kustomization} failed:\n{result.stderr}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def pod_templates(objects: list[dict]) -> list[tuple[dict, dict]]:
+    return [(o, o["spec"]["template"]) for o in objects if o["kind"] in WORKLOADS]
+
+
+def containers(template: dict) -> list[dict]:
+    spec = template["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def quantity(text) -> float:
+    text = str(text)
+    match = QUANTITY.match(text)
+    if not match:
+        raise ValueError(f"not a Kubernetes quantity: {text!r}")
+    suffix = match.group(3) or ""
+    if suffix.startswith("e"):
+        return float(text[: -len(suffix)]) * 10 ** int(suffix[1:])
+    return float(text[: len(text) - len(suffix)] if suffix else text) * SUFFIX[suffix]
+
+
+# --- the invariants -------------------------------------------------------------------------------
+
+def check_selectors(objects: list[dict]) -> list[str]:
+    problems = []
+    pod_labels = [(o, t["metadata"].get("labels", {})) for o, t in pod_templates(objects)]
+    for workload, labels in pod_labels:
+        selector = workload["spec"].get("selector", {}).get("matchLabels")
+        if workload["kind"] != "Job" and not matches(selector, labels):
+            problems.append(f"{workload['kind']}/{workload['metadata']['name']}: selector {selector} does not match its pod labels {labels}")
+    for o in objects:
+        selector = {
+            "Service": lambda: o["spec"].get("selector"),
+            "PodDisruptionBudget": lambda: o["spec"]["selector"].get("matchLabels"),
+            "NetworkPolicy": lambda: o["spec"]["podSelector"].get("matchLabels"),
+        }.get(o["kind"], lambda: None)()
+        if selector is not None and not any(matches(selector, labels) for _, labels in pod_labels):
+            problems.append(f"{o['kind']}/{o['metadata']['name']}: selector {selector} matches no pod template")
+        if o["kind"] == "ServiceMonitor":
+            selector = o["spec"]["selector"]["matchLabels"]
+            services = [s for s in objects if s["kind"] == "Service" and matches(selector, s["metadata"].get("labels", {}))]
+            if not services:
+                problems.append(f"ServiceMonitor/{o['metadata']['name']}: selector {selector} matches no Service")
+            for endpoint in o["spec"]["endpoints"]:
+                if not any(endpoint["port"] == p.get("name") for s in services for p in s["spec"]["ports"]):
+                    problems.append(f"ServiceMonitor/{o['metadata']['name']}: port {endpoint['port']!r} is no Service port name")
+    return problems
+
+
+def check_ports(objects: list[dict]) -> list[str]:
+    problems = []
+    templates = pod_templates(objects)
+    for workload, template in templates:
+        for container in containers(template):
+            names = {p.get("name") for p in container.get("ports", [])}
+            numbers = {p["containerPort"] for p in container.get("ports", [])}
+            for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = container.get(probe_name)
+                if not probe:
+                    continue
+                port = (probe.get("httpGet") or probe.get("tcpSocket") or probe.get("grpc") or {}).get("port")
+                if port is not None and port not in names and port not in numbers:
+                    problems.append(f"{workload['metadata']['name']}/{container['name']}: {probe_name} port {port!r} is no container port")
+    for service in (o for o in objects if o["kind"] == "Service"):
+        pods = [t for _, t in templates if matches(service["spec"].get("selector", {}), t["metadata"].get("labels", {}))]
+        declared = {(p.get("name"), p["containerPort"]) for t in pods for c in containers(t) for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            if not any(target in (name, number) for name, number in declared):
+                problems.append(f"Service/{service['metadata']['name']}: targetPort {target!r} is no port of its pods")
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        pods = [t for _, t in templates if matches(policy["spec"]["podSelector"].get("matchLabels", {}), t["metadata"].get("labels", {}))]
+        declared = {v for t in pods for c in containers(t) for p in c.get("ports", []) for v in (p.get("name"), p["containerPort"])}
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                if port["port"] not in declared:
+                    problems.append(f"NetworkPolicy/{policy['metadata']['name']}: port {port['port']!r} is no port of its pods")
+    return problems
+
+
+def check_resources(objects: list[dict]) -> list[str]:
+    problems = []
+    for workload, template in pod_templates(objects):
+        for container in containers(template):
+            resources = container.get("resources", {})
+            requests, limits = resources.get("requests", {}), resources.get("limits", {})
+            where = f"{workload['metadata']['name']}/{container['name']}"
+            for kind, values in (("requests", requests), ("limits", limits)):
+                for name, value in values.items():
+                    try:
+                        quantity(value)
+                    except ValueError as error:
+                        problems.append(f"{where}: {kind}.{name}: {error}")
+            gpu_request, gpu_limit = requests.get("nvidia.com/gpu"), limits.get("nvidia.com/gpu")
+            if (gpu_request is not None or gpu_limit is not None) and str(gpu_request) != str(gpu_limit):
+                problems.append(f"{where}: nvidia.com/gpu request {gpu_request} != limit {gpu_limit}")
+            for name in ("cpu", "memory"):
+                if name in requests and name in limits:
+                    try:
+                        if quantity(requests[name]) > quantity(limits[name]):
+                            problems.append(f"{where}: {name} request {requests[name]} above limit {limits[name]}")
+                    except ValueError:
+                        pass
+    return problems
+
+
+def check_autoscaling_and_disruption(objects: list[dict]) -> list[str]:
+    problems = []
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        if not any(o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"] for o in objects):
+            problems.append(f"HPA/{hpa['metadata']['name']}: target {target['kind']}/{target['name']} does not exist")
+        if not 1 <= hpa["spec"].get("minReplicas", 1) <= hpa["spec"]["maxReplicas"]:
+            problems.append(f"HPA/{hpa['metadata']['name']}: need 1 <= minReplicas <= maxReplicas")
+    for pdb in (o for o in objects if o["kind"] == "PodDisruptionBudget"):
+        fields = [f for f in ("minAvailable", "maxUnavailable") if f in pdb["spec"]]
+        if len(fields) != 1:
+            problems.append(f"PDB/{pdb['metadata']['name']}: sets {fields or 'neither'}; exactly one of minAvailable/maxUnavailable")
+    return problems
+
+
+def check_triton_ports(objects: list[dict]) -> list[str]:
+    problems = []
+    for workload, template in pod_templates(objects):
+        for container in containers(template):
+            if container.get("command", [None])[0] != "tritonserver":
+                continue
+            declared = {p["containerPort"] for p in container.get("ports", [])}
+            if not TRITON_PORTS <= declared:
+                problems.append(f"{workload['metadata']['name']}: Triton container ports {sorted(declared)} lack {sorted(TRITON_PORTS - declared)}")
+            for flag, port in (("--http-port", 8000), ("--grpc-port", 8001), ("--metrics-port", 8002)):
+                if f"{flag}={port}" not in container.get("args", []):
+                    problems.append(f"{workload['metadata']['name']}: Triton args lack {flag}={port}")
+            services = {p.get("targetPort") for s in objects if s["kind"] == "Service" for p in s["spec"]["ports"]}
+            names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+            exposed = {names.get(t, t) for t in services}
+            if not TRITON_PORTS <= exposed:
+                problems.append(f"Services expose {sorted(p for p in exposed if isinstance(p, int))}, not all of {sorted(TRITON_PORTS)}")
+    return problems
+
+
+def check_names(objects: list[dict]) -> list[str]:
+    problems = []
+    for o in objects:
+        name = o["metadata"]["name"]
+        pattern = DNS1035_LABEL if o["kind"] == "Service" else DNS1123_SUBDOMAIN
+        if not pattern.match(name) or len(name) > (63 if o["kind"] == "Service" else 253):
+            problems.append(f"{o['kind']}/{name}: not a valid DNS name")
+    for workload, template in pod_templates(objects):
+        for container in containers(template):
+            if not DNS1123_LABEL.match(container["name"]):
+                problems.append(f"{workload['metadata']['name']}: container name {container['name']!r} is not DNS-1123")
+            for port in container.get("ports", []):
+                if "name" in port and (len(port["name"]) > 15 or not PORT_NAME.match(port["name"])):
+                    problems.append(f"{workload['metadata']['name']}: port name {port['name']!r} is not an IANA service name")
+    return problems
+
+
+def check_images(objects: list[dict]) -> list[str]:
+    problems = []
+    for workload, template in pod_templates(objects):
+        for container in containers(template):
+            image = container["image"]
+            name, _, digest = image.partition("@")
+            tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else ""
+            if not digest and tag in ("", "latest"):
+                problems.append(f"{workload['metadata']['name']}/{container['name']}: image {image!r} is not pinned (tag or digest, never :latest)")
+    return problems
+
+
+CHECKS = {
+    "selectors": check_selectors,
+    "ports": check_ports,
+    "resources": check_resources,
+    "autoscaling": check_autoscaling_and_disruption,
+    "triton-ports": check_triton_ports,
+    "names": check_names,
+    "images": check_images,
+}
+
+
+def all_problems(objects: list[dict]) -> list[str]:
+    return [problem for check in CHECKS.values() for problem in check(objects)]

@@ -1,0 +1,190 @@
+"""Alerts, the autoscaler's PromQL and the dashboard, checked with Prometheus' own tools, and the
+Deployment's Triton arguments and probes run against the real local Triton."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import MODEL
+from tests.k8s.manifests import K8S, render
+
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+MONITORING = K8S / "components" / "monitoring"
+ADAPTER_LABELS = {"<<.LabelMatchers>>": 'namespace="test",pod="triton-0"', "<<.GroupBy>>": "pod"}
+
+
+def require(tool, name):
+    assert tool, f"{name} is not installed: `make test` installs Debian's prometheus package (promtool, prometheus)"
+    return tool
+
+
+def promtool_accepts(expressions: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """promtool parses PromQL inside rule files: wrap each expression as a recording rule."""
+    rules = {"groups": [{"name": "check", "rules": [{"record": f"check:{i}", "expr": e} for i, e in enumerate(expressions)]}]}
+    (tmp_path / "check.rules.yaml").write_text(yaml.safe_dump(rules))
+    return subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", str(tmp_path / "check.rules.yaml")],
+                          capture_output=True, text=True)
+
+
+def adapter_queries() -> list[str]:
+    values = yaml.safe_load((MONITORING / "prometheus-adapter-rules.yaml").read_text())
+    queries = []
+    for rule in values["rules"]["custom"]:
+        query = rule["metricsQuery"]
+        for placeholder, value in ADAPTER_LABELS.items():
+            query = query.replace(placeholder, value)
+        queries.append(query)
+    return queries
+
+
+def test_alert_rules_pass_promtool_unit_tests(tmp_path):
+    rule = next(o for o in render("overlays/gpu") if o["kind"] == "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    shutil.copy(Path(__file__).parent / "promtool" / "alerts-test.yaml", tmp_path)
+    check = subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", "alerts.rules.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tested = subprocess.run([PROMTOOL, "test", "rules", "alerts-test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    tested_alerts = set(re.findall(r"alertname: (\w+)", (tmp_path / "alerts-test.yaml").read_text()))
+    assert alerts == tested_alerts == {"TritonP99LatencyHigh", "TritonErrorRatioHigh", "TritonQueueTimeHigh", "TritonPodsNotReady"}
+
+
+def test_promtool_check_fails_on_a_broken_expression(tmp_path):
+    assert promtool_accepts(["sum(rate(nv_inference_count[1m])"], tmp_path).returncode != 0
+
+
+def test_service_monitor_scrapes_the_metrics_port():
+    objects = render("overlays/gpu")
+    monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "triton")
+    assert any(p["name"] == "metrics" and p["port"] == 8002 for p in service["spec"]["ports"])
+
+
+def test_adapter_and_dashboard_queries_parse(tmp_path):
+    dashboard = json.loads((MONITORING / "triton-dashboard.json").read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for wanted in ("throughput", "latency", "queue", "batch size", "gpu"):
+        assert wanted in titles
+    expressions = [e.replace("$__rate_interval", "5m").replace("$namespace", "test").replace("$model", ".*") for e in expressions]
+    result = promtool_accepts(adapter_queries() + expressions, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    hpa = next(o for o in render("overlays/gpu") if o["kind"] == "HorizontalPodAutoscaler")
+    adapter = yaml.safe_load((MONITORING / "prometheus-adapter-rules.yaml").read_text())
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in {r["name"]["as"] for r in adapter["rules"]["custom"]}
+
+
+def deployment_args(overlay: str) -> list[str]:
+    deployment = next(o for o in render(overlay) if o["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return container["args"], container
+
+
+LOCAL = ("--model-repository=", "--http-port=", "--grpc-port=", "--metrics-port=")
+
+
+@pytest.fixture(scope="module")
+def manifest_server(repository):
+    """The real tritonserver started with the cpu overlay's own arguments (ports and repository path
+    are the local ones)."""
+    from serve.server import TritonServer, free_ports
+
+    args, _ = deployment_args("overlays/cpu")
+    with TritonServer(repository, free_ports(), extra_args=[a for a in args if not a.startswith(LOCAL)]) as server:
+        yield server
+
+
+def test_deployment_args_start_the_real_triton_and_probes_answer_as_declared(manifest_server):
+    args, container = deployment_args("overlays/cpu")
+    assert any(a.startswith("--model-control-mode=poll") for a in manifest_server.command(Path("r"), Path("b"), _installation()))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    local = {8000: manifest_server.ports.http, 8001: manifest_server.ports.grpc, 8002: manifest_server.ports.metrics}
+    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[probe_name]["httpGet"]
+        port = local[ports[probe["port"]]]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['path']}", timeout=5) as response:
+            assert response.status == 200, probe_name
+    with urllib.request.urlopen(f"http://127.0.0.1:{local[ports['metrics']]}/metrics", timeout=5) as response:
+        assert "nv_inference_request_success" in response.read().decode()
+
+
+def _installation():
+    from serve.server import TritonInstallation
+
+    return TritonInstallation.find()
+
+
+def _send_load(url: str, seconds: float) -> int:
+    import threading
+
+    import numpy as np
+
+    from client.classifier import TritonClassifier
+
+    sent, stop = [0], time.monotonic() + seconds
+
+    def worker():
+        with TritonClassifier(url, MODEL) as client:
+            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+            while time.monotonic() < stop:
+                client.infer(image)
+                sent[0] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sent[0]
+
+
+def test_real_prometheus_evaluates_the_autoscaler_metric_to_a_number_under_load(manifest_server, tmp_path):
+    """Prometheus scrapes the real Triton (labelled as the pod would be) and evaluates the adapter's
+    query for triton_queue_duration_us_per_request, with the placeholders the adapter fills in."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "triton", "static_configs": [{
+            "targets": [f"127.0.0.1:{manifest_server.ports.metrics}"], "labels": {"namespace": "test", "pod": "triton-0"}}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    prometheus = subprocess.Popen([require(PROMETHEUS, "prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                                   f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _send_load(manifest_server.grpc_url, 8.0) > 50
+        query = adapter_queries()[0]
+        value = None
+        for _ in range(30):
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    result = json.loads(response.read())["data"]["result"]
+            except OSError:
+                result = []
+            if result and result[0]["value"][1] not in ("NaN", "0"):
+                value = float(result[0]["value"][1])
+                break
+            time.sleep(1)
+        assert value is not None and value > 0, f"no value for {query}"
+        assert result[0]["metric"] == {"pod": "triton-0"}
+    finally:
+        prometheus.terminate()
+        prometheus.wait(10)
