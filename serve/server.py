@@ -25,6 +25,10 @@ from pathlib import Path
 from serve.local_repository import derive_local_repository
 
 
+# Health checks go straight to the local server, never through an http_proxy from the environment.
+LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class ServerError(RuntimeError):
     pass
 
@@ -183,7 +187,7 @@ class TritonServer:
             if self.process is None or self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process and self.process.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1) as response:
+                with LOCAL_HTTP.open(f"{self.http_url}/v2/health/ready", timeout=1) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):

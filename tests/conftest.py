@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.request
 import sys
 from pathlib import Path
 
@@ -93,4 +94,20 @@ def no_network(monkeypatch):
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    return os.environ
+    yield os.environ
+    # urllib builds its global opener, proxies included, on first use: drop one built in here.
+    urllib.request.install_opener(None)
+
+
+@pytest.fixture(scope="session")
+def small_digits(digits_root, tmp_path_factory) -> Path:
+    """24 train, 6 val and 6 test images per digit: quick multi-epoch runs."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("small") / "digits"
+    for split, count in (("train", 24), ("val", 6), ("test", 6)):
+        for folder in sorted((digits_root / split).iterdir()):
+            for path in sorted(folder.glob("*.png"))[:count]:
+                (root / split / folder.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, root / split / folder.name / path.name)
+    return root

@@ -15,12 +15,13 @@ def add_dataclass_options(parser: argparse.ArgumentParser, defaults, skip=(), ch
         if f.name in skip:
             continue
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        text = f.metadata.get("help", "")
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", help="off by default")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             kind = {int: int, float: float}.get(type(default), str)
             parser.add_argument(flag, type=kind, default=default, choices=(choices or {}).get(f.name),
-                                help="default: %(default)s")
+                                help=f"{text} (default: %(default)s)" if text else "default: %(default)s")
 
 
 def options_of(args: argparse.Namespace, config_class, skip=()) -> dict:
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             if data.class_names != meta.class_names:
                 raise ValueError(f"classes in the data {data.class_names} differ from the checkpoint's {meta.class_names}")
             predictions = predict(model, data.splits[args.split], meta.preprocess)
+            predictions.temperature = meta.temperature
             write_report(predictions, meta.class_names, args.out or args.checkpoint.parent, args.split)
     except (FileNotFoundError, ValueError) as error:  # PrepareError and WeightsUnavailableError are ValueErrors
         print(f"error: {error}", file=sys.stderr)

@@ -31,10 +31,13 @@ class CheckpointMeta:
 
 
 def save_checkpoint(path: Path, model: Classifier, meta: CheckpointMeta) -> None:
-    """Written to a temporary file in the same folder, then renamed: never a half-written file."""
     payload = {"format": FORMAT, "model_state": model.state_dict(), **asdict(meta)}
     payload["preprocess"] = asdict(meta.preprocess)
-    path = Path(path)
+    save_atomically(payload, Path(path))
+
+
+def save_atomically(payload: dict, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

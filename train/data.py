@@ -26,6 +26,7 @@ SPLITS = ("train", "val", "test")
 class Sample:
     path: Path
     label: int
+    group: str = ""  # patient / slide, when the data says (manifests do)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def load_manifest_splits(path: Path, fold: int = -1) -> DataSplits:
     index = {name: i for i, name in enumerate(class_names)}
 
     def samples(selected) -> list[Sample]:
-        return [Sample(root / r.path, index[r.label]) for r in selected]
+        return [Sample(root / r.path, index[r.label], r.group) for r in selected]
 
     if fold >= 0:
         folds = {r.fold for r in usable if r.fold}

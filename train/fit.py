@@ -1,28 +1,42 @@
-"""Training, top to bottom: data → model → AdamW with warmup + cosine → epochs → best checkpoint →
-test-split report. Everything export needs goes into the checkpoint."""
+"""Training, top to bottom: data → model → optimizer and schedule → epochs (mixed precision, gradient
+clipping, EMA, early stopping, best and last checkpoints) → temperature scaling → test report.
+
+Runs as one process (`python -m train fit`) or as several under torchrun (DDP: DistributedSampler,
+BatchNorm over the global batch, metrics averaged over ranks, only rank 0 writes). `last.pt` holds everything needed
+to resume exactly at the next epoch: model, optimizer, schedule, grad scaler, EMA, history, RNGs.
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
 import random
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from client.preprocessing import PreprocessSpec
+from train import distributed
 from train.augment import training_transform
+from train.checkpoint import CheckpointMeta, load_checkpoint, save_atomically, save_checkpoint
 from train.config import FitConfig
-from train.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from train.data import ImageDataset, SplitRatios, drop_unreadable, load_splits
-from train.evaluate import plot_training_curves, predict, summarize, write_report
-from train.model import IMAGENET_MEAN, IMAGENET_STD, build_classifier, load_backbone_weights
+from train.evaluate import fit_temperature, plot_reliability, plot_training_curves, predict, summarize, write_report
+from train.model import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_classifier, load_backbone_weights
+
+METRICS_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
+                  "lr", "images_per_second", "seconds"]
 
 
 def seed_everything(seed: int) -> None:
@@ -31,9 +45,54 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, steps: int, warmup_steps: int):
-    """AdamW (decoupled L2 weight decay); linear warmup, then cosine to zero, stepped per batch."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def parameter_groups(model: Classifier, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
+    """No weight decay on norm layers and biases; the backbone may learn slower than the new head."""
+    groups = {}
+    for name, parameter in model.named_parameters():
+        head = name.startswith("backbone.fc.")
+        decay = parameter.ndim > 1  # conv and linear weights; not BN weights/biases nor any bias
+        key = ("head" if head else "backbone", decay)
+        groups.setdefault(key, []).append(parameter)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0,
+         "lr": lr * (1.0 if part == "head" else backbone_lr_scale), "name": f"{part}/{'decay' if decay else 'no_decay'}"}
+        for (part, decay), params in sorted(groups.items())
+    ]
+
+
+def freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Only the new head learns while frozen (BatchNorm statistics still adapt to the new data)."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(not frozen or name.startswith("backbone.fc."))
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, steps: int, warmup_steps: int,
+                   kind: str = "adamw", momentum: float = 0.9, backbone_lr_scale: float = 1.0):
+    """AdamW (decoupled weight decay) or SGD with Nesterov momentum; linear warmup, then cosine to
+    zero, stepped per batch."""
+    groups = parameter_groups(model, lr, weight_decay, backbone_lr_scale) if isinstance(model, Classifier) \
+        else [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    if kind == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    elif kind == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    else:
+        raise ValueError(f"--optimizer {kind!r} is not one of adamw, sgd")
     warmup = min(steps - 1, max(1, warmup_steps))
 
     def factor(step: int) -> float:
@@ -44,31 +103,96 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, steps: int,
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model, loader, optimizer, schedule, loss_fn, desc: str) -> dict:
+def autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise ValueError(f"--amp {amp!r} is not one of none, bf16, fp16")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA; use --amp bf16 on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def train_one_epoch(model, loader, optimizer, schedule, loss_fn, desc: str, *, device=torch.device("cpu"),
+                    amp: str = "none", scaler=None, clip_grad_norm: float = 0.0, ema=None, channels_last=False,
+                    step_losses: list | None = None, show_progress: bool = True) -> dict:
     model.train()
     seen, correct, loss_sum = 0, 0, 0.0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show_progress)
     for images, labels in bar:
-        logits = model(images)
-        loss = loss_fn(logits, labels)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(amp, device):
+            logits = model(images)
+            loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.update_parameters(model.module if isinstance(model, DistributedDataParallel) else model)
+        if step_losses is not None:
+            step_losses.append(loss.item())
         seen += len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         loss_sum += loss.item() * len(labels)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{schedule.get_last_lr()[-1]:.2e}")
     return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen), "images": seen}
 
 
+class RunLog:
+    """Prints on rank 0 and keeps the same lines in <out>/train.log."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = open(out / "train.log", "a") if enabled else None
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)
+            self.file.write(message + "\n")
+            self.file.flush()
+
+
 def fit(config: FitConfig) -> dict:
+    world = distributed.setup(config.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        return _fit(config, world)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        distributed.cleanup(world)
+
+
+def _fit(config: FitConfig, world: distributed.World) -> dict:
+    # --- set-up: seeds, threads, run folder --------------------------------------------------------
     seed_everything(config.seed)
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local_processes))
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if config.batch_size % world.size:
+        raise ValueError(f"--batch-size {config.batch_size} must divide evenly over {world.size} processes")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out, world.is_main)
+    if world.is_main:
+        (out / "config.json").write_text(json.dumps({**asdict(config), "world_size": world.size}, indent=2))
+    log(f"{' '.join(sys.argv)}\nworld size {world.size}, device {world.device}")
     spec = PreprocessSpec(config.resize_size, config.crop_size, config.interpolation)
 
+    # --- data ---------------------------------------------------------------------------------------
     data = load_splits(Path(config.data), SplitRatios(config.val_ratio, config.test_ratio), config.seed, config.fold)
     if not data.splits["train"] or not data.splits["val"]:
         raise ValueError(f"{config.data}: the train and val splits must not be empty ({ {k: len(v) for k, v in data.splits.items()} })")
@@ -76,80 +200,151 @@ def fit(config: FitConfig) -> dict:
     for name, samples in data.splits.items():
         data.splits[name], errors = drop_unreadable(samples, name)
         skipped += errors
-    if skipped:
+    if skipped and world.is_main:
         (out / "skipped_files.txt").write_text("".join(f"{e}\n" for e in skipped))
-        print(f"skipped {len(skipped)} unreadable file(s), listed in {out / 'skipped_files.txt'}:")
+        log(f"skipped {len(skipped)} unreadable file(s), listed in {out / 'skipped_files.txt'}:")
         for error in skipped[:10]:
-            print(f"  {error}")
-    counts = data.counts()
-    print(f"classes: {data.class_names}")
-    for name, per_class in counts.items():
-        print(f"  {name:5s} {sum(per_class):6d} images  per class {per_class}")
+            log(f"  {error}")
+    log(f"classes: {data.class_names}")
+    for name, per_class in data.counts().items():
+        log(f"  {name:5s} {sum(per_class):6d} images  per class {per_class}")
 
+    train_samples = data.splits["train"]
+    labels = [s.label for s in train_samples]
+    class_counts = np.maximum(np.bincount(labels, minlength=len(data.class_names)), 1)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.balance == "sampler":  # every class drawn equally often, with replacement
+        if world.distributed:
+            raise ValueError("--balance sampler draws on one process; with torchrun use --balance loss")
+        sampler = torch.utils.data.WeightedRandomSampler(torch.tensor(1.0 / class_counts[labels], dtype=torch.double),
+                                                         len(labels), replacement=True, generator=generator)
+    elif config.balance in ("none", "loss"):
+        # A DistributedSampler with one replica is an ordinary seeded shuffle; with N replicas, rank r
+        # takes every N-th index of the same permutation, so N processes see one process' batches.
+        sampler = torch.utils.data.DistributedSampler(train_samples, num_replicas=world.size, rank=world.rank,
+                                                      shuffle=True, seed=config.seed, drop_last=True)
+    else:
+        raise ValueError(f"--balance {config.balance!r} is not one of none, sampler, loss")
+    local_batch = config.batch_size // world.size
+    train_loader = torch.utils.data.DataLoader(
+        ImageDataset(train_samples, training_transform(config.augment, spec)), batch_size=local_batch,
+        sampler=sampler, drop_last=len(train_samples) // world.size > local_batch, num_workers=config.workers,
+        generator=generator, pin_memory=world.device.type == "cuda",
+    )
+
+    # --- model, optimizer, schedule, EMA ------------------------------------------------------------
     backbone_state = load_backbone_weights(config.arch, config.weights, config.weights_cache)
     model = build_classifier(config.arch, len(data.class_names), config.dropout, backbone_state)
-    generator = torch.Generator().manual_seed(config.seed)
-    labels = [s.label for s in data.splits["train"]]
-    class_counts = np.maximum(np.bincount(labels, minlength=len(data.class_names)), 1)
-    sampler = None
-    if config.balance == "sampler":  # every class drawn equally often, with replacement
-        weights = torch.tensor(1.0 / class_counts[labels], dtype=torch.double)
-        sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
-    elif config.balance not in ("none", "loss"):
-        raise ValueError(f"--balance {config.balance!r} is not one of none, sampler, loss")
-    train_loader = torch.utils.data.DataLoader(
-        ImageDataset(data.splits["train"], training_transform(config.augment, spec)),
-        batch_size=config.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=len(data.splits["train"]) > config.batch_size,
-        num_workers=config.workers,
-        generator=generator,
-    )
-
-    optimizer, schedule = make_optimizer(model, config.lr, config.weight_decay, config.epochs * len(train_loader),
-                                         int(config.warmup_epochs * len(train_loader)))
+    model = distributed.global_batchnorm(model, world)  # BN statistics over the global batch
+    model.to(world.device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True) \
+        if config.ema_decay > 0 else None
+    trained = DistributedDataParallel(
+        model, device_ids=[world.device.index] if world.device.type == "cuda" else None,
+        find_unused_parameters=config.freeze_epochs > 0,  # frozen backbone parameters get no gradient
+    ) if world.distributed else model
+    runnable = torch.compile(trained) if config.compile else trained
+    optimizer, schedule = make_optimizer(
+        model, config.lr, config.weight_decay, config.epochs * len(train_loader),
+        int(config.warmup_epochs * len(train_loader)), config.optimizer, config.momentum, config.backbone_lr_scale)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16" and world.device.type == "cuda")
     class_weights = None
     if config.balance == "loss":  # inverse frequency, mean weight 1
-        class_weights = torch.tensor(len(labels) / (len(class_counts) * class_counts), dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights)
+        class_weights = torch.tensor(len(labels) / (len(class_counts) * class_counts), dtype=torch.float32, device=world.device)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
 
-    history, best_accuracy = [], -1.0
-    meta = CheckpointMeta(
-        arch=config.arch,
-        class_names=data.class_names,
-        preprocess=spec,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        dropout=config.dropout,
-        data_root=str(Path(config.data).resolve()),
-        split_seed=config.seed,
-        config=asdict(config),
-    )
-    for epoch in range(1, config.epochs + 1):
+    meta = CheckpointMeta(arch=config.arch, class_names=data.class_names, preprocess=spec, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD, dropout=config.dropout, data_root=str(Path(config.data).resolve()),
+                          split_seed=config.seed, config=asdict(config))
+    history, best, stale, start_epoch = [], -1.0, 0, 1
+    if config.resume:
+        state = torch.load(config.resume, map_location=world.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        history, best, stale, start_epoch = state["history"], state["best"], state["stale"], state["epoch"] + 1
+        set_rng_state(state["rng"][world.rank] if world.rank < len(state["rng"]) else state["rng"][0])
+        log(f"resumed from {config.resume} after epoch {state['epoch']}")
+
+    # --- epochs -------------------------------------------------------------------------------------
+    for epoch in range(start_epoch, config.epochs + 1):
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
+        frozen = epoch <= config.freeze_epochs
+        freeze_backbone(model, frozen)
         started = time.perf_counter()
-        row = train_one_epoch(model, train_loader, optimizer, schedule, loss_fn, f"epoch {epoch}/{config.epochs}")
+        step_losses: list[float] = []
+        row = train_one_epoch(runnable, train_loader, optimizer, schedule, loss_fn,
+                              f"epoch {epoch}/{config.epochs}{' (backbone frozen)' if frozen else ''}",
+                              device=world.device, amp=config.amp, scaler=scaler, clip_grad_norm=config.clip_grad_norm,
+                              ema=ema, channels_last=config.channels_last, step_losses=step_losses,
+                              show_progress=world.is_main)
         elapsed = time.perf_counter() - started
-        val = summarize(predict(model, data.splits["val"], spec, desc="validating"), data.class_names)
-        row = {"epoch": epoch, **row, "val_accuracy": val["accuracy"], "images_per_second": row["images"] / elapsed}
+        train_loss, train_accuracy = distributed.all_reduce_mean([row["train_loss"], row["train_accuracy"]], world)
+        step_losses = distributed.all_reduce_mean(step_losses, world)
+        evaluated = ema.module if ema is not None else model
+        val_predictions = predict(evaluated, data.splits["val"], spec, desc="validating", device=world.device)
+        val = summarize(val_predictions, data.class_names)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_predictions.logits), torch.from_numpy(val_predictions.labels)))
+        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
+               "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+               "lr": schedule.get_last_lr()[-1], "images_per_second": row["images"] * world.size / elapsed, "seconds": elapsed}
         history.append(row)
-        print(
-            f"epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
-            f"val acc {row['val_accuracy']:.4f}  {row['images_per_second']:.0f} img/s  {elapsed:.0f}s",
-            flush=True,
-        )
-        if val["accuracy"] > best_accuracy:
-            best_accuracy = val["accuracy"]
-            meta.metrics = {"best_epoch": epoch, "val_accuracy": val["accuracy"]}
-            save_checkpoint(out / "checkpoint.pt", model, meta)
+        log(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  train acc {train_accuracy:.4f}  val loss {val_loss:.4f}  "
+            f"val acc {val['accuracy']:.4f}  val bal acc {val['balanced_accuracy']:.4f}  {row['images_per_second']:.0f} img/s  {elapsed:.0f}s")
+        improved = val["balanced_accuracy"] > best
+        best, stale = (val["balanced_accuracy"], 0) if improved else (best, stale + 1)
+        if world.is_main:
+            with open(out / "steps.csv", "a", newline="") as handle:
+                csv.writer(handle).writerows([epoch, i, loss] for i, loss in enumerate(step_losses))
+            _write_metrics(out / "metrics.csv", history)
+            if improved:
+                meta.metrics = {"best_epoch": epoch, "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"]}
+                save_checkpoint(out / "checkpoint.pt", evaluated, meta)
+        # Every rank's RNG state, gathered, so a resumed run continues each process' own streams.
+        states = [rng_state()]
+        if world.distributed:
+            states = [None] * world.size
+            torch.distributed.all_gather_object(states, rng_state())
+        if world.is_main:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                              "ema": ema.state_dict() if ema is not None else None, "epoch": epoch,
+                              "history": history, "best": best, "stale": stale, "rng": states,
+                              "config": asdict(config)}, out / "last.pt")
+        if config.early_stopping_patience and stale >= config.early_stopping_patience:
+            log(f"early stop: no better validation balanced accuracy for {stale} epochs")
+            break
 
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+    if not world.is_main:
+        return {}
+    # --- calibration and the test report, with the best checkpoint -------------------------------------
     plot_training_curves(history, out / "training_curves.png")
-    # Report on the test split with the best checkpoint, and keep the figures in it for export.
     model, meta = load_checkpoint(out / "checkpoint.pt")
-    test = write_report(predict(model, data.splits["test"], spec), data.class_names, out, "test")
-    meta.metrics.update(test_accuracy=test["accuracy"], test_images=test["images"])
+    if config.calibrate:
+        val_predictions = predict(model, data.splits["val"], spec, desc="calibrating")
+        before = summarize(val_predictions, data.class_names)["ece"]
+        meta.temperature = val_predictions.temperature = fit_temperature(val_predictions)
+        plot_reliability(val_predictions, out / "val_reliability.png", f"validation after temperature {meta.temperature:.2f}")
+        log(f"temperature {meta.temperature:.3f} (validation ECE {before:.4f} → {summarize(val_predictions, data.class_names)['ece']:.4f})")
+    test_predictions = predict(model, data.splits["test"], spec)
+    test_predictions.temperature = meta.temperature
+    test = write_report(test_predictions, data.class_names, out, "test")
+    meta.metrics.update(test_accuracy=test["accuracy"], test_balanced_accuracy=test["balanced_accuracy"],
+                        test_images=test["images"], test_ece=test["ece"])
     save_checkpoint(out / "checkpoint.pt", model, meta)
-    print(f"checkpoint: {out / 'checkpoint.pt'}  (best epoch {meta.metrics['best_epoch']}, "
-          f"val acc {meta.metrics['val_accuracy']:.4f}, test acc {test['accuracy']:.4f})")
+    log(f"checkpoint: {out / 'checkpoint.pt'}  (best epoch {meta.metrics['best_epoch']}, "
+        f"val acc {meta.metrics['val_accuracy']:.4f}, test acc {test['accuracy']:.4f})")
     return meta.metrics
+
+
+def _write_metrics(path: Path, history: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=METRICS_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)

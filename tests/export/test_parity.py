@@ -12,7 +12,7 @@ from train.model import ServingModel, build_classifier
 def parity_inputs(trained_run, repository, test_files):
     classifier, meta = load_checkpoint(trained_run / "checkpoint.pt")
     images = np.stack([preprocess_file(p, meta.preprocess) for p in test_files[::9]])
-    return ServingModel(classifier).eval(), repository / MODEL / "1" / "model.onnx", images
+    return ServingModel(classifier, meta.temperature).eval(), repository / MODEL / "1" / "model.onnx", images
 
 
 def test_parity_gate_passes_for_the_exported_model(parity_inputs):

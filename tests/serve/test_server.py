@@ -28,7 +28,7 @@ def test_served_predictions_equal_pytorch(server, trained_run, test_files):
     files = test_files[::5]
     images = np.stack([preprocess_file(p, meta.preprocess) for p in files])
     with torch.no_grad():
-        expected = ServingModel(classifier).eval()(torch.from_numpy(images)).numpy()
+        expected = ServingModel(classifier, meta.temperature).eval()(torch.from_numpy(images)).numpy()
     with TritonClassifier(server.grpc_url, MODEL) as client:
         assert client.spec == meta.preprocess  # the contract came from the server's config
         results = list(client.classify_files(files, top_k=1))
@@ -64,8 +64,11 @@ def test_concurrent_single_image_requests_are_batched(server, test_files):
         thread.start()
     for thread in threads:
         thread.join(60)
-    inferences_after, executions_after = model_statistics(server.grpc_url)
     assert not errors
+    deadline = time.monotonic() + 20  # Triton updates statistics just after it sends each response
+    while (inferences_after := model_statistics(server.grpc_url)[0]) - inferences_before < requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+    inferences_after, executions_after = model_statistics(server.grpc_url)
     assert inferences_after - inferences_before == requests
     assert executions_after - executions_before < requests, "Triton executed every request alone"
 

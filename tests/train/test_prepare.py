@@ -153,6 +153,8 @@ def test_training_reads_the_manifest(prepared, tmp_path):
             "--resize-size", 36, "--crop-size", 32, "--batch-size", 16, "--augment", "histology", "--balance", "sampler")
     metrics = json.loads((tmp_path / "test_metrics.json").read_text())
     assert metrics["images"] == expected["test"]
+    test_patients = {r.group for r in prepared["rows"].values() if r.status == "ok" and r.split == "test"}
+    assert metrics["patient_level"]["patients"] == len(test_patients) >= 2  # patient-level metrics from the manifest
 
 
 def test_k_fold_manifest_trains_one_fold(corpus, tmp_path):
