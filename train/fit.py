@@ -113,7 +113,7 @@ def autocast(amp: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def train_one_epoch(model, loader, optimizer, schedule, loss_fn, desc: str, *, device=torch.device("cpu"),
+def train_one_epoch(model, loader, optimizer, schedule, loss_fn, desc: str, *, device: torch.device | str = "cpu",
                     amp: str = "none", scaler=None, clip_grad_norm: float = 0.0, ema=None, channels_last=False,
                     step_losses: list | None = None, show_progress: bool = True) -> dict:
     model.train()

@@ -71,11 +71,13 @@ def check_selectors(objects: list[dict]) -> list[str]:
         if workload["kind"] != "Job" and not matches(selector, labels):
             problems.append(f"{workload['kind']}/{workload['metadata']['name']}: selector {selector} does not match its pod labels {labels}")
     for o in objects:
-        selector = {
-            "Service": lambda: o["spec"].get("selector"),
-            "PodDisruptionBudget": lambda: o["spec"]["selector"].get("matchLabels"),
-            "NetworkPolicy": lambda: o["spec"]["podSelector"].get("matchLabels"),
-        }.get(o["kind"], lambda: None)()
+        selector = None
+        if o["kind"] == "Service":
+            selector = o["spec"].get("selector")
+        elif o["kind"] == "PodDisruptionBudget":
+            selector = o["spec"]["selector"].get("matchLabels")
+        elif o["kind"] == "NetworkPolicy":
+            selector = o["spec"]["podSelector"].get("matchLabels")
         if selector is not None and not any(matches(selector, labels) for _, labels in pod_labels):
             problems.append(f"{o['kind']}/{o['metadata']['name']}: selector {selector} matches no pod template")
         if o["kind"] == "ServiceMonitor":

@@ -1,6 +1,5 @@
 """The real tritonserver from nvidia-pytriton, over real gRPC."""
 
-import os
 import signal
 import socket
 import subprocess
