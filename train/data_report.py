@@ -133,9 +133,11 @@ def write_report(root: Path, rows: list[ManifestRow], out: Path, config) -> Path
            f"{config.near_duplicate_distance}). One copy is kept (`ok`), the others are marked and not trained on.\n"]
     if duplicates:
         md.append(_table(["file", "status", "copy of (kept)", "distance"], [[r.path, r.status, r.duplicate_of, r.distance] for r in duplicates]))
-        pairs = [[(r, "marked"), (next(k for k in rows if k.path == r.duplicate_of), "kept")] for r in duplicates if r.status == "near-duplicate"][:8]
-        if pairs:
-            _grid(root, pairs, [f"d={r.distance}" for r in duplicates if r.status == "near-duplicate"][:8], out / "near_duplicates.png", "near duplicates")
+        by_path = {r.path: r for r in rows}
+        near = [r for r in duplicates if r.status == "near-duplicate"][:8]
+        if near:
+            pairs = [[(r, "marked"), (by_path[r.duplicate_of], "kept")] for r in near]
+            _grid(root, pairs, [f"d={r.distance}" for r in near], out / "near_duplicates.png", "near duplicates")
             md.append("![near duplicates](near_duplicates.png)\n")
     across = cross_group_duplicates(rows)
     md.append(f"Images found under more than one patient: {len(across)}.\n")
