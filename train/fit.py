@@ -197,9 +197,10 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
     if not data.splits["train"] or not data.splits["val"]:
         raise ValueError(f"{config.data}: the train and val splits must not be empty ({ {k: len(v) for k, v in data.splits.items()} })")
     skipped = []
-    for name, samples in data.splits.items():
-        data.splits[name], errors = drop_unreadable(samples, name)
-        skipped += errors
+    if not Path(config.data).is_file():  # a manifest's ok rows were decoded by `prepare` already
+        for name, samples in data.splits.items():
+            data.splits[name], errors = drop_unreadable(samples, name)
+            skipped += errors
     if skipped and world.is_main:
         (out / "skipped_files.txt").write_text("".join(f"{e}\n" for e in skipped))
         log(f"skipped {len(skipped)} unreadable file(s), listed in {out / 'skipped_files.txt'}:")
