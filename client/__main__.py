@@ -1,8 +1,13 @@
 """python -m client classify PATH... --url HOST:PORT --model NAME [--top-k K] [--json]
+python -m client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N
 
-PATH may be a file, a folder (searched recursively for images) or a glob. One line per file; a file
-that cannot be read gets an error line and the rest are still classified. Exit code: 0 all files
-classified, 1 some files failed, 2 the server or model could not be used.
+classify: PATH may be a file, a folder (searched recursively for images) or a glob. One line per
+file; a file that cannot be read gets an error line and the rest are still classified. Exit code: 0
+all files classified, 1 some files failed, 2 the server or model could not be used.
+
+rollout-status: waits until every server (every pod behind a headless Service) serves version N.
+Exit code: 0 every server has it READY, 1 a server failed to load it (its reason is printed),
+2 not every server had it READY within --timeout.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from client.classifier import ClientError, TritonClassifier
 from client.preprocessing import IMAGE_SUFFIXES
+from client.rollout import wait_for_version
 
 
 def expand_paths(arguments: list[str]) -> list[str]:
@@ -46,7 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--model-version", default="", help="default: the latest the server has")
     classify.add_argument("--top-k", type=int, default=3)
     classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    rollout = commands.add_parser("rollout-status", help="wait until every server serves a model version")
+    rollout.add_argument("--url", required=True,
+                         help="a server, servers separated by commas, or dns:///name:port for every pod behind a headless Service")
+    rollout.add_argument("--model", required=True)
+    rollout.add_argument("--version", required=True, type=int)
+    rollout.add_argument("--timeout", type=float, default=900.0, help="seconds (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.command == "rollout-status":
+        return rollout_status(args)
 
     paths = expand_paths(args.paths)
     if not paths:
@@ -71,6 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print(f"{failures} of {len(paths)} file(s) failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def rollout_status(args: argparse.Namespace) -> int:
+    try:
+        states = wait_for_version(args.url, args.model, str(args.version), args.timeout)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot resolve {args.url}: {error}", file=sys.stderr)
+        return 2
+    for state in states:
+        print(f"{state.server}\t{args.model} version {args.version}\t{state.state}"
+              + (f"\t{state.reason.splitlines()[0]}" if state.reason else ""), flush=True)
+    if any(s.state == "UNAVAILABLE" for s in states):
+        print(f"error: {args.model} version {args.version} failed to load on "
+              f"{sum(s.state == 'UNAVAILABLE' for s in states)} of {len(states)} server(s); they keep serving "
+              f"the versions they had. Roll back by moving the version folder out of the repository.", file=sys.stderr)
+        return 1
+    if not all(s.state == "READY" for s in states):
+        print(f"error: {args.model} version {args.version} not READY on every server after {args.timeout:.0f}s", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

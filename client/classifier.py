@@ -44,26 +44,37 @@ def parse_classification(entry: bytes | str) -> Prediction:
     return Prediction(label=label[0] if label else index, index=int(index), score=float(score))
 
 
-def channel_arguments(url: str) -> list[tuple[str, object]] | None:
-    """For `dns:///host:port` targets, balance calls over every address the name resolves to.
+# Keepalive: ping every 20 s, also between calls, and give up on a connection after 10 s of silence,
+# so a call to a dead node fails fast instead of hanging until its deadline. Servers must accept
+# pings that often: k8s/base/deployment.yaml and `python -m serve` allow one every 10 s.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+# After a server closes a connection (Triton's --grpc-max-connection-age on Kubernetes), re-resolve
+# the name at most this often, to find pods a scale-out added (gRPC's default is 30 s).
+DNS_MIN_RERESOLUTION_MS = 5_000
+
+
+def channel_arguments(url: str) -> list[tuple[str, object]]:
+    """gRPC channel options: keepalive always; for `dns:///host:port` (or `ipv4:a:p1,b:p2`) targets,
+    round_robin over every address the target names.
 
     A Kubernetes headless Service resolves to one address per ready pod. gRPC's default policy
     (pick_first) sends everything over one long-lived HTTP/2 connection to one pod; round_robin keeps
     a connection to each pod and spreads calls. tritonclient replaces all its channel options when
-    any are given, so its defaults are restated here.
+    any are given, so its message-size defaults are restated here.
     """
-    if not url.startswith("dns:"):
-        return None
-    keepalive = grpcclient.KeepAliveOptions()
-    return [
+    options: list[tuple[str, object]] = [
         ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
         ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
-        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
-        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RERESOLUTION_MS),
     ]
+    if url.startswith(("dns:", "ipv4:", "ipv6:")):
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
 
 
 class TritonClassifier:

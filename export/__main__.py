@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
     parser.add_argument("--instance-count", type=int, default=1, help="model instances per GPU")
+    parser.add_argument("--loaded-versions", type=int, default=2,
+                        help="newest versions Triton keeps loaded: 2 keeps the previous one serving during a "
+                             "rollout and warm for a rollback (default: %(default)s)")
     parser.add_argument("--parity-images", type=Path,
                         help="ImageFolder for the parity gate (default: the checkpoint's test split)")
     parser.add_argument("--parity-count", type=int, default=32)
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(
             args.name, len(meta.class_names), meta.preprocess,
             BatchingConfig(args.max_batch_size, args.max_queue_delay_us, args.instance_count),
+            loaded_versions=args.loaded_versions,
         )
         with tempfile.TemporaryDirectory(prefix="histoserve-export-") as workdir:
             onnx_file = Path(workdir) / "model.onnx"

@@ -45,9 +45,20 @@ class BatchingConfig:
 
 
 def build_config(
-    name: str, num_classes: int, spec: PreprocessSpec, batching: BatchingConfig = BatchingConfig()
+    name: str, num_classes: int, spec: PreprocessSpec, batching: BatchingConfig = BatchingConfig(),
+    loaded_versions: int = 2,
 ) -> mc.ModelConfig:
-    """The production config: ONNX Runtime on GPU with dynamic batching and the serving contract."""
+    """The production config: ONNX Runtime on GPU with dynamic batching and the serving contract.
+
+    `loaded_versions` newest versions stay loaded (Triton's version_policy latest N). With 2, the
+    previous version keeps serving while a new one loads and after it takes over, so no request
+    lands on a version being unloaded (with 1, a few requests during each rollout fail with
+    "version n is not at ready state", measured with tests/serve/test_rollout.py's setup), and
+    deleting the newest version folder rolls back to a version that is already warm. The cost is
+    the memory of one more model.
+    """
+    if loaded_versions < 1:
+        raise RepositoryError("loaded_versions must be at least 1")
     if not NAME_PATTERN.match(name):
         raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
     if batching.max_batch_size < 1:
@@ -61,7 +72,7 @@ def build_config(
         output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[num_classes], label_filename=LABELS_FILE)],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=batching.instance_count)],
         dynamic_batching=mc.ModelDynamicBatching(max_queue_delay_microseconds=batching.max_queue_delay_us),
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=loaded_versions)),
     )
     sizes = sorted({1, batching.max_batch_size})
     for batch_size in sizes:  # warm up before readiness, so the first real request is not the slow one
@@ -124,10 +135,10 @@ def publish(
     if target.exists():
         raise RepositoryError(f"{target} already exists: versions are immutable, pick another --version")
 
-    _write_text_atomically(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
-    _write_text_atomically(model_dir / "config.pbtxt", config_to_text(config))
+    write_text_if_changed(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+    write_text_if_changed(model_dir / "config.pbtxt", config_to_text(config))
     (model_dir / "configs").mkdir(exist_ok=True)
-    _write_text_atomically(model_dir / "configs" / "cpu.pbtxt", config_to_text(cpu_variant(config)))
+    write_text_if_changed(model_dir / "configs" / "cpu.pbtxt", config_to_text(cpu_variant(config)))
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
     try:
         shutil.copyfile(onnx_file, staging / MODEL_FILE)
@@ -154,7 +165,7 @@ def _check_same_contract(model_dir: Path, old: mc.ModelConfig, new: mc.ModelConf
         )
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
+def write_text_if_changed(path: Path, text: str) -> None:
     """Rename into place, and only when the content changes: a polling Triton reloads a model whose
     config.pbtxt or labels file was touched."""
     if path.is_file() and path.read_text() == text:

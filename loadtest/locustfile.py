@@ -6,10 +6,15 @@
 
 Each simulated user holds its own gRPC channel and sends real images, preprocessed once per process
 with the client's preprocessing (the server's contract), as uint8 batches of --batch-size.
+
+Exit codes: 0 passed; 1 Locust's own failure (any failed request without --fail-ratio, or workers
+missing after --expect-workers-max-wait); 2 nothing can be measured (model missing, no readable
+image); 3 a threshold failed (--fail-p99-ms, --fail-ratio); 4 the run is not valid: no request was
+sent, or a worker was lost during the run (fewer than --expect-workers were still there at the end).
 """
 
 # grpc must be patched for gevent before anything imports it; without this only one request is ever
-# in flight per process and the measured load is silently understated (DESIGN.md §5).
+# in flight per process and the measured load is silently understated (measured here: 19.6 vs 24.7 req/s).
 from grpc.experimental import gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
@@ -26,7 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
-from locust.runners import WorkerRunner  # noqa: E402
+from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from client.classifier import ClientError, TritonClassifier  # noqa: E402
@@ -67,6 +72,16 @@ def load_images(folder: str, spec: PreprocessSpec) -> np.ndarray:
     return np.stack(arrays)
 
 
+@events.test_stop.add_listener
+def count_workers_at_the_end(environment, **_kwargs):
+    """On the master, before workers are told to quit: how many of the expected ones are still there
+    (a worker that quit, crashed or stopped sending heartbeats is gone or marked missing)."""
+    runner = environment.runner
+    if isinstance(runner, MasterRunner):
+        present = len(runner.clients.all) - len(runner.clients.missing)
+        environment.histoserve_lost_workers = max(0, environment.parsed_options.expect_workers - present)
+
+
 @events.quitting.add_listener
 def summarize_and_judge(environment, **_kwargs):
     """Write the final totals to PREFIX_summary.json (Locust's --csv files are rewritten once a
@@ -84,6 +99,16 @@ def summarize_and_judge(environment, **_kwargs):
     }
     if getattr(options, "csv_prefix", None):
         Path(f"{options.csv_prefix}_summary.json").write_text(json.dumps(summary, indent=2))
+    invalid = []
+    if total.num_requests == 0:
+        invalid.append("no request was sent")
+    if lost := getattr(environment, "histoserve_lost_workers", 0):
+        invalid.append(f"{lost} of {options.expect_workers} worker(s) lost during the run")
+    if invalid:
+        print(f"loadtest: INVALID RUN: {'; '.join(invalid)}", flush=True)
+        if environment.process_exit_code != 2:  # "nothing can be measured" already says more
+            environment.process_exit_code = 4
+        return
     verdicts = []
     if options.fail_p99_ms > 0 and summary["p99_ms"] > options.fail_p99_ms:
         verdicts.append(f"p99 {summary['p99_ms']:.0f} ms > --fail-p99-ms {options.fail_p99_ms:.0f}")

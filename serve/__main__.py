@@ -1,7 +1,10 @@
 """python -m serve [--model-repository model_repository] [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+                 [--model-control-mode poll --repository-poll-secs 5]
 
 Runs the real Triton Inference Server over a CPU derivative of the model repository until Ctrl-C or
-SIGTERM, then stops it and everything it started.
+SIGTERM, then stops it and everything it started. With --model-control-mode poll, versions that
+`python -m export` publishes while it runs are loaded (the previous ones keep serving), as on
+Kubernetes; a version that fails to load is reported on stderr and the others keep serving.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--model-control-mode", choices=["none", "poll"], default="none",
+                        help="poll: load versions published while serving (default: %(default)s)")
+    parser.add_argument("--repository-poll-secs", type=float, default=5.0, help="with poll (default: %(default)s)")
     args = parser.parse_args(argv)
 
     def request_stop(signum, _frame):
         raise KeyboardInterrupt
 
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
-                          args.address, args.ready_timeout, args.log_verbose)
+                          args.address, args.ready_timeout, args.log_verbose,
+                          model_control_mode=args.model_control_mode, repository_poll_s=args.repository_poll_secs)
     signal.signal(signal.SIGTERM, request_stop)
     try:
         print(f"starting tritonserver on {args.model_repository} ...", flush=True)

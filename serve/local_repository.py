@@ -4,17 +4,24 @@ Production configs say `backend: "onnxruntime"` and `KIND_GPU`; this Triton buil
 model becomes a python-backend model (serve/onnxruntime_model.py) that runs the *same* model.onnx
 (linked, not copied) on the CPU. Everything else in config.pbtxt — tensors, max_batch_size,
 dynamic batching, warmup, labels, the preprocessing parameters — is kept as written.
+
+`sync_local_repository` is idempotent: run again, it adds the versions that `python -m export`
+published since (each assembled in a hidden folder and renamed into place, as export does), removes
+the ones that were deleted, and rewrites a config only when it changed. `python -m serve` runs it on
+every poll, so a local Triton in poll mode picks up new versions exactly as the pods on Kubernetes
+do from their volume.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.repository import LABELS_FILE, MODEL_FILE, config_to_text, read_config, versions
+from export.repository import LABELS_FILE, MODEL_FILE, config_to_text, read_config, versions, write_text_if_changed
 
 PYTHON_MODEL = Path(__file__).with_name("onnxruntime_model.py")
 
@@ -23,35 +30,48 @@ class LocalRepositoryError(RuntimeError):
     pass
 
 
-def derive_local_repository(repository: Path, target: Path) -> list[str]:
-    """Write the CPU/python-backend derivative of `repository` into `target`; returns model names."""
+def local_config(config: mc.ModelConfig) -> mc.ModelConfig:
+    """The production config, run by the python backend on one CPU instance."""
+    if config.backend not in ("onnxruntime", "") or config.platform not in ("onnxruntime_onnx", ""):
+        raise LocalRepositoryError(f"{config.name}: only ONNX models can be served locally, not {config.backend or config.platform}")
+    local = mc.ModelConfig()
+    local.CopyFrom(config)
+    local.backend, local.platform = "python", ""
+    local.default_model_filename = ""
+    del local.instance_group[:]
+    local.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
+    local.optimization.ClearField("execution_accelerators")
+    return local
+
+
+def sync_local_repository(repository: Path, target: Path) -> list[str]:
+    """Make `target` the CPU/python-backend derivative of `repository`; returns the model names."""
     repository, target = Path(repository).resolve(), Path(target)
     if not repository.is_dir():
         raise LocalRepositoryError(f"model repository {repository} does not exist (run `python -m export` first)")
+    target.mkdir(parents=True, exist_ok=True)
     names = []
     for model_dir in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
         config = read_config(model_dir / "config.pbtxt")
-        model_versions = [v for v in versions(model_dir) if (model_dir / str(v) / MODEL_FILE).is_file()]
-        if not model_versions:
+        published = [v for v in versions(model_dir) if (model_dir / str(v) / MODEL_FILE).is_file()]
+        if not published:
             raise LocalRepositoryError(f"{model_dir} has no <version>/{MODEL_FILE}")
-        if config.backend not in ("onnxruntime", "") or config.platform not in ("onnxruntime_onnx", ""):
-            raise LocalRepositoryError(f"{model_dir}: only ONNX models can be served locally, not {config.backend or config.platform}")
         name = config.name or model_dir.name
         out = target / name
-        out.mkdir(parents=True)
-        config.backend, config.platform = "python", ""
-        config.default_model_filename = ""
-        del config.instance_group[:]
-        config.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
-        config.optimization.ClearField("execution_accelerators")
-        (out / "config.pbtxt").write_text(config_to_text(config))
-        if (model_dir / LABELS_FILE).is_file():
+        out.mkdir(exist_ok=True)
+        write_text_if_changed(out / "config.pbtxt", config_to_text(local_config(config)))
+        if (model_dir / LABELS_FILE).is_file() and not (out / LABELS_FILE).is_symlink():
             os.symlink(model_dir / LABELS_FILE, out / LABELS_FILE)
-        for version in model_versions:
-            (out / str(version)).mkdir()
-            os.symlink(model_dir / str(version) / MODEL_FILE, out / str(version) / MODEL_FILE)
-            shutil.copyfile(PYTHON_MODEL, out / str(version) / "model.py")
+        for version in sorted(set(published) - set(versions(out))):
+            staging = Path(tempfile.mkdtemp(dir=out, prefix=f".staging-{version}-"))
+            os.symlink(model_dir / str(version) / MODEL_FILE, staging / MODEL_FILE)
+            shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+            os.chmod(staging, 0o755)
+            os.rename(staging, out / str(version))
+        for version in set(versions(out)) - set(published):
+            shutil.rmtree(out / str(version))
         names.append(name)
     if not names:
         raise LocalRepositoryError(f"{repository} holds no <model>/config.pbtxt")
     return names
+

@@ -1,12 +1,15 @@
 """Start, watch and stop the real `tritonserver` that ships inside the nvidia-pytriton wheel.
 
-The recipe (DESIGN.md §4): a backend directory holding the python backend and its stub for this
-interpreter, the wheel's bundled libraries on LD_LIBRARY_PATH, and this virtualenv's bin/ first on
-PATH so the stub imports onnxruntime and numpy from here.
+The recipe: a backend directory holding the python backend (libtriton_python.so and
+triton_python_backend_utils.py) and the python-backend stub built for this interpreter, the wheel's
+bundled libraries on LD_LIBRARY_PATH (copied .so files lose their $ORIGIN rpath), the interpreter's
+lib dir there too (the stub links libpython), and this virtualenv's bin/ first on PATH: the stub runs
+Python isolated and ignores PYTHONPATH, so that is how it finds onnxruntime and numpy.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -16,13 +19,14 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.local_repository import derive_local_repository
+from serve.local_repository import sync_local_repository
 
 
 # Health checks go straight to the local server, never through an http_proxy from the environment.
@@ -117,10 +121,17 @@ class TritonServer:
     ready_timeout_s: float = 180.0
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)  # appended last, so they win
+    # "poll": versions that `python -m export` publishes into model_repository while the server runs
+    # are loaded (and deleted ones unloaded), as on Kubernetes; "none": the repository as at start.
+    model_control_mode: str = "none"
+    repository_poll_s: float = 5.0
     process: subprocess.Popen | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
     models: list[str] = field(default_factory=list, init=False)
     shm_prefix: str = field(default_factory=lambda: f"histoserve_{os.getpid()}_{secrets.token_hex(3)}_", init=False)
+    failed_versions: dict[tuple[str, str], str] = field(default_factory=dict, init=False)  # (model, version) -> reason
+    _follower: threading.Thread | None = field(default=None, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def grpc_url(self) -> str:
@@ -150,7 +161,14 @@ class TritonServer:
             f"--metrics-address={self.address}", f"--metrics-port={self.ports.metrics}",
             "--allow-metrics=true", "--allow-gpu-metrics=false",
             "--strict-readiness=true", "--exit-on-error=true", "--exit-timeout-secs=30",
+            # The ping policy of k8s/base/deployment.yaml: accept the histoserve client's keepalive
+            # pings (every 20 s, also between calls) and ping idle clients every 30 s.
+            "--grpc-keepalive-time=30000", "--grpc-keepalive-timeout=10000",
+            "--grpc-keepalive-permit-without-calls=true", "--grpc-http2-max-pings-without-data=0",
+            "--grpc-http2-min-recv-ping-interval-without-data=10000",
             f"--log-verbose={self.log_verbose}",
+            *(["--model-control-mode=poll", f"--repository-poll-secs={max(1, round(self.repository_poll_s))}"]
+              if self.model_control_mode == "poll" else []),
             *self.extra_args,
         ]
 
@@ -161,13 +179,20 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         return env
 
+    @property
+    def local_repository(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "model_repository"
+
     def start(self) -> "TritonServer":
+        if self.model_control_mode not in ("none", "poll"):
+            raise ServerError(f"model control mode {self.model_control_mode!r}: use 'none' or 'poll'")
         check_ports_free(self.address, self.ports)
         installation = TritonInstallation.find()
         self.workdir = Path(tempfile.mkdtemp(prefix="histoserve-serve-"))
         try:
-            repository = self.workdir / "model_repository"
-            self.models = derive_local_repository(self.model_repository, repository)
+            repository = self.local_repository
+            self.models = sync_local_repository(self.model_repository, repository)
             backends = installation.make_backend_directory(self.workdir / "backends")
             with open(self.log_file, "wb") as log:
                 self.process = subprocess.Popen(
@@ -179,7 +204,39 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        if self.model_control_mode == "poll":
+            self._stopping.clear()
+            self._follower = threading.Thread(target=self._follow_repository, name="repository-follower", daemon=True)
+            self._follower.start()
         return self
+
+    def _follow_repository(self) -> None:
+        """Mirror what export publishes into the local derivative, which Triton polls; report each
+        version that failed to load once (Triton keeps serving the versions it had)."""
+        while not self._stopping.wait(self.repository_poll_s):
+            try:
+                sync_local_repository(self.model_repository, self.local_repository)
+            except Exception as error:  # a half-written or broken repository must not stop serving
+                print(f"serve: cannot follow {self.model_repository}: {error}", file=sys.stderr, flush=True)
+            for (model, version), reason in self.unavailable_versions().items():
+                if (model, version) not in self.failed_versions:
+                    self.failed_versions[(model, version)] = reason
+                    print(f"serve: error: model {model!r} version {version} failed to load and is not served: {reason}",
+                          file=sys.stderr, flush=True)
+
+    def repository_index(self) -> list[dict]:
+        """Triton's repository index: every model version it knows, with state and reason."""
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        with LOCAL_HTTP.open(request, timeout=5) as response:
+            return json.loads(response.read())
+
+    def unavailable_versions(self) -> dict[tuple[str, str], str]:
+        try:
+            index = self.repository_index()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            return {}
+        return {(entry["name"], entry.get("version", "")): entry.get("reason", "")
+                for entry in index if entry.get("state") == "UNAVAILABLE" and entry.get("reason") != "unloaded"}
 
     def wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -195,15 +252,22 @@ class TritonServer:
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_text(self) -> str:
         if self.workdir is None or not self.log_file.exists():
             return ""
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        return self.log_file.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def stop(self, timeout_s: float = 40.0) -> int | None:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL the group if it hangs; remove the
         python backend's shared-memory regions and the work folder. Safe to call twice."""
         code = None
+        self._stopping.set()
+        if self._follower is not None:
+            self._follower.join(30)
+            self._follower = None
         if self.process is not None:
             if self.process.poll() is None:
                 self.process.send_signal(signal.SIGTERM)

@@ -1,7 +1,7 @@
 """The trained module: uint8 NCHW in, logits out, with mean/std normalization as its first layer.
 
 Because normalization is part of the module, the exported ONNX graph is exactly what was trained and
-the client only ever sends uint8 pixels (see the serving contract in DESIGN.md §3).
+the client only ever sends uint8 pixels (the serving contract in the README).
 """
 
 from __future__ import annotations

@@ -74,15 +74,13 @@ def test_unusable_server_or_model_exits_2_with_a_message(server, test_files, url
     assert message in result.stderr
 
 
-def test_dns_targets_are_accepted_and_balanced_round_robin(server, test_files):
-    from client.classifier import channel_arguments
-
+def test_dns_targets_are_accepted(server, test_files):
+    """Spreading calls over several servers is tested against two real servers in
+    tests/k8s/test_grpc_balancing.py."""
     port = server.grpc_url.rsplit(":", 1)[1]
     result = classify_url(f"dns:///localhost:{port}", test_files[0])
     assert result.returncode == 0, result.stderr
     assert rows(result)[0]["predictions"]
-    assert ("grpc.lb_policy_name", "round_robin") in channel_arguments(f"dns:///triton-grpc.ns.svc:{port}")
-    assert channel_arguments(server.grpc_url) is None
 
 
 def classify_url(url, *paths):

@@ -16,8 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUBECTL = Path(sys.executable).parent / "kubectl"
-OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/cpu", "overlays/dev"]
-JOBS = ["jobs/loadtest", "jobs/training"]
+OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/gpu-gateway", "overlays/cpu", "overlays/dev"]
+JOBS = ["jobs/loadtest", "jobs/training", "jobs/publish"]
 KUSTOMIZATIONS = OVERLAYS + JOBS
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -28,6 +28,8 @@ QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi
 SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
 TRITON_PORTS = {8000, 8001, 8002}
+ADAPTER_RULES = K8S / "components" / "monitoring" / "prometheus-adapter-rules.yaml"
+IMAGE_PULL_ALLOWANCE_S = 900  # a ~15 GB Triton image on a fresh node
 
 
 def render(kustomization: str) -> list[dict]:
@@ -48,6 +50,26 @@ def containers(template: dict) -> list[dict]:
 
 def matches(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def triton_command(container: dict) -> list[str]:
+    """tritonserver's argument list (without the program), or [] for another container. The image's
+    entrypoint runs `args` when there is no `command`."""
+    words = container.get("command", []) + container.get("args", [])
+    return words[1:] if words[:1] == ["tritonserver"] else []
+
+
+def flag(words: list[str], name: str) -> str | None:
+    """The value of `--name=value` among command-line words (the last one wins, as in argparse)."""
+    values = [w.split("=", 1)[1] for w in words if w.startswith(f"--{name}=")]
+    return values[-1] if values else None
+
+
+def pod_labels(workload: dict) -> dict:
+    labels = dict(workload["spec"]["template"]["metadata"].get("labels", {}))
+    if workload["kind"] == "Job":  # the Job controller adds these to every pod it creates
+        labels["job-name"] = labels["batch.kubernetes.io/job-name"] = workload["metadata"]["name"]
+    return labels
 
 
 def quantity(text) -> float:
@@ -167,14 +189,14 @@ def check_triton_ports(objects: list[dict]) -> list[str]:
     problems = []
     for workload, template in pod_templates(objects):
         for container in containers(template):
-            if container.get("command", [None])[0] != "tritonserver":
+            if not triton_command(container):
                 continue
             declared = {p["containerPort"] for p in container.get("ports", [])}
             if not TRITON_PORTS <= declared:
                 problems.append(f"{workload['metadata']['name']}: Triton container ports {sorted(declared)} lack {sorted(TRITON_PORTS - declared)}")
-            for flag, port in (("--http-port", 8000), ("--grpc-port", 8001), ("--metrics-port", 8002)):
-                if f"{flag}={port}" not in container.get("args", []):
-                    problems.append(f"{workload['metadata']['name']}: Triton args lack {flag}={port}")
+            for name, port in (("http-port", 8000), ("grpc-port", 8001), ("metrics-port", 8002)):
+                if flag(triton_command(container), name) != str(port):
+                    problems.append(f"{workload['metadata']['name']}: Triton args lack --{name}={port}")
             services = {p.get("targetPort") for s in objects if s["kind"] == "Service" for p in s["spec"]["ports"]}
             names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
             exposed = {names.get(t, t) for t in services}
@@ -212,6 +234,118 @@ def check_images(objects: list[dict]) -> list[str]:
     return problems
 
 
+def check_scheduling_and_rollout(objects: list[dict]) -> list[str]:
+    """GPU pods Guaranteed, probes with timeouts, a progress deadline that covers the startup probe
+    plus an image pull, no replicas fighting an HPA, the NGC entrypoint kept."""
+    problems = []
+    scaled = {(h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"]) for h in objects if h["kind"] == "HorizontalPodAutoscaler"}
+    for workload, template in pod_templates(objects):
+        name = workload["metadata"]["name"]
+        every = containers(template)
+        if any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in every):
+            for container in every:
+                resources = container.get("resources", {})
+                for resource in ("cpu", "memory"):
+                    request, limit = resources.get("requests", {}).get(resource), resources.get("limits", {}).get(resource)
+                    if request is None or limit is None or quantity(request) != quantity(limit):
+                        problems.append(f"{name}/{container['name']}: GPU pod not Guaranteed: {resource} request {request} != limit {limit}")
+        for container in template["spec"]["containers"]:
+            for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe_name in container and "timeoutSeconds" not in container[probe_name]:
+                    problems.append(f"{name}/{container['name']}: {probe_name} has no timeoutSeconds (default 1 s)")
+            if triton_command(container) and container.get("command"):
+                problems.append(f"{name}/{container['name']}: `command` bypasses the NGC image's entrypoint; put tritonserver first in args")
+        if workload["kind"] == "Deployment":
+            startup = max((c["startupProbe"].get("periodSeconds", 10) * c["startupProbe"].get("failureThreshold", 3)
+                           for c in template["spec"]["containers"] if "startupProbe" in c), default=0)
+            deadline = workload["spec"].get("progressDeadlineSeconds", 600)
+            if deadline < startup + IMAGE_PULL_ALLOWANCE_S:
+                problems.append(f"Deployment/{name}: progressDeadlineSeconds {deadline} < startup probe {startup} s + image pull {IMAGE_PULL_ALLOWANCE_S} s")
+            if ("Deployment", name) in scaled and "replicas" in workload["spec"]:
+                problems.append(f"Deployment/{name}: spec.replicas next to an HPA resets the scaled count on every apply")
+    return problems
+
+
+def check_storage(objects: list[dict]) -> list[str]:
+    """Shared claims name a class that can share; disk emptyDirs fit the pod's ephemeral-storage limit."""
+    problems = []
+    for claim in (o for o in objects if o["kind"] == "PersistentVolumeClaim"):
+        shared = {"ReadWriteMany", "ReadOnlyMany"} & set(claim["spec"].get("accessModes", []))
+        if shared and not claim["spec"].get("storageClassName"):
+            problems.append(f"PVC/{claim['metadata']['name']}: {sorted(shared)} without storageClassName: the default classes of EKS/GKE/AKS are ReadWriteOnce, it would stay Pending")
+    for workload, template in pod_templates(objects):
+        limits = [c.get("resources", {}).get("limits", {}).get("ephemeral-storage") for c in template["spec"]["containers"]]
+        if None in limits:
+            continue
+        on_disk = [v["emptyDir"].get("sizeLimit") for v in template["spec"].get("volumes", [])
+                   if "emptyDir" in v and (v["emptyDir"] or {}).get("medium") != "Memory"]
+        if None in on_disk:
+            problems.append(f"{workload['metadata']['name']}: an emptyDir without sizeLimit in a pod with an ephemeral-storage limit")
+        elif sum(map(quantity, on_disk)) > sum(map(quantity, limits)):
+            problems.append(f"{workload['metadata']['name']}: emptyDirs {on_disk} exceed the pod's ephemeral-storage limit {limits}: the kubelet evicts it")
+    return problems
+
+
+def adapter_metric_names() -> set[str]:
+    values = yaml.safe_load(ADAPTER_RULES.read_text())
+    return {rule["name"]["as"] for rule in values["rules"]["custom"]}
+
+
+def headless_service_for(objects: list[dict], job: dict) -> dict | None:
+    """The headless Service that gives an Indexed Job's pods DNS names <job>-<index>.<subdomain>."""
+    subdomain = job["spec"]["template"]["spec"].get("subdomain")
+    return next((s for s in objects if s["kind"] == "Service" and s["metadata"]["name"] == subdomain
+                 and s["spec"].get("clusterIP") == "None" and matches(s["spec"].get("selector", {}), pod_labels(job))), None)
+
+
+def check_wiring(objects: list[dict]) -> list[str]:
+    """Objects that name each other: the HPA's metric is one the adapter serves, routes reach a
+    Service port through a Gateway listener, Indexed Jobs reach pod 0 by a name that resolves."""
+    problems = []
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        for metric in hpa["spec"].get("metrics", []):
+            if metric["type"] == "Pods" and metric["pods"]["metric"]["name"] not in adapter_metric_names():
+                problems.append(f"HPA/{hpa['metadata']['name']}: metric {metric['pods']['metric']['name']!r} is served by no prometheus-adapter rule")
+    for route in (o for o in objects if o["kind"] in ("GRPCRoute", "HTTPRoute")):
+        for parent in route["spec"].get("parentRefs", []):
+            gateway = next((g for g in objects if g["kind"] == "Gateway" and g["metadata"]["name"] == parent["name"]), None)
+            if gateway is None:
+                problems.append(f"{route['kind']}/{route['metadata']['name']}: parent Gateway {parent['name']!r} does not exist")
+            elif "sectionName" in parent and parent["sectionName"] not in {listener["name"] for listener in gateway["spec"]["listeners"]}:
+                problems.append(f"{route['kind']}/{route['metadata']['name']}: Gateway {parent['name']} has no listener {parent['sectionName']!r}")
+        for rule in route["spec"].get("rules", []):
+            for backend in rule.get("backendRefs", []):
+                service = next((s for s in objects if s["kind"] == "Service" and s["metadata"]["name"] == backend["name"]), None)
+                if service is None or backend.get("port") not in {p["port"] for p in service["spec"]["ports"]}:
+                    problems.append(f"{route['kind']}/{route['metadata']['name']}: backend {backend['name']}:{backend.get('port')} is no Service port")
+    for job in (o for o in objects if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed"):
+        name, completions = job["metadata"]["name"], job["spec"]["completions"]
+        service = headless_service_for(objects, job)
+        if service is None:
+            problems.append(f"Job/{name}: no headless Service named after its subdomain selects its pods: pod 0 has no DNS name")
+            continue
+        if job["spec"].get("parallelism", 1) != completions:
+            problems.append(f"Job/{name}: parallelism {job['spec'].get('parallelism', 1)} != completions {completions}: not every pod runs at once")
+        rank0 = f"{name}-0.{service['metadata']['name']}"
+        for container in job["spec"]["template"]["spec"]["containers"]:
+            words = container.get("command", []) + container.get("args", [])
+            text = " ".join(words)
+            if words[:1] == ["torchrun"]:
+                endpoint = flag(words, "rdzv-endpoint") or ""
+                host, _, port = endpoint.rpartition(":")
+                if host != rank0 or int(port or 0) not in {p["port"] for p in service["spec"]["ports"]}:
+                    problems.append(f"Job/{name}: --rdzv-endpoint {endpoint!r} is not pod 0 ({rank0}) on a port of Service {service['metadata']['name']}")
+                if flag(words, "nnodes") != str(completions):
+                    problems.append(f"Job/{name}: torchrun --nnodes={flag(words, 'nnodes')} but {completions} pods")
+            if "locust" in text and "--master" in text:
+                workers = re.search(r"--expect-workers=(\d+)", text)
+                if not workers or int(workers.group(1)) != completions - 1:
+                    problems.append(f"Job/{name}: the master expects {workers and workers.group(1)} workers but the Job runs {completions - 1}")
+                if f"--master-host={rank0}" not in text:
+                    problems.append(f"Job/{name}: workers do not look the master up as {rank0}")
+    return problems
+
+
 CHECKS = {
     "selectors": check_selectors,
     "ports": check_ports,
@@ -220,6 +354,9 @@ CHECKS = {
     "triton-ports": check_triton_ports,
     "names": check_names,
     "images": check_images,
+    "rollout": check_scheduling_and_rollout,
+    "storage": check_storage,
+    "wiring": check_wiring,
 }
 
 

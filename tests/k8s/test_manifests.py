@@ -1,16 +1,18 @@
 """Every kustomization renders with real kubectl, validates strictly against the official schemas of
-the oldest and newest Kubernetes we support, and keeps the invariants schemas cannot see."""
+the oldest and newest Kubernetes we support (custom resources against their published CRDs), and
+keeps the invariants schemas cannot see."""
 
 import copy
 from functools import lru_cache
 
+import jsonschema
 import kubernetes_validate
 import pytest
 
+from tests.k8s import custom_resources
 from tests.k8s.manifests import CHECKS, KUSTOMIZATIONS, OVERLAYS, all_problems, render
 
 KUBERNETES_VERSIONS = ["1.27.0", "1.37.0"]  # oldest and newest supported
-CUSTOM_RESOURCES = {"monitoring.coreos.com/v1"}  # checked in test_monitoring.py
 
 
 @lru_cache(maxsize=None)
@@ -34,9 +36,49 @@ def test_renders_with_real_kustomize(kustomization):
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_every_object_validates_strictly_against_the_official_schema(kustomization, version):
     for o in rendered(kustomization):
-        if o["apiVersion"] in CUSTOM_RESOURCES:
-            continue
+        if custom_resources.is_custom(o):
+            continue  # validated against its CRD below
         kubernetes_validate.validate(o, version, strict=True)  # raises on any error
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_custom_resource_validates_against_its_published_crd(kustomization):
+    for o in rendered(kustomization):
+        if custom_resources.is_custom(o):
+            custom_resources.validate(o)  # raises on any error; KeyError when no schema is vendored
+
+
+def misspell(path, wrong):
+    def breakage(o):
+        node = o
+        for key in path[:-1]:
+            node = node[key]
+        node[wrong] = node.pop(path[-1])
+    breakage.__name__ = f"{'.'.join(map(str, path))}->{wrong}"
+    return breakage
+
+
+@pytest.mark.parametrize("kind, breakage", [
+    ("ServiceMonitor", misspell(["spec", "endpoints", 0, "scrapeTimeout"], "scrapeTimeOut")),
+    ("PrometheusRule", misspell(["spec", "groups", 0, "rules", 0, "expr"], "exp")),
+    ("Gateway", misspell(["spec", "listeners", 0, "protocol"], "protocl")),
+    ("GRPCRoute", misspell(["spec", "rules", 0, "backendRefs"], "backendRef")),
+], ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_crd_validation_fails_on_a_misspelt_field(kind, breakage):
+    obj = next(o for o in objects_of("overlays/gpu-gateway") if o["kind"] == kind)
+    custom_resources.validate(obj)
+    breakage(obj)
+    with pytest.raises(jsonschema.ValidationError):
+        custom_resources.validate(obj)
+
+
+def test_crd_validation_fails_on_a_wrong_type_and_an_unknown_kind():
+    monitor = next(o for o in objects_of("overlays/gpu") if o["kind"] == "ServiceMonitor")
+    monitor["spec"]["endpoints"][0]["port"] = 8002  # a port *name*, a string
+    with pytest.raises(jsonschema.ValidationError):
+        custom_resources.validate(monitor)
+    with pytest.raises(KeyError):
+        custom_resources.validate({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "spec": {}})
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -122,19 +164,89 @@ def break_service_monitor(objects):
     find(objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"] = "metric"
 
 
-BROKEN = {
-    break_selector: "selectors", break_probe_port: "ports", break_service_port: "ports", break_gpu_limit: "resources",
-    break_quantity: "resources", break_hpa_target: "autoscaling", break_hpa_bounds: "autoscaling",
-    break_pdb_both: "autoscaling", break_pdb_neither: "autoscaling", break_metrics_port: "triton-ports",
-    break_name: "names", break_latest: "images", break_untagged: "images", break_service_monitor: "selectors",
+def break_guaranteed_qos(objects):
+    triton(objects)["resources"]["requests"]["cpu"] = "4"
+
+
+def break_probe_timeout(objects):
+    del triton(objects)["readinessProbe"]["timeoutSeconds"]
+
+
+def break_entrypoint(objects):
+    container = triton(objects)
+    container["command"], container["args"] = ["tritonserver"], container["args"][1:]
+
+
+def break_progress_deadline(objects):
+    find(objects, "Deployment", "triton")["spec"]["progressDeadlineSeconds"] = 600
+
+
+def break_replicas_beside_hpa(objects):
+    find(objects, "Deployment", "triton")["spec"]["replicas"] = 2
+
+
+def break_storage_class(objects):
+    del find(objects, "PersistentVolumeClaim")["spec"]["storageClassName"]
+
+
+def break_model_volume_size(objects):  # gpu-s3: the downloaded models outgrow the pod's ephemeral storage
+    triton(objects)["resources"]["limits"]["ephemeral-storage"] = "2Gi"
+
+
+def break_hpa_metric(objects):
+    find(objects, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]["metric"]["name"] = "triton_queue_time"
+
+
+def break_route_backend(objects):
+    find(objects, "GRPCRoute")["spec"]["rules"][0]["backendRefs"][0]["port"] = 8000
+
+
+def break_route_listener(objects):
+    find(objects, "GRPCRoute")["spec"]["parentRefs"][0]["sectionName"] = "grpc"
+
+
+def break_rendezvous_host(objects):
+    args = find(objects, "Job")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args[:] = [a.replace("histoserve-train-0.", "histoserve-train-1.") for a in args]
+
+
+def break_nnodes(objects):
+    find(objects, "Job")["spec"]["completions"] = 3
+
+
+def break_subdomain(objects):
+    find(objects, "Job")["spec"]["template"]["spec"]["subdomain"] = "train"
+
+
+def break_expected_workers(objects):
+    find(objects, "Job", "locust")["spec"]["completions"] = 9
+
+
+BROKEN = {  # breakage: (the check that must notice it, the kustomization it breaks)
+    break_selector: ("selectors", "overlays/gpu"), break_probe_port: ("ports", "overlays/gpu"),
+    break_service_port: ("ports", "overlays/gpu"), break_gpu_limit: ("resources", "overlays/gpu"),
+    break_quantity: ("resources", "overlays/gpu"), break_hpa_target: ("autoscaling", "overlays/gpu"),
+    break_hpa_bounds: ("autoscaling", "overlays/gpu"), break_pdb_both: ("autoscaling", "overlays/gpu"),
+    break_pdb_neither: ("autoscaling", "overlays/gpu"), break_metrics_port: ("triton-ports", "overlays/gpu"),
+    break_name: ("names", "overlays/gpu"), break_latest: ("images", "overlays/gpu"),
+    break_untagged: ("images", "overlays/gpu"), break_service_monitor: ("selectors", "overlays/gpu"),
+    break_guaranteed_qos: ("rollout", "overlays/gpu"), break_probe_timeout: ("rollout", "overlays/gpu"),
+    break_entrypoint: ("rollout", "overlays/gpu"), break_progress_deadline: ("rollout", "overlays/gpu"),
+    break_replicas_beside_hpa: ("rollout", "overlays/gpu"), break_storage_class: ("storage", "overlays/gpu"),
+    break_model_volume_size: ("storage", "overlays/gpu-s3"), break_hpa_metric: ("wiring", "overlays/gpu"),
+    break_route_backend: ("wiring", "overlays/gpu-gateway"), break_route_listener: ("wiring", "overlays/gpu-gateway"),
+    break_rendezvous_host: ("wiring", "jobs/training"), break_nnodes: ("wiring", "jobs/training"),
+    break_subdomain: ("wiring", "jobs/training"), break_expected_workers: ("wiring", "jobs/loadtest"),
 }
 
 
 @pytest.mark.parametrize("breakage", list(BROKEN), ids=lambda f: f.__name__)
 def test_each_invariant_fails_on_a_broken_copy(breakage):
-    objects = objects_of("overlays/gpu")
+    check, kustomization = BROKEN[breakage]
+    objects = objects_of(kustomization)
+    assert CHECKS[check](objects) == [], f"{check} fails on the real {kustomization}"
     breakage(objects)
-    assert CHECKS[BROKEN[breakage]](objects), f"{BROKEN[breakage]} did not notice {breakage.__name__}"
+    assert CHECKS[check](objects), f"{check} did not notice {breakage.__name__}"
 
 
 def test_gpu_overlay_requests_a_gpu_and_cpu_overlays_do_not():
@@ -166,18 +278,27 @@ def test_deployment_is_hardened_and_drains_gracefully():
     exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert grace > pre_stop + exit_timeout
-    assert "--model-control-mode=poll" in container["args"]
+    for flag in ("--model-control-mode=poll", "--strict-readiness=false", "--exit-on-error=true",
+                 "--grpc-max-connection-age=60000", "--grpc-keepalive-permit-without-calls=true"):
+        assert flag in container["args"], flag
+    assert container["args"][0] == "tritonserver" and "command" not in container  # the NGC entrypoint runs it
 
 
-def test_s3_overlay_reads_the_bucket_with_a_credential_file_and_no_volume():
+def test_s3_overlay_downloads_the_models_in_an_init_container_and_triton_holds_no_credentials():
     objects = objects_of("overlays/gpu-s3")
-    container = triton(objects)
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["MODEL_REPOSITORY"] == "s3://histoserve-models/model_repository"
-    assert "--model-repository=$(MODEL_REPOSITORY)" in container["args"]
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "cloud-credentials")
-    assert env["TRITON_CLOUD_CREDENTIAL_PATH"].startswith(mount["mountPath"] + "/") and mount["readOnly"]
     pod = find(objects, "Deployment", "triton")["spec"]["template"]["spec"]
-    assert {"name": "cloud-credentials", "secret": {"secretName": "triton-s3-credentials", "defaultMode": 0o400}} in pod["volumes"]
-    assert all(v["name"] != "model-repository" for v in pod["volumes"])
+    [download] = pod["initContainers"]
+    assert download["args"][:2] == ["s3", "sync"] and download["args"][-1] == "/models"
+    env = {e["name"]: e["value"] for e in download["env"]}
+    assert env["MODEL_SOURCE"] == "s3://histoserve-models/model_repository"
+    credentials = next(m for m in download["volumeMounts"] if m["name"] == "model-store-credentials")
+    assert env["AWS_SHARED_CREDENTIALS_FILE"].startswith(credentials["mountPath"] + "/") and credentials["readOnly"]
+    assert {"name": "model-repository", "mountPath": "/models"} in download["volumeMounts"]
+    container = triton(objects)
+    assert "envFrom" not in container and all("AWS" not in e["name"] for e in container["env"])
+    assert all(m["name"] != "model-store-credentials" for m in container["volumeMounts"])
+    assert {"name": "model-repository", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
+    assert next(v for v in pod["volumes"] if v["name"] == "model-repository") == {"name": "model-repository", "emptyDir": {"sizeLimit": "20Gi"}}
     assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    secret = next(v for v in pod["volumes"] if v["name"] == "model-store-credentials")["secret"]
+    assert secret == {"secretName": "model-store-s3-credentials", "optional": True, "defaultMode": 0o400}

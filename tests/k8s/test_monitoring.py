@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import MODEL
-from tests.k8s.manifests import K8S, render
+from tests.k8s.manifests import K8S, render, triton_command
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -58,7 +58,8 @@ def test_alert_rules_pass_promtool_unit_tests(tmp_path):
     assert tested.returncode == 0, tested.stdout + tested.stderr
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     tested_alerts = set(re.findall(r"alertname: (\w+)", (tmp_path / "alerts-test.yaml").read_text()))
-    assert alerts == tested_alerts == {"TritonP99LatencyHigh", "TritonErrorRatioHigh", "TritonQueueTimeHigh", "TritonPodsNotReady"}
+    assert alerts == tested_alerts == {"TritonP99LatencyHigh", "TritonErrorRatioHigh", "TritonQueueTimeHigh", "TritonPodsNotReady",
+                                       "TritonScrapeFailing", "TritonMetricsAbsent", "TritonModelPublishFailed"}
 
 
 def test_promtool_check_fails_on_a_broken_expression(tmp_path):
@@ -89,10 +90,11 @@ def test_adapter_and_dashboard_queries_parse(tmp_path):
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in {r["name"]["as"] for r in adapter["rules"]["custom"]}
 
 
-def deployment_args(overlay: str) -> list[str]:
+def deployment_args(overlay: str) -> tuple[list[str], dict]:
+    """tritonserver's arguments in the overlay's Deployment (without the program name), and its container."""
     deployment = next(o for o in render(overlay) if o["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    return container["args"], container
+    return triton_command(container), container
 
 
 LOCAL = ("--model-repository=", "--http-port=", "--grpc-port=", "--metrics-port=")

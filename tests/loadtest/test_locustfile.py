@@ -1,7 +1,12 @@
 import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from loadtest.report import plot_history, read_summary
-from tests.conftest import MODEL, run_cli
+from serve.server import free_ports
+from tests.conftest import MODEL, ROOT, run_cli
 
 
 def test_headless_locust_run_against_triton_has_no_failures(server, digits_root, tmp_path):
@@ -36,3 +41,51 @@ def test_latency_threshold_turns_a_slow_run_into_exit_code_3(server, digits_root
                      check=False, timeout=120)
     assert result.returncode == 3
     assert "loadtest: FAILED: p99" in result.stdout + result.stderr
+
+
+def run_distributed(*master_args, workers: int = 1, kill_a_worker_after_s: float | None = None) -> tuple[int, str]:
+    """A headless Locust master and its worker processes on this machine; returns the master's exit
+    code and output."""
+    port = free_ports().http
+    locust = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py")]
+    master = subprocess.Popen([*locust, "--master", "--headless", "--master-bind-port", str(port), *map(str, master_args)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = [subprocess.Popen([*locust, "--worker", "--master-port", str(port)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
+    try:
+        if kill_a_worker_after_s is not None:
+            time.sleep(kill_a_worker_after_s)
+            started[0].kill()  # SIGKILL: no goodbye, only missing heartbeats
+        output = master.communicate(timeout=120)[0]
+    finally:
+        for worker in started:
+            worker.kill()
+            worker.wait()
+    return master.returncode, output
+
+
+def test_a_distributed_run_that_sends_nothing_fails(server):
+    """The master alone never reads images; a worker that cannot quits at on_start, and the master
+    ends with zero requests: exit 4, never a green 0/0."""
+    code, output = run_distributed("--expect-workers", 1, "--users", 2, "--spawn-rate", 2, "--run-time", "8s",
+                                   "--only-summary", "--triton-url", server.grpc_url, "--model", MODEL,
+                                   "--images", "no/such/folder", "--fail-ratio", 0.01)
+    assert code == 4, output[-3000:]
+    assert "loadtest: INVALID RUN: no request was sent" in output
+
+
+def test_a_worker_lost_during_the_run_fails_it(server, digits_root):
+    code, output = run_distributed("--expect-workers", 2, "--users", 2, "--spawn-rate", 2, "--run-time", "12s",
+                                   "--only-summary", "--triton-url", server.grpc_url, "--model", MODEL,
+                                   "--images", digits_root / "test", "--fail-ratio", 0.01,
+                                   workers=2, kill_a_worker_after_s=6)
+    assert code == 4, output[-3000:]
+    assert "loadtest: INVALID RUN: 1 of 2 worker(s) lost during the run" in output
+
+
+def test_fewer_workers_than_expected_within_the_wait_fails(server, digits_root):
+    code, output = run_distributed("--expect-workers", 2, "--expect-workers-max-wait", 3, "--users", 2,
+                                   "--spawn-rate", 2, "--run-time", "5s", "--triton-url", server.grpc_url,
+                                   "--model", MODEL, "--images", digits_root / "test")
+    assert code != 0, output[-3000:]
+    assert "Gave up waiting for workers to connect" in output

@@ -1,14 +1,15 @@
 import os
+import shutil
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.repository import read_config
-from serve.local_repository import derive_local_repository
+from export.repository import publish, read_config
+from serve.local_repository import sync_local_repository
 from tests.conftest import MODEL
 
 
 def test_local_derivative_runs_the_same_onnx_on_cpu_and_keeps_the_rest_of_the_config(repository, tmp_path):
-    assert derive_local_repository(repository, tmp_path / "local") == [MODEL]
+    assert sync_local_repository(repository, tmp_path / "local") == [MODEL]
     production = read_config(repository / MODEL / "config.pbtxt")
     local = read_config(tmp_path / "local" / MODEL / "config.pbtxt")
     assert local.backend == "python"
@@ -18,3 +19,21 @@ def test_local_derivative_runs_the_same_onnx_on_cpu_and_keeps_the_rest_of_the_co
     linked = tmp_path / "local" / MODEL / "1" / "model.onnx"
     assert os.path.realpath(linked) == str((repository / MODEL / "1" / "model.onnx").resolve())
     assert (tmp_path / "local" / MODEL / "1" / "model.py").is_file()
+
+
+def test_sync_follows_published_and_removed_versions_and_leaves_unchanged_configs_alone(repository, tmp_path):
+    repo, local = tmp_path / "repo", tmp_path / "local"
+    shutil.copytree(repository, repo)
+    sync_local_repository(repo, local)
+    config_mtime = (local / MODEL / "config.pbtxt").stat().st_mtime_ns
+    config = read_config(repo / MODEL / "config.pbtxt")
+    labels = (repo / MODEL / "labels.txt").read_text().splitlines()
+    publish(repo, config, labels, repo / MODEL / "1" / "model.onnx")
+    sync_local_repository(repo, local)
+    assert sorted(p.name for p in (local / MODEL).iterdir() if not p.name.startswith(".")) == ["1", "2", "config.pbtxt", "labels.txt"]
+    assert os.path.realpath(local / MODEL / "2" / "model.onnx") == str((repo / MODEL / "2" / "model.onnx").resolve())
+    assert (local / MODEL / "config.pbtxt").stat().st_mtime_ns == config_mtime  # Triton would reload on a touch
+    shutil.rmtree(repo / MODEL / "1")
+    sync_local_repository(repo, local)
+    assert not (local / MODEL / "1").exists() and (local / MODEL / "2" / "model.py").is_file()
+    assert not [p for p in (local / MODEL).iterdir() if p.name.startswith(".staging")]

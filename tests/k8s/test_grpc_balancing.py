@@ -1,0 +1,137 @@
+"""The Deployment's gRPC flags with the histoserve client, against two real Triton servers: calls are
+spread over every server, and a server that appears after the client connected (a pod added by a
+scale-out behind the headless Service) gets calls once --grpc-max-connection-age closes the old
+connection and the client re-resolves the name."""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from dnslib import QTYPE, RR, A
+from dnslib.server import BaseResolver, DNSServer
+
+from client.classifier import TritonClassifier
+from serve.server import Ports, TritonServer, free_ports
+from tests.conftest import MODEL
+from tests.k8s.manifests import flag
+from tests.k8s.test_monitoring import deployment_args
+
+NAME = "triton-grpc.histoserve.test"
+MAX_AGE_MS, GRACE_MS = 3000, 1000  # the manifest says 60 s + 30 s; shortened so the test is quick
+
+
+def grpc_flags() -> list[str]:
+    """The Deployment's own keepalive and connection-age flags, with the age shortened."""
+    args, _ = deployment_args("overlays/cpu")
+    assert flag(args, "grpc-max-connection-age") and flag(args, "grpc-keepalive-time")
+    return [a for a in args if a.startswith(("--grpc-keepalive", "--grpc-http2"))] + [
+        f"--grpc-max-connection-age={MAX_AGE_MS}", f"--grpc-max-connection-age-grace={GRACE_MS}"]
+
+
+def inference_count(server: TritonServer) -> int:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
+    return sum(int(s.get("inference_count", 0)) for s in stats)
+
+
+def port_free_on(port: int, *addresses: str) -> bool:
+    for address in addresses:
+        with socket.socket() as s:
+            try:
+                s.bind((address, port))
+            except OSError:
+                return False
+    return True
+
+
+class ChangingDns(BaseResolver):
+    """A real DNS server (UDP) whose answer for NAME is whatever `addresses` holds now, like the
+    cluster DNS for a headless Service while pods come and go."""
+
+    def __init__(self, addresses):
+        self.addresses = list(addresses)
+
+    def resolve(self, request, handler):
+        reply = request.reply()
+        if str(request.q.qname).rstrip(".") == NAME and request.q.qtype == QTYPE.A:
+            for address in self.addresses:
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(address), ttl=1))
+        return reply
+
+
+class Load:
+    """One long-lived client sending single images as fast as they return, in a thread."""
+
+    def __init__(self, url):
+        self.url, self.sent, self.errors = url, 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with TritonClassifier(self.url, MODEL) as client:
+            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+            while not self._stop.is_set():
+                try:
+                    client.infer(image)
+                    self.sent += 1
+                except Exception as error:  # collected; the test asserts there are none
+                    self.errors.append(error)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def test_a_long_lived_client_spreads_calls_over_every_server(repository):
+    with TritonServer(repository, free_ports(), extra_args=grpc_flags()) as first, \
+         TritonServer(repository, free_ports(), extra_args=grpc_flags()) as second:
+        before = inference_count(first), inference_count(second)
+        with TritonClassifier(f"ipv4:{first.grpc_url},{second.grpc_url}", MODEL) as client:
+            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+            for _ in range(200):
+                client.infer(image)
+        served = inference_count(first) - before[0], inference_count(second) - before[1]
+    assert sum(served) == 200
+    assert min(served) >= 0.3 * 200, f"calls per server {served}"
+
+
+def test_a_server_added_after_the_client_connected_gets_calls_within_the_max_connection_age(repository):
+    grpc_port = next(p.grpc for p in iter(free_ports, None) if port_free_on(p.grpc, "127.0.0.2"))
+    dns = ChangingDns(["127.0.0.1"])
+    resolver = DNSServer(dns, port=0, address="127.0.0.1")
+    resolver.start_thread()
+    dns_port = resolver.server.server_address[1]
+    try:
+        old_ports, new_ports = free_ports(), free_ports("127.0.0.2")
+        with TritonServer(repository, Ports(old_ports.http, grpc_port, old_ports.metrics), extra_args=grpc_flags()) as old:
+            with Load(f"dns://127.0.0.1:{dns_port}/{NAME}:{grpc_port}") as load:
+                deadline = time.monotonic() + 30
+                while load.sent < 20 and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert load.sent >= 20, load.errors[:3]
+                with TritonServer(repository, Ports(new_ports.http, grpc_port, new_ports.metrics), address="127.0.0.2",
+                                  extra_args=grpc_flags()) as new:
+                    dns.addresses = ["127.0.0.1", "127.0.0.2"]  # the scale-out's pod became ready
+                    started = time.monotonic()
+                    while inference_count(new) < 20 and time.monotonic() - started < 30:
+                        time.sleep(0.5)
+                    waited, reached_new = time.monotonic() - started, inference_count(new)
+                    old_before = inference_count(old)
+                    time.sleep(2)
+                    old_after = inference_count(old)
+                    load.stop()  # before any server stops: a stopping server is another test's subject
+        assert reached_new >= 20, f"the new server got {reached_new} calls in {waited:.0f} s"
+        assert waited < 20, f"the new server waited {waited:.0f} s for calls (max connection age {MAX_AGE_MS / 1000:.0f} s)"
+        assert old_after > old_before, "the old server stopped getting calls"
+        assert not load.errors, load.errors[:3]
+    finally:
+        resolver.stop()

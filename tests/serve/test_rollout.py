@@ -1,0 +1,144 @@
+"""Publishing model versions into a repository that a real Triton polls, while clients stream
+requests: the design of k8s/base/deployment.yaml (non-strict readiness, exit on error at start-up)
+with export's two loaded versions. A good version takes over with no failed request and no moment of
+unreadiness; a broken one is named (serve's log, `python -m client rollout-status`) while the
+previous version keeps serving; moving it out of the repository is the rollback."""
+
+import shutil
+import threading
+import time
+import urllib.error
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from client.classifier import TritonClassifier
+from export.repository import publish, read_config
+from serve.server import LOCAL_HTTP, TritonServer, free_ports
+from tests.conftest import MODEL, run_cli
+from tests.k8s.manifests import flag
+from tests.k8s.test_monitoring import deployment_args
+
+
+def served_by_version(url: str) -> dict[str, int]:
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
+    return {s["version"]: int(s.get("inference_count", 0)) for s in stats}
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
+
+
+class Traffic:
+    """Clients streaming requests and a kubelet probing readiness, both counting what went wrong."""
+
+    def __init__(self, server: TritonServer, readiness_path: str, clients: int = 2):
+        self.server, self.readiness_path = server, readiness_path
+        self.ok, self.failures, self.probes, self.unready = 0, [], 0, []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._probe)] + [threading.Thread(target=self._send) for _ in range(clients)]
+
+    def _send(self):
+        with TritonClassifier(self.server.grpc_url, MODEL) as client:
+            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+            while not self._stop.is_set():
+                try:
+                    client.infer(image)
+                    self.ok += 1
+                except Exception as error:  # every failure is collected and asserted on
+                    self.failures.append(error)
+
+    def _probe(self):
+        while not self._stop.is_set():
+            try:
+                with LOCAL_HTTP.open(self.server.http_url + self.readiness_path, timeout=3) as response:
+                    status = response.status
+            except urllib.error.HTTPError as error:
+                status = error.code
+            except OSError as error:
+                status = str(error)
+            self.probes += 1
+            if status != 200:
+                self.unready.append(status)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def rollout_status(server, version):
+    return run_cli("-m", "client", "rollout-status", "--url", server.grpc_url, "--model", MODEL,
+                   "--version", version, "--timeout", 60, check=False)
+
+
+def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_old_one_serves(repository, tmp_path):
+    repo = tmp_path / "model_repository"
+    shutil.copytree(repository, repo)
+    model_dir = repo / MODEL
+    config, labels = read_config(model_dir / "config.pbtxt"), (model_dir / "labels.txt").read_text().splitlines()
+    assert config.version_policy.latest.num_versions == 2  # export's default: the previous version stays loaded
+    args, container = deployment_args("overlays/cpu")
+    readiness = [f"--{name}={flag(args, name)}" for name in ("strict-readiness", "exit-on-error")]
+    assert readiness == ["--strict-readiness=false", "--exit-on-error=true"]
+    readiness_path = container["readinessProbe"]["httpGet"]["path"]
+
+    with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=1, extra_args=readiness) as server:
+        with Traffic(server, readiness_path) as traffic:
+            wait_until(lambda: traffic.ok > 20, 30, "traffic flows")
+            publish(repo, config, labels, model_dir / "1" / "model.onnx")  # version 2: a good one
+            wait_until(lambda: served_by_version(server.grpc_url).get("2", 0) > 20, 60, "version 2 serves")
+            good = rollout_status(server, 2)
+
+            broken = tmp_path / "broken.onnx"
+            broken.write_bytes(b"this is not an ONNX model")
+            publish(repo, config, labels, broken)  # version 3: fails to load
+            wait_until(lambda: (MODEL, "3") in server.failed_versions, 60, "serve names the broken version")
+            bad = rollout_status(server, 3)
+            before = served_by_version(server.grpc_url)["2"]
+            wait_until(lambda: served_by_version(server.grpc_url)["2"] > before + 20, 30, "version 2 keeps serving")
+
+            shutil.rmtree(model_dir / "3")  # the rollback: move the broken version out of the repository
+            time.sleep(3)  # the next poll sees it gone
+            attempts = server.log_text().count(f"loading: {MODEL}:3")
+            time.sleep(4)  # four more polls: no more attempts to load version 3
+            retried = server.log_text().count(f"loading: {MODEL}:3") - attempts
+            before = served_by_version(server.grpc_url)["2"]
+            wait_until(lambda: served_by_version(server.grpc_url)["2"] > before + 20, 30, "version 2 serves after the rollback")
+
+    assert traffic.failures == [], f"{len(traffic.failures)} failed requests of {traffic.ok + len(traffic.failures)}: {traffic.failures[:3]}"
+    assert traffic.unready == [], f"readiness {readiness_path} failed {len(traffic.unready)} of {traffic.probes} probes: {traffic.unready[:5]}"
+    assert traffic.ok > 100
+    assert good.returncode == 0 and "READY" in good.stdout, good.stdout + good.stderr
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "UNAVAILABLE" in bad.stdout and "Protobuf parsing failed" in bad.stdout
+    assert "failed to load on 1 of 1 server" in bad.stderr
+    assert "Protobuf parsing failed" in server.failed_versions[(MODEL, "3")]
+    assert attempts >= 1 and retried == 0, f"Triton tried version 3 {attempts} times, and {retried} times after the rollback"
+
+
+def test_strict_readiness_would_take_the_pod_out_during_every_publish(repository, tmp_path):
+    """Why the Deployment is not strict: with --strict-readiness=true (Triton's default), the server
+    reports unready while a published version loads, on every pod at once."""
+    repo = tmp_path / "model_repository"
+    shutil.copytree(repository, repo)
+    config, labels = read_config(repo / MODEL / "config.pbtxt"), (repo / MODEL / "labels.txt").read_text().splitlines()
+    with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=1,
+                      extra_args=["--strict-readiness=true"]) as server:
+        with Traffic(server, "/v2/health/ready", clients=1) as traffic:
+            wait_until(lambda: traffic.probes > 10, 30, "probes run")
+            publish(repo, config, labels, repo / MODEL / "1" / "model.onnx")
+            wait_until(lambda: served_by_version(server.grpc_url).get("2", 0) > 5, 60, "version 2 serves")
+    assert traffic.unready, "strict readiness stayed ready while a version loaded"
