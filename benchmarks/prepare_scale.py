@@ -24,7 +24,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.train.corpus import tissue  # noqa: E402
+from train.synthetic import tissue  # noqa: E402
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -65,7 +65,7 @@ def main() -> int:
             (pool / label).mkdir(parents=True, exist_ok=True)
             tissue(i, size=args.size).save(pool / name)
             names.append(name)
-        print(f"\nprepare on {args.size}×{args.size} PNGs, 10 per patient, 2 cores; one run each\n")
+        print(f"\nprepare on {args.size}×{args.size} PNGs, 10 per patient, {psutil.cpu_count()} cores; one run each\n")
         print(f"{'files':>7} {'seconds':>8} {'files/s':>8} {'peak RSS (MB)':>14} {'RSS per 1k files':>17}")
         for count in args.counts:
             src = workdir / f"src{count}"

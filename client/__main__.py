@@ -7,7 +7,8 @@ all files classified, 1 some files failed, 2 the server or model could not be us
 
 rollout-status: waits until every server (every pod behind a headless Service) serves version N.
 Exit code: 0 every server has it READY, 1 a server failed to load it (its reason is printed),
-2 not every server had it READY within --timeout.
+2 not every server has it READY (still loading after --timeout, unreachable, or unloaded by the
+version policy because newer versions exist).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from client.classifier import ClientError, TritonClassifier
-from client.preprocessing import IMAGE_SUFFIXES
+from client.preprocessing import find_images
 from client.rollout import wait_for_version
 
 
@@ -33,7 +34,7 @@ def expand_paths(arguments: list[str]) -> list[str]:
             paths.append(argument)  # reported as 'no such file' rather than dropped silently
         for match in matches:
             if Path(match).is_dir():
-                paths += sorted(str(p) for p in Path(match).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+                paths += [str(p) for p in find_images(match)]
             else:
                 paths.append(match)
     return list(dict.fromkeys(paths))
@@ -102,7 +103,8 @@ def rollout_status(args: argparse.Namespace) -> int:
               f"the versions they had. Roll back by moving the version folder out of the repository.", file=sys.stderr)
         return 1
     if not all(s.state == "READY" for s in states):
-        print(f"error: {args.model} version {args.version} not READY on every server after {args.timeout:.0f}s", file=sys.stderr)
+        print(f"error: {args.model} version {args.version} is not READY on every server (states above; "
+              f"waited up to {args.timeout:.0f}s)", file=sys.stderr)
         return 2
     return 0
 

@@ -82,6 +82,14 @@ class TritonClassifier:
         self.url, self.model, self.version, self.timeout_s = url, model, version, timeout_s
         self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url))
         try:
+            self._read_contract()
+        except BaseException:
+            self.client.close()  # the channel would otherwise live on with nobody to close it
+            raise
+
+    def _read_contract(self) -> None:
+        model, version, url = self.model, self.version, self.url
+        try:
             if not self.client.is_model_ready(model, version):
                 raise ClientError(f"model {model!r} (version {version or 'latest'}) is not ready on {url}")
             config = self.client.get_model_config(model, version, as_json=True)["config"]

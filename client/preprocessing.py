@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files below `folder` (any depth, by suffix), sorted; hidden files and folders (a
+    leading dot, such as export's staging folders or .DS_Store) are skipped. The one rule every stage
+    uses to turn a folder into images."""
+    root = Path(folder)
+    return sorted(path for path in root.rglob("*")
+                  if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(root).parts))
 
 # Names as torchvision's InterpolationMode values, so a spec reads the same on both sides.
 INTERPOLATIONS = {
@@ -105,7 +116,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale, palette, CMYK and 16-bit images become 8-bit RGB; alpha is dropped onto black."""
+    """Grayscale, palette, CMYK and 16-bit images become 8-bit RGB. Alpha is discarded: a transparent
+    pixel keeps the colour stored under it (not composited onto black or white)."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 @dataclass(frozen=True)
 class VersionState:
     server: str
-    state: str  # READY, LOADING, UNAVAILABLE, UNKNOWN (not in the index yet), UNREACHABLE
+    state: str  # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE
     reason: str = ""
 
 
@@ -42,17 +42,27 @@ def version_state(server: str, model: str, version: str, timeout_s: float = 10.0
         return VersionState(server, "UNREACHABLE", error.message() or str(error))
     for entry in index:
         if entry.get("name") == model and entry.get("version") == version:
-            return VersionState(server, entry.get("state", "UNKNOWN"), entry.get("reason", ""))
+            state, reason = entry.get("state", "UNKNOWN"), entry.get("reason", "")
+            return VersionState(server, "UNLOADED" if (state, reason) == ("UNAVAILABLE", "unloaded") else state, reason)
     return VersionState(server, "UNKNOWN")
 
 
 def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_s: float = 2.0) -> list[VersionState]:
-    """Poll until every server has the version READY, or every server has settled (READY or
-    UNAVAILABLE) with at least one UNAVAILABLE, or the timeout passes; returns the last states."""
+    """Poll until every server has the version READY, or every server has settled with at least one
+    failure, or the timeout passes; returns the last states. A failure sticks until the version turns
+    READY: Triton in poll mode retries a broken version on every poll (LOADING, then UNAVAILABLE)."""
     deadline = time.monotonic() + timeout_s
+    failed: dict[str, VersionState] = {}
     while True:
-        states = [version_state(server, model, version) for server in expand_servers(url)]
-        settled = all(s.state in ("READY", "UNAVAILABLE") for s in states)
+        states = []
+        for server in expand_servers(url):
+            state = version_state(server, model, version)
+            if state.state == "UNAVAILABLE":
+                failed[server] = state
+            elif state.state == "READY":
+                failed.pop(server, None)
+            states.append(failed.get(server, state))
+        settled = all(s.state in ("READY", "UNAVAILABLE", "UNLOADED") for s in states)
         if states and (settled or time.monotonic() >= deadline):
             return states
         time.sleep(poll_s)

@@ -35,7 +35,7 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from client.classifier import ClientError, TritonClassifier  # noqa: E402
-from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, PreprocessSpec, preprocess_file  # noqa: E402
+from client.preprocessing import ImageLoadError, PreprocessSpec, find_images, preprocess_file  # noqa: E402
 
 MAX_IMAGES = 512
 
@@ -60,7 +60,7 @@ def add_arguments(parser):
 @lru_cache(maxsize=4)
 def load_images(folder: str, spec: PreprocessSpec) -> np.ndarray:
     """Preprocess up to MAX_IMAGES images once per process; bad files are skipped, not fatal."""
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = find_images(folder)
     arrays = []
     for path in paths[:MAX_IMAGES]:
         try:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loadtest.report import plot_history, read_summary  # noqa: E402
-from serve.server import free_ports  # noqa: E402
+from serve.server import free_ports, wait_for_readiness  # noqa: E402
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
@@ -39,19 +39,16 @@ def start_server(repository: Path, ports) -> subprocess.Popen:
     command = [PYTHON, "-m", "serve", "--model-repository", repository,
                "--http-port", ports.http, "--grpc-port", ports.grpc, "--metrics-port", ports.metrics]
     print(f"\n=== serve (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
-    server = subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for line in server.stdout:
-        print(f"  serve | {line.rstrip()}", flush=True)
-        if line.startswith("Ctrl-C"):
-            return server
-    sys.exit(f"demo: the server did not start (exit code {server.wait()})")
+    server = subprocess.Popen([str(c) for c in command], cwd=ROOT)  # its output goes to this terminal
+    if not wait_for_readiness(f"http://127.0.0.1:{ports.http}", 300, server):
+        stop_server(server)
+        sys.exit(f"demo: the server did not become ready (exit code {server.poll()})")
+    return server
 
 
 def stop_server(server: subprocess.Popen) -> None:
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
-        for line in server.stdout:
-            print(f"  serve | {line.rstrip()}", flush=True)
         server.wait(timeout=60)
 
 

@@ -59,6 +59,23 @@ def free_ports(address: str = "127.0.0.1") -> Ports:
             s.close()
 
 
+def wait_for_readiness(http_url: str, timeout_s: float, process: subprocess.Popen | None = None) -> bool:
+    """Poll Triton's /v2/health/ready until it answers 200 (True), or `process` exits or the time
+    is up (False). How anything that starts a server (`python -m serve`, the demo) knows it serves."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
+        try:
+            with LOCAL_HTTP.open(f"{http_url}/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def check_ports_free(address: str, ports: Ports) -> None:
     taken = []
     for name, port in ports.items():
@@ -239,18 +256,10 @@ class TritonServer:
                 for entry in index if entry.get("state") == "UNAVAILABLE" and entry.get("reason") != "unloaded"}
 
     def wait_until_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
+        if not wait_for_readiness(self.http_url, self.ready_timeout_s, self.process):
             if self.process is None or self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process and self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with LOCAL_HTTP.open(f"{self.http_url}/v2/health/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.2)
-        raise ServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s:\n{self.log_tail()}")
+            raise ServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s:\n{self.log_tail()}")
 
     def log_text(self) -> str:
         if self.workdir is None or not self.log_file.exists():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, defaults, skip=(), choices=None) -> None:
-    """One --option per dataclass field: the config class is the single list of options."""
+def add_dataclass_options(parser: argparse.ArgumentParser, defaults, skip=()) -> None:
+    """One --option per dataclass field: the config class is the single list of options, with their
+    help texts and choices."""
     for f in fields(defaults):
         if f.name in skip:
             continue
@@ -20,7 +21,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, defaults, skip=(), ch
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            parser.add_argument(flag, type=kind, default=default, choices=(choices or {}).get(f.name),
+            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"),
                                 help=f"{text} (default: %(default)s)" if text else "default: %(default)s")
 
 
@@ -36,18 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("out", type=Path)
     demo.add_argument("--seed", type=int, default=0)
 
-    from train.config import ARCHITECTURES, FitConfig
-    from train.prepare import LAYOUTS, PrepareConfig
+    from train.config import FitConfig
+    from train.prepare import PrepareConfig
 
     prepare = commands.add_parser("prepare", help="scan SRC into OUT/manifest.csv, a patient-level split and a data report")
     prepare.add_argument("src", help="folder of images (class = first folder level unless --label-regex)")
     prepare.add_argument("out", help="folder for manifest.csv, prepare.json, report.md and its PNGs")
-    add_dataclass_options(prepare, PrepareConfig(src="", out=""), skip=("src", "out"), choices={"layout": ("", *LAYOUTS)})
+    add_dataclass_options(prepare, PrepareConfig(src="", out=""), skip=("src", "out"))
 
     fit_parser = commands.add_parser("fit", help="train a classifier and write checkpoint.pt + test report")
     fit_parser.add_argument("--data", required=True, help="manifest.csv from `prepare`, or an ImageFolder root (split or not)")
-    add_dataclass_options(fit_parser, FitConfig(data=""), skip=("data",),
-                          choices={"arch": ARCHITECTURES})
+    add_dataclass_options(fit_parser, FitConfig(data=""), skip=("data",))
 
     preview = commands.add_parser("augment-preview", help="render an augmentation preset on real images as a PNG grid")
     preview.add_argument("images", nargs="+", type=Path, help="image files or folders (the first 4 images are used)")
@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_prepare(PrepareConfig(src=args.src, out=args.out, **options_of(args, PrepareConfig, skip=("src", "out"))))
         elif args.command == "augment-preview":
-            from client.preprocessing import IMAGE_SUFFIXES, PreprocessSpec
+            from client.preprocessing import PreprocessSpec, find_images
             from train.augment import render_preview
 
-            paths = [p for arg in args.images for p in (sorted(q for q in arg.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES) if arg.is_dir() else [arg])]
+            paths = [p for arg in args.images for p in (find_images(arg) if arg.is_dir() else [arg])]
             if not paths:
                 raise ValueError("augment-preview: no images found")
             render_preview(paths[:4], args.preset, PreprocessSpec(args.resize_size, args.crop_size), args.out, args.samples)

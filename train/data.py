@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, load_image
+from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, find_images, load_image
 
 SPLITS = ("train", "val", "test")
 
@@ -66,13 +66,8 @@ def list_image_folder(root: Path, class_names: list[str] | None = None) -> tuple
             raise ValueError(f"{root} has classes {unknown} that the training split does not have")
     if not class_names:
         raise ValueError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-    samples = [
-        Sample(path, label)
-        for label, name in enumerate(class_names)
-        if (root / name).is_dir()
-        for path in sorted((root / name).rglob("*"))
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-    ]
+    samples = [Sample(path, label) for label, name in enumerate(class_names)
+               if (root / name).is_dir() for path in find_images(root / name)]
     if not samples:
         raise ValueError(f"{root} holds no images with suffixes {IMAGE_SUFFIXES}")
     return class_names, samples
@@ -128,7 +123,11 @@ def load_splits(root: Path, ratios: SplitRatios = SplitRatios(), seed: int = 0, 
                 splits[name] = list_image_folder(root / name, class_names)[1]
         if "val" not in splits:
             raise ValueError(f"{root} has a train/ split but no val/ split")
-        splits.setdefault("test", splits["val"])
+        if "test" not in splits:
+            # Reporting validation accuracy as test accuracy would be a lie: val drives early stopping
+            # and the temperature, so it is not held out.
+            raise ValueError(f"{root} has train/ and val/ but no test/ split: add {root / 'test'}, or give a folder "
+                             f"without train/ and val/ (a seeded stratified split is made), or `python -m train prepare` it")
         return DataSplits(class_names, splits)
     class_names, samples = list_image_folder(root)
     return DataSplits(class_names, stratified_split(samples, ratios, seed))

@@ -29,6 +29,10 @@ class World:
 def setup(device: str = "auto") -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not one of: auto, cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is visible to torch (use --device cpu or auto)")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     chosen = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -21,6 +21,7 @@ from sklearn.metrics import (  # noqa: E402
     balanced_accuracy_score,
     classification_report,
     confusion_matrix,
+    recall_score,
     roc_auc_score,
 )
 from tqdm import tqdm  # noqa: E402
@@ -112,6 +113,8 @@ def patient_level(predictions: Predictions, class_names: list[str]) -> dict | No
         "accuracy": float(accuracy_score(truth, predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
         "patient_score": float(np.mean(image_correct / count)),
+        "recall_per_class": dict(zip(class_names, map(float, recall_score(
+            truth, predicted, labels=list(range(len(class_names))), average=None, zero_division=0)))),
     }
 
 
@@ -203,7 +206,7 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
     loss_axis.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train")
     loss_axis.plot(epochs, [row["val_loss"] for row in history], marker="o", label="validation")
-    loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    loss_axis.set(xlabel="epoch", ylabel="cross-entropy (as trained: smoothing, class weights)", title="loss")
     loss_axis.legend()
     accuracy_axis.plot(epochs, [row["train_accuracy"] for row in history], marker="o", label="train (augmented)")
     accuracy_axis.plot(epochs, [row["val_accuracy"] for row in history], marker="o", label="validation")

@@ -60,6 +60,25 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Options a resumed run may change: how long it runs and how it uses the machine, not what it learns.
+RESUMABLE_CHANGES = {"resume", "epochs", "early_stopping_patience", "workers", "threads", "out"}
+
+
+def resume_problems(saved: dict, config: FitConfig, world_size: int) -> list[str]:
+    """Why `saved` (a last.pt) cannot continue as `config` on `world_size` processes: a resumed run must
+    be the run that was interrupted, or its metrics mean nothing."""
+    problems = []
+    current = asdict(config)
+    for name, value in saved.get("config", {}).items():
+        if name not in RESUMABLE_CHANGES and current.get(name) != value:
+            problems.append(f"--{name.replace('_', '-')} was {value!r}, now {current.get(name)!r}")
+    saved_processes = len(saved["rng"])
+    if saved_processes != world_size:
+        problems.append(f"it ran on {saved_processes} process(es), now {world_size}: each process continues its own "
+                        f"random streams and data shard, so resume with torchrun --nproc_per_node={saved_processes}")
+    return problems
+
+
 def parameter_groups(model: Classifier, lr: float, weight_decay: float, backbone_lr_scale: float) -> list[dict]:
     """No weight decay on norm layers and biases; the backbone may learn slower than the new head."""
     groups = {}
@@ -155,14 +174,13 @@ class RunLog:
     """Prints on rank 0 and keeps the same lines in <out>/train.log."""
 
     def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = open(out / "train.log", "a") if enabled else None
+        self.enabled, self.path = enabled, out / "train.log"
 
     def __call__(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)
-            self.file.write(message + "\n")
-            self.file.flush()
+            with open(self.path, "a") as log:  # a few lines per epoch: no handle kept open between them
+                log.write(message + "\n")
 
 
 def fit(config: FitConfig) -> dict:
@@ -184,6 +202,14 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if config.batch_size % world.size:
         raise ValueError(f"--batch-size {config.batch_size} must divide evenly over {world.size} processes")
+    if config.amp == "fp16" and world.device.type != "cuda":
+        raise ValueError(f"--amp fp16 needs CUDA and this run is on {world.device.type}; use --amp bf16")
+    if config.balance == "sampler" and world.distributed:
+        raise ValueError("--balance sampler draws on one process; with torchrun use --balance loss")
+    resumed = torch.load(config.resume, map_location=world.device, weights_only=False) if config.resume else None
+    if resumed is not None and (problems := resume_problems(resumed, config, world.size)):
+        raise ValueError(f"--resume {config.resume}: not the same run ({'; '.join(problems)}). Only "
+                         f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE_CHANGES - {'resume'}))} may change.")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out, world.is_main)
@@ -215,17 +241,13 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
     class_counts = np.maximum(np.bincount(labels, minlength=len(data.class_names)), 1)
     generator = torch.Generator().manual_seed(config.seed)
     if config.balance == "sampler":  # every class drawn equally often, with replacement
-        if world.distributed:
-            raise ValueError("--balance sampler draws on one process; with torchrun use --balance loss")
         sampler = torch.utils.data.WeightedRandomSampler(torch.tensor(1.0 / class_counts[labels], dtype=torch.double),
                                                          len(labels), replacement=True, generator=generator)
-    elif config.balance in ("none", "loss"):
+    else:
         # A DistributedSampler with one replica is an ordinary seeded shuffle; with N replicas, rank r
         # takes every N-th index of the same permutation, so N processes see one process' batches.
         sampler = torch.utils.data.DistributedSampler(train_samples, num_replicas=world.size, rank=world.rank,
                                                       shuffle=True, seed=config.seed, drop_last=True)
-    else:
-        raise ValueError(f"--balance {config.balance!r} is not one of none, sampler, loss")
     local_batch = config.batch_size // world.size
     train_loader = torch.utils.data.DataLoader(
         ImageDataset(train_samples, training_transform(config.augment, spec)), batch_size=local_batch,
@@ -260,8 +282,8 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
                           std=IMAGENET_STD, dropout=config.dropout, data_root=str(Path(config.data).resolve()),
                           split_seed=config.seed, config=asdict(config))
     history, best, stale, start_epoch = [], -1.0, 0, 1
-    if config.resume:
-        state = torch.load(config.resume, map_location=world.device, weights_only=False)
+    if resumed is not None:
+        state = resumed
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -269,7 +291,7 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         history, best, stale, start_epoch = state["history"], state["best"], state["stale"], state["epoch"] + 1
-        set_rng_state(state["rng"][world.rank] if world.rank < len(state["rng"]) else state["rng"][0])
+        set_rng_state(state["rng"][world.rank])
         log(f"resumed from {config.resume} after epoch {state['epoch']}")
 
     # --- epochs -------------------------------------------------------------------------------------
@@ -291,7 +313,9 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
         evaluated = ema.module if ema is not None else model
         val_predictions = predict(evaluated, data.splits["val"], spec, desc="validating", device=world.device)
         val = summarize(val_predictions, data.class_names)
-        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(val_predictions.logits), torch.from_numpy(val_predictions.labels)))
+        # The training objective (label smoothing, class weights), so the two curves are comparable.
+        val_loss = float(loss_fn(torch.from_numpy(val_predictions.logits).float().to(world.device),
+                                 torch.from_numpy(val_predictions.labels).to(world.device)))
         row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
                "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
                "lr": schedule.get_last_lr()[-1], "images_per_second": row["images"] * world.size / elapsed, "seconds": elapsed}

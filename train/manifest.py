@@ -31,7 +31,7 @@ class ManifestRow:
     phash: str = ""
     width: str = ""
     height: str = ""
-    mode: str = ""  # Pillow mode as stored; see PIXEL_POLICY in train/prepare.py
+    mode: str = ""  # Pillow mode as stored; to_rgb in client/preprocessing.py says how each becomes RGB
     label_issue_score: str = ""  # cleanlab self-confidence (lower: more likely mislabelled)
 
 

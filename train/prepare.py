@@ -32,6 +32,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, load_image
+from train.config import check_choices, option
 from train.manifest import META_FILE, ManifestRow, write_manifest
 
 # Named layouts. BreakHis: .../breast/{benign,malignant}/SOB/<subtype>/<slide>/<40X|100X|200X|400X>/
@@ -53,21 +54,25 @@ class PrepareError(ValueError):
 class PrepareConfig:
     src: str
     out: str
-    layout: str = ""  # a key of LAYOUTS, or '' for --label-regex / --group-regex / --groups-csv
-    label_regex: str = ""  # over the path relative to SRC; group 'label' (or 1). Default: first folder
-    group_regex: str = ""  # over the file name; group 'group' (or 1). Default: each file its own group
-    groups_csv: str = ""  # CSV with columns path (relative to SRC) and group
-    include_regex: str = ""  # keep only relative paths that match, e.g. '/40X/' for one magnification
-    val_ratio: float = 0.15
-    test_ratio: float = 0.15
-    folds: int = 0  # > 1: K-fold mode (test held out, fold column over the rest)
-    seed: int = 0
-    near_duplicate_distance: int = 4  # pHash Hamming distance (of 64 bits); -1 turns it off
-    max_pixels: int = 89_478_485  # Pillow's default decompression-bomb limit
-    workers: int = 0  # 0: one per core
-    label_issues: bool = False
-    label_issue_folds: int = 5
-    label_issue_model: str = "pixels"  # or resnet18 (slower, stronger)
+    layout: str = option("", "a known dataset layout, or '' to use --label-regex / --group-regex / --groups-csv",
+                         ("", *LAYOUTS))
+    label_regex: str = option("", "regex over the path relative to SRC; group 'label' (or 1). '': the first folder")
+    group_regex: str = option("", "regex over the file name; group 'group' (or 1), the patient. '': each file its own")
+    groups_csv: str = option("", "CSV with columns path (relative to SRC) and group")
+    include_regex: str = option("", "keep only relative paths that match, e.g. '/40X/' for one magnification")
+    val_ratio: float = option(0.15, "validation share of the patients")
+    test_ratio: float = option(0.15, "test share of the patients")
+    folds: int = option(0, "> 1: K-fold mode (test held out, a fold column over the rest)")
+    seed: int = option(0, "seed of the split")
+    near_duplicate_distance: int = option(4, "pHash Hamming distance (of 64 bits) that makes a near duplicate; -1: off")
+    max_pixels: int = option(89_478_485, "larger images are unsupported (Pillow's decompression-bomb limit)")
+    workers: int = option(0, "decoding processes (0: one per core)")
+    label_issues: bool = option(False, "search for label issues with cleanlab on out-of-fold probabilities")
+    label_issue_folds: int = option(5, "folds (grouped by patient) for the label-issue search")
+    label_issue_model: str = option("pixels", "pixels (fast) or resnet18 (slower, stronger)", ("pixels", "resnet18"))
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
     def resolved(self) -> "PrepareConfig":
         if not self.layout:
@@ -336,7 +341,8 @@ def prepare(config: PrepareConfig) -> list[ManifestRow]:
     assign_splits(rows, config)
 
     leaks = groups_in_several_splits(rows)
-    assert not leaks, f"grouped split leaked patients: {leaks}"  # StratifiedGroupKFold guarantees this
+    if leaks:  # StratifiedGroupKFold guarantees there are none; never write a manifest that leaks
+        raise PrepareError(f"grouped split put patients in several splits: {leaks}")
     write_manifest(out / "manifest.csv", rows)
     summary = {
         "root": str(src),

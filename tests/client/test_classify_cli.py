@@ -85,3 +85,24 @@ def test_dns_targets_are_accepted(server, test_files):
 
 def classify_url(url, *paths):
     return run_cli("-m", "client", "classify", *paths, "--url", url, "--model", MODEL, "--json", check=False)
+
+
+def test_a_classifier_that_cannot_start_closes_its_channel(server, monkeypatch):
+    import tritonclient.grpc as grpcclient
+
+    import client.classifier as classifier_module
+    from client.classifier import ClientError, TritonClassifier
+
+    made = []
+
+    class Recorded(grpcclient.InferenceServerClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(classifier_module.grpcclient, "InferenceServerClient", Recorded)
+    with pytest.raises(ClientError, match="'absent'"):
+        TritonClassifier(server.grpc_url, "absent")
+    [channel_owner] = made
+    with pytest.raises(ValueError, match="closed channel"):  # grpc refuses calls on a closed channel
+        channel_owner._client_stub.ServerLive(grpcclient.service_pb2.ServerLiveRequest())

@@ -8,6 +8,7 @@ from client.preprocessing import (
     INTERPOLATIONS,
     ImageLoadError,
     PreprocessSpec,
+    find_images,
     load_image,
     preprocess_file,
     preprocess_image,
@@ -42,16 +43,34 @@ def test_matches_torchvision_resize_center_crop_pixel_for_pixel(size, spec, inte
     assert resize_and_center_crop(image, spec).size == (spec.crop_size, spec.crop_size)
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "I;16", "1"])
-def test_every_mode_becomes_rgb_uint8(tmp_path, mode):
-    image = noise_image((40, 30)).convert(mode) if mode != "I;16" else Image.fromarray(
-        np.full((30, 40), 65535, dtype=np.uint16))
-    path = tmp_path / "image.png" if mode not in ("CMYK",) else tmp_path / "image.tif"
+def palette_image(size, colour):
+    image = Image.new("P", size, 0)
+    image.putpalette([*colour, *([0] * 765)])
+    return image
+
+
+# mode → (a solid image in that mode, the RGB it must become)
+SOLID = {
+    "L": (lambda s: Image.new("L", s, 100), (100, 100, 100)),
+    "P": (lambda s: palette_image(s, (200, 50, 30)), (200, 50, 30)),
+    "RGBA": (lambda s: Image.new("RGBA", s, (10, 20, 30, 0)), (10, 20, 30)),  # transparent: the stored colour stays
+    "CMYK": (lambda s: Image.new("CMYK", s, (0, 255, 255, 0)), (255, 0, 0)),  # no cyan, full magenta + yellow: red
+    "LA": (lambda s: Image.new("LA", s, (100, 255)), (100, 100, 100)),
+    "I;16": (lambda s: Image.fromarray(np.full((s[1], s[0]), 32896, dtype=np.uint16)), (128, 128, 128)),  # scaled, not clipped
+    "1": (lambda s: Image.new("1", s, 1), (255, 255, 255)),
+}
+
+
+@pytest.mark.parametrize("mode", list(SOLID))
+def test_every_mode_becomes_the_right_rgb_uint8(tmp_path, mode):
+    make, rgb = SOLID[mode]
+    image = make((40, 30))
+    assert image.mode == mode
+    path = tmp_path / ("image.tif" if mode == "CMYK" else "image.png")
     image.save(path)
     array = preprocess_file(path, PreprocessSpec(36, 32))
     assert array.shape == (3, 32, 32) and array.dtype == np.uint8
-    if mode == "I;16":  # 16-bit white stays white instead of being clipped or wrapped
-        assert array.min() == 255
+    np.testing.assert_array_equal(array, np.broadcast_to(np.array(rgb, np.uint8)[:, None, None], (3, 32, 32)))
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -108,3 +127,10 @@ def test_training_evaluation_transform_is_the_client_function():
     tensor = evaluation_transform(spec)(image)
     assert tensor.dtype == torch.uint8
     np.testing.assert_array_equal(tensor.numpy(), preprocess_image(image, spec))
+
+
+def test_find_images_is_the_one_rule_for_folders(tmp_path):
+    for name in ("b/2.PNG", "a/1.jpg", "a/deep/3.tif", "notes.txt", ".hidden.png", "a/.staging-2/4.png", "c.png/d.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)] == ["a/1.jpg", "a/deep/3.tif", "b/2.PNG"]

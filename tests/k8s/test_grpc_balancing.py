@@ -3,7 +3,6 @@ spread over every server, and a server that appears after the client connected (
 scale-out behind the headless Service) gets calls once --grpc-max-connection-age closes the old
 connection and the client re-resolves the name."""
 
-import socket
 import threading
 import time
 
@@ -13,7 +12,7 @@ from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
 from client.classifier import TritonClassifier
-from serve.server import Ports, TritonServer, free_ports
+from serve.server import Ports, ServerError, TritonServer, check_ports_free, free_ports
 from tests.conftest import MODEL
 from tests.k8s.manifests import flag
 from tests.k8s.test_monitoring import deployment_args
@@ -36,14 +35,16 @@ def inference_count(server: TritonServer) -> int:
     return sum(int(s.get("inference_count", 0)) for s in stats)
 
 
-def port_free_on(port: int, *addresses: str) -> bool:
-    for address in addresses:
-        with socket.socket() as s:
-            try:
-                s.bind((address, port))
-            except OSError:
-                return False
-    return True
+def ports_on_two_addresses() -> tuple[Ports, Ports]:
+    """Free ports on 127.0.0.1 and 127.0.0.2 with the same gRPC port, as two pods behind one Service."""
+    while True:
+        second = free_ports("127.0.0.2")
+        first = free_ports()
+        try:
+            check_ports_free("127.0.0.1", Ports(first.http, second.grpc, first.metrics))
+            return Ports(first.http, second.grpc, first.metrics), second
+        except ServerError:
+            continue
 
 
 class ChangingDns(BaseResolver):
@@ -105,21 +106,20 @@ def test_a_long_lived_client_spreads_calls_over_every_server(repository):
 
 
 def test_a_server_added_after_the_client_connected_gets_calls_within_the_max_connection_age(repository):
-    grpc_port = next(p.grpc for p in iter(free_ports, None) if port_free_on(p.grpc, "127.0.0.2"))
+    old_ports, new_ports = ports_on_two_addresses()
+    grpc_port = new_ports.grpc
     dns = ChangingDns(["127.0.0.1"])
     resolver = DNSServer(dns, port=0, address="127.0.0.1")
     resolver.start_thread()
     dns_port = resolver.server.server_address[1]
     try:
-        old_ports, new_ports = free_ports(), free_ports("127.0.0.2")
-        with TritonServer(repository, Ports(old_ports.http, grpc_port, old_ports.metrics), extra_args=grpc_flags()) as old:
+        with TritonServer(repository, old_ports, extra_args=grpc_flags()) as old:
             with Load(f"dns://127.0.0.1:{dns_port}/{NAME}:{grpc_port}") as load:
                 deadline = time.monotonic() + 30
                 while load.sent < 20 and time.monotonic() < deadline:
                     time.sleep(0.2)
                 assert load.sent >= 20, load.errors[:3]
-                with TritonServer(repository, Ports(new_ports.http, grpc_port, new_ports.metrics), address="127.0.0.2",
-                                  extra_args=grpc_flags()) as new:
+                with TritonServer(repository, new_ports, address="127.0.0.2", extra_args=grpc_flags()) as new:
                     dns.addresses = ["127.0.0.1", "127.0.0.2"]  # the scale-out's pod became ready
                     started = time.monotonic()
                     while inference_count(new) < 20 and time.monotonic() - started < 30:

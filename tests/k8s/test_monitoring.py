@@ -4,7 +4,6 @@ Deployment's Triton arguments and probes run against the real local Triton."""
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -156,9 +155,9 @@ def _send_load(url: str, seconds: float) -> int:
 def test_real_prometheus_evaluates_the_autoscaler_metric_to_a_number_under_load(manifest_server, tmp_path):
     """Prometheus scrapes the real Triton (labelled as the pod would be) and evaluates the adapter's
     query for triton_queue_duration_us_per_request, with the placeholders the adapter fills in."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from serve.server import free_ports
+
+    port = free_ports().http
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "triton", "static_configs": [{

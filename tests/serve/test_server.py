@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 
 from client.classifier import TritonClassifier
 from client.preprocessing import preprocess_file
-from serve.server import free_ports
+from serve.server import free_ports, wait_for_readiness
 from tests.conftest import MODEL, ROOT, run_cli
 from train.checkpoint import load_checkpoint
 from train.model import ServingModel
@@ -114,12 +114,11 @@ def test_serve_cli_stops_cleanly(repository, stop_signal):
                "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert wait_for_readiness(f"http://127.0.0.1:{ports.http}", 120, process), process.stderr.read()
         output = []
-        for line in process.stdout:
-            output.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        assert any(line.startswith("ready: models digits") for line in output), "".join(output) + process.stderr.read()
+        while not any(line.strip().startswith("log") for line in output):  # printed once it is ready
+            output.append(process.stdout.readline())
+        assert any(line.startswith("ready: models digits") for line in output), "".join(output)
         workdir = Path(next(line.split()[-1] for line in output if line.strip().startswith("log"))).parent
         children = descendants_alive(process.pid)
         shm_regions = list(Path("/dev/shm").glob(f"histoserve_{process.pid}_*"))

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from train.synthetic import tissue
+
 GROUP_REGEX = r"^(?P<group>P\d+)_"
-PINK, PURPLE = np.array([236, 170, 200]), np.array([120, 60, 150])
 
 # relative path → (status, reason fragment or duplicate_of)
 EXPECTED = {
@@ -39,14 +40,6 @@ EXPECTED = {
     "malignant/P13_exif.jpg": ("ok", "RGB"),
 }
 BOMB_LIMIT = 1_000_000  # --max-pixels used with this corpus; the bomb is 2000 × 2000
-
-
-def tissue(seed: int, size: int = 64) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    field = Image.fromarray((rng.random((6, 6)) * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
-    t = np.asarray(field, dtype=np.float64)[..., None] / 255.0
-    rgb = PINK * (1 - t) + PURPLE * t + rng.normal(0, 6, (size, size, 3))
-    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
 def make_corpus(root: Path) -> Path:

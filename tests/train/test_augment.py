@@ -5,8 +5,8 @@ from PIL import Image
 
 from client.preprocessing import PreprocessSpec, preprocess_image
 from tests.conftest import run_cli
-from tests.train.corpus import tissue
 from train.augment import PRESETS, HEDJitter, RandomRotate90, training_transform
+from train.synthetic import tissue
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -35,12 +35,15 @@ def test_hed_jitter_without_noise_is_the_identity_and_with_noise_shifts_colour()
     assert jittered.dtype == torch.uint8 and not torch.equal(jittered, image)
 
 
-def test_rotate90_only_permutes_pixels():
+def test_rotate90_turns_by_a_random_multiple_of_90_degrees():
     image = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(3, 4, 4)
     torch.manual_seed(1)
-    for _ in range(4):
+    turns = []
+    for _ in range(40):
         rotated = RandomRotate90()(image)
-        assert torch.equal(rotated.flatten().sort().values, image.flatten().sort().values)
+        [k] = [k for k in range(4) if torch.equal(rotated, torch.rot90(image, k, dims=(1, 2)))]
+        turns.append(k)
+    assert set(turns) == {0, 1, 2, 3}  # every quarter turn occurs; the identity alone would not pass
 
 
 def test_unknown_preset_is_refused():
@@ -55,3 +58,9 @@ def test_preview_command_renders_a_grid(tmp_path):
             "--resize-size", 72, "--crop-size", 64, "--samples", 3)
     preview = Image.open(tmp_path / "grid.png")
     assert preview.format == "PNG" and preview.width > preview.height
+
+
+def test_every_augment_choice_of_the_cli_has_a_preset():
+    from train.config import AUGMENT_PRESETS
+
+    assert tuple(PRESETS) == AUGMENT_PRESETS

@@ -64,3 +64,11 @@ def test_stratified_split_keeps_every_sample_once():
     splits = stratified_split(samples, SplitRatios(0.1, 0.3), seed=3)
     assert sorted(s.path.name for v in splits.values() for s in v) == sorted(s.path.name for s in samples)
     assert len(splits["test"]) == 60 and len(splits["val"]) == 20
+
+
+def test_a_split_folder_without_test_is_refused_not_evaluated_on_val(tmp_path):
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            make_noise_png(tmp_path / split / label / "1.png")
+    with pytest.raises(ValueError, match=r"no test/ split"):
+        load_splits(tmp_path)

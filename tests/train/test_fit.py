@@ -13,7 +13,8 @@ def test_training_writes_a_checkpoint_that_carries_what_export_needs(trained_run
     assert meta.arch == "resnet18" and meta.class_names == [str(d) for d in range(10)]
     assert meta.preprocess == PreprocessSpec(36, 32, "bilinear")
     assert meta.data_root == str(digits_root.resolve())
-    assert 0.0 <= meta.metrics["test_accuracy"] <= 1.0 and meta.metrics["best_epoch"] == 1
+    reported = json.loads((trained_run / "test_metrics.json").read_text())
+    assert meta.metrics["test_accuracy"] == reported["accuracy"] and meta.metrics["best_epoch"] == 1
     assert model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
 
 

@@ -53,6 +53,56 @@ def test_a_frozen_backbone_does_not_move_while_the_head_learns():
         assert moved == name.startswith("backbone.fc.1."), name
 
 
+class RecordingSchedule:
+    """A constant learning rate that records the model's parameters after every optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.after_step = model, []
+
+    def step(self):
+        self.after_step.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+
+    def get_last_lr(self):
+        return [0.1]
+
+
+def two_batches():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 8, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1], [2, 1, 0, 2, 1, 0, 2, 1]])
+    return list(zip(images, labels))
+
+
+def test_gradients_are_clipped_to_the_given_norm():
+    norms = {}
+    for clip in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = build_classifier("resnet18", 3, dropout=0.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train_one_epoch(model, two_batches(), optimizer, RecordingSchedule(model), torch.nn.CrossEntropyLoss(), "t",
+                        clip_grad_norm=clip, show_progress=False)
+        # the last step's gradients are still on the parameters (they are zeroed before each backward)
+        norms[clip] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])).item()
+    assert norms[0.0] > 0.05 and norms[0.01] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_ema_weights_follow_the_exponential_average_of_every_step():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet18", 3, dropout=0.0)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.75), use_buffers=True)
+    schedule = RecordingSchedule(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, two_batches(), optimizer, schedule, torch.nn.CrossEntropyLoss(), "t", ema=ema, show_progress=False)
+    first, second = schedule.after_step
+    averaged = dict(ema.module.named_parameters())
+    for name in ("backbone.conv1.weight", "backbone.fc.1.weight"):
+        expected = 0.75 * first[name] + 0.25 * second[name]  # the first update copies, the second averages
+        assert torch.allclose(averaged[name], expected, atol=1e-6), name
+        assert not torch.allclose(averaged[name], second[name]), name
+
+
 def test_temperature_scaling_fixes_overconfidence():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 2000)
@@ -74,6 +124,11 @@ def test_patient_level_metrics_average_probabilities_per_patient():
     # a: mean [0.567, 0.433] → benign (right); b: [0.4, 0.6] → malignant (right); c: right.
     assert result["patients"] == 3 and result["accuracy"] == 1.0
     assert result["patient_score"] == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)
+    assert result["recall_per_class"] == {"benign": 1.0, "malignant": 1.0}
+    merged = Predictions(labels, logits, groups=["a", "a", "a", "b", "b", "b"])  # b: mean [0.367, 0.633] → right
+    flipped = Predictions(1 - labels, logits, groups=["a", "a", "a", "b", "b", "b"])  # both patients wrong
+    assert patient_level(merged, ["benign", "malignant"])["recall_per_class"] == {"benign": 1.0, "malignant": 1.0}
+    assert patient_level(flipped, ["benign", "malignant"])["recall_per_class"] == {"benign": 0.0, "malignant": 0.0}
     assert patient_level(Predictions(labels, logits, groups=[f"file:{i}" for i in range(6)]), ["b", "m"]) is None
 
 
@@ -88,14 +143,14 @@ def test_summary_has_balanced_accuracy_roc_auc_and_calibration():
 
 def test_a_short_run_with_every_option_on_writes_a_complete_run_folder(small_digits, tmp_path):
     metrics = fit(FitConfig(
-        data=str(small_digits), out=str(tmp_path), arch="resnet18", epochs=3, batch_size=32, resize_size=36, crop_size=32,
+        data=str(small_digits), out=str(tmp_path), arch="resnet18", epochs=2, batch_size=32, resize_size=36, crop_size=32,
         optimizer="sgd", lr=0.02, label_smoothing=0.1, clip_grad_norm=2.0, ema_decay=0.9, amp="bf16",
-        channels_last=True, freeze_epochs=1, backbone_lr_scale=0.5, balance="loss", early_stopping_patience=1,
+        channels_last=True, freeze_epochs=1, backbone_lr_scale=0.5, balance="loss", early_stopping_patience=3,
         deterministic=True, seed=3,
     ))
     with open(tmp_path / "metrics.csv") as handle:
         history = list(csv.DictReader(handle))
-    assert 2 <= len(history) <= 3 and {"val_loss", "val_balanced_accuracy", "lr"} <= set(history[0])
+    assert len(history) == 2 and {"val_loss", "val_balanced_accuracy", "lr"} <= set(history[0])
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["amp"] == "bf16" and config["world_size"] == 1
     for name in ("checkpoint.pt", "last.pt", "train.log", "steps.csv", "training_curves.png", "test_confusion_matrix.png",
@@ -103,7 +158,40 @@ def test_a_short_run_with_every_option_on_writes_a_complete_run_folder(small_dig
         assert (tmp_path / name).exists(), name
     from train.checkpoint import load_checkpoint
 
-    _, meta = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert meta.temperature != 1.0 and metrics["test_ece"] >= 0
+    model, meta = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert meta.temperature != 1.0 and metrics["test_accuracy"] == meta.metrics["test_accuracy"]
+    last = torch.load(tmp_path / "last.pt", weights_only=False)
+    ema_weights, raw_weights = last["ema"]["module.backbone.fc.1.weight"], last["model"]["backbone.fc.1.weight"]
+    assert not torch.allclose(ema_weights, raw_weights)  # the EMA is what is kept, not the last step
+    if meta.metrics["best_epoch"] == 2:
+        assert torch.equal(model.state_dict()["backbone.fc.1.weight"], ema_weights)
     report = (tmp_path / "test_report.txt").read_text()
     assert "balanced accuracy" in report and "ROC-AUC" in report and "ECE" in report
+
+
+def test_freeze_epochs_keep_the_backbone_as_initialised(small_digits, tmp_path):
+    config = FitConfig(data=str(small_digits), out=str(tmp_path), arch="resnet18", epochs=1, batch_size=32,
+                       resize_size=36, crop_size=32, freeze_epochs=1, seed=5, calibrate=False)
+    fit(config)
+    from train.checkpoint import load_checkpoint
+    from train.fit import seed_everything
+
+    trained, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    seed_everything(5)
+    initial = build_classifier("resnet18", 10, dropout=config.dropout)
+    before, after = dict(initial.named_parameters()), dict(trained.named_parameters())
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved and all(name.startswith("backbone.fc.") for name in moved), sorted(moved)[:5]
+
+
+def test_early_stopping_ends_the_run_patience_epochs_after_the_last_improvement(small_digits, tmp_path):
+    """lr 0: only BatchNorm statistics move, so validation soon stops improving; the run must end
+    exactly `patience` epochs after its last strict improvement, long before --epochs."""
+    epochs, patience = 8, 1
+    fit(FitConfig(data=str(small_digits), out=str(tmp_path), arch="resnet18", epochs=epochs, batch_size=32, lr=0.0,
+                  resize_size=36, crop_size=32, early_stopping_patience=patience, seed=1, calibrate=False))
+    with open(tmp_path / "metrics.csv") as handle:
+        scores = [float(row["val_balanced_accuracy"]) for row in csv.DictReader(handle)]
+    improved = [epoch for epoch, score in enumerate(scores, 1) if score > max(scores[:epoch - 1], default=-1.0)]
+    assert len(scores) == improved[-1] + patience < epochs, scores
+    assert "early stop" in (tmp_path / "train.log").read_text()

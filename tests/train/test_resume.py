@@ -56,3 +56,23 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(small_digits, tmp
             assert abs(float(resumed[epoch][field]) - float(straight[epoch][field])) <= TOLERANCE, (epoch, field)
     final = [json.loads((run / "test_metrics.json").read_text()) for run in (tmp_path / "straight", interrupted)]
     assert final[0]["accuracy"] == final[1]["accuracy"] and abs(final[0]["ece"] - final[1]["ece"]) <= TOLERANCE
+
+
+def test_resume_refuses_other_options_or_another_process_count(small_digits, tmp_path):
+    from train.config import FitConfig
+    from train.fit import resume_problems
+
+    run = tmp_path / "run"
+    subprocess.run(command(small_digits, run, "--epochs", "1"), cwd=ROOT, check=True, capture_output=True, timeout=600)
+    saved_config = (run / "config.json").read_text()
+    result = subprocess.run(command(small_digits, run, "--epochs", "3", "--lr", "0.01", "--resume", str(run / "last.pt")),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "not the same run (--lr was 0.002, now 0.01)" in result.stderr
+    assert (run / "config.json").read_text() == saved_config  # refused before anything was written
+
+    saved = torch.load(run / "last.pt", weights_only=False)
+    config = FitConfig(**{**saved["config"], "epochs": 3, "resume": str(run / "last.pt")})
+    assert resume_problems(saved, config, world_size=1) == []  # a longer run is the same run
+    [problem] = resume_problems(saved, config, world_size=2)
+    assert "ran on 1 process(es), now 2" in problem
