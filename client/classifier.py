@@ -12,6 +12,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from client.contract import ContractError, ModelContract
 from client.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
 
 
@@ -95,17 +96,18 @@ class TritonClassifier:
             config = self.client.get_model_config(model, version, as_json=True)["config"]
         except InferenceServerException as error:
             raise ClientError(f"cannot reach Triton at {url}: {error.message()}") from error
-        if len(config.get("input", [])) != 1 or len(config.get("output", [])) != 1:
-            raise ClientError(f"model {model!r} must have exactly one input and one output")
-        self.input_name = config["input"][0]["name"]
-        self.output_name = config["output"][0]["name"]
-        self.num_classes = int(config["output"][0]["dims"][-1])
-        self.max_batch_size = max(1, int(config.get("max_batch_size", 0)))
-        parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         try:
-            self.spec = PreprocessSpec.from_parameters(parameters)
-        except ValueError as error:
-            raise ClientError(f"model {model!r}: {error}") from error
+            self.contract = ModelContract.from_config(config)
+        except ContractError as error:
+            raise ClientError(str(error)) from error
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.contract.preprocess
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.contract.max_batch_size
 
     def close(self) -> None:
         self.client.close()
@@ -118,20 +120,20 @@ class TritonClassifier:
 
     def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
         """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
-        output = grpcclient.InferRequestedOutput(self.output_name, class_count=min(top_k, self.num_classes))
+        output = grpcclient.InferRequestedOutput(self.contract.output_name, class_count=min(top_k, self.contract.num_classes))
         rows = self._infer(images, output)
         return [[parse_classification(entry) for entry in row] for row in rows]
 
     def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
         """The full FP32 probability rows, for parity checks against PyTorch."""
-        return self._infer(images, grpcclient.InferRequestedOutput(self.output_name))
+        return self._infer(images, grpcclient.InferRequestedOutput(self.contract.output_name))
 
     def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> np.ndarray:
-        request = grpcclient.InferInput(self.input_name, list(images.shape), "UINT8")
+        request = grpcclient.InferInput(self.contract.input_name, list(images.shape), "UINT8")
         request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
         result = self.client.infer(self.model, [request], self.version, outputs=[output],
                                    client_timeout=self.timeout_s)
-        return result.as_numpy(self.output_name)
+        return result.as_numpy(self.contract.output_name)
 
     def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 1) -> Iterator[FileResult]:
         """One result per path, in order; a bad file yields an error result and never stops the rest."""

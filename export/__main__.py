@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=18)
     args = parser.parse_args(argv)
 
-    from train.checkpoint import load_checkpoint
-    from train.data import SplitRatios, list_image_folder, load_splits
+    from train.checkpoint import load_checkpoint, training_splits
+    from train.data import list_image_folder
     from train.model import ServingModel
 
     try:
@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.parity_images:
             samples = list_image_folder(args.parity_images)[1]
         else:
-            ratios = SplitRatios(meta.config.get("val_ratio", 0.15), meta.config.get("test_ratio", 0.15))
-            samples = load_splits(Path(meta.data_root), ratios, meta.split_seed, meta.config.get("fold", -1)).splits["test"]
+            samples = training_splits(meta).splits["test"]
         images = parity_images([s.path for s in samples], meta.preprocess, args.parity_count)
         config = build_config(
             args.name, len(meta.class_names), meta.preprocess,

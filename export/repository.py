@@ -20,16 +20,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from client.contract import CONTRACT_VERSION, INPUT_NAME, LABELS_FILE, OUTPUT_NAME, ContractError, ModelContract
 from client.preprocessing import PreprocessSpec
 
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
-LABELS_FILE = "labels.txt"
 MODEL_FILE = "model.onnx"
-CONTRACT_VERSION = "1"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 
 
@@ -83,9 +80,23 @@ def build_config(
                 inputs={INPUT_NAME: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=dims, zero_data=True)},
             )
         )
-    for key, value in {**spec.to_parameters(), "contract_version": CONTRACT_VERSION}.items():
+    contract = ModelContract(name, INPUT_NAME, OUTPUT_NAME, num_classes, batching.max_batch_size, spec, CONTRACT_VERSION)
+    for key, value in contract.parameters().items():
         config.parameters[key].string_value = value
+    check_contract(config)
     return config
+
+
+def contract_of(config: mc.ModelConfig) -> ModelContract:
+    """The serving contract a config carries, read exactly as the client reads it from the server."""
+    return ModelContract.from_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+
+def check_contract(config: mc.ModelConfig) -> None:
+    try:
+        contract_of(config)
+    except ContractError as error:
+        raise RepositoryError(f"the config export would write breaks the serving contract: {error}") from error
 
 
 def cpu_variant(config: mc.ModelConfig) -> mc.ModelConfig:
@@ -106,10 +117,6 @@ def read_config(path: Path) -> mc.ModelConfig:
         return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
     except text_format.ParseError as error:
         raise RepositoryError(f"{path}: not a valid Triton model config ({error})") from error
-
-
-def config_parameters(config: mc.ModelConfig) -> dict[str, str]:
-    return {key: value.string_value for key, value in config.parameters.items()}
 
 
 def versions(model_dir: Path) -> list[int]:
@@ -154,10 +161,10 @@ def _check_same_contract(model_dir: Path, old: mc.ModelConfig, new: mc.ModelConf
     differences = []
     if old_labels != labels:
         differences.append(f"labels {old_labels} → {labels}")
-    if list(old.input) != list(new.input) or list(old.output) != list(new.output):
-        differences.append("input/output tensors")
-    if config_parameters(old) != config_parameters(new):
-        differences.append(f"parameters {config_parameters(old)} → {config_parameters(new)}")
+    old_contract, new_contract = contract_of(old), contract_of(new)
+    for field in ("input_name", "output_name", "num_classes", "preprocess", "version"):
+        if getattr(old_contract, field) != getattr(new_contract, field):
+            differences.append(f"{field} {getattr(old_contract, field)} → {getattr(new_contract, field)}")
     if differences:
         raise RepositoryError(
             f"{model_dir} already serves another contract ({'; '.join(differences)}). "

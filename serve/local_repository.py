@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.repository import LABELS_FILE, MODEL_FILE, config_to_text, read_config, versions, write_text_if_changed
+from client.contract import LABELS_FILE
+from export.repository import MODEL_FILE, config_to_text, read_config, versions, write_text_if_changed
 
 PYTHON_MODEL = Path(__file__).with_name("onnxruntime_model.py")
 

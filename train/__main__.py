@@ -89,13 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
             fit(FitConfig(data=args.data, **options_of(args, FitConfig, skip=("data",))))
         else:
-            from train.checkpoint import load_checkpoint
-            from train.data import SplitRatios, load_splits
+            from train.checkpoint import load_checkpoint, training_splits
             from train.evaluate import predict, write_report
 
             model, meta = load_checkpoint(args.checkpoint)
-            ratios = SplitRatios(meta.config.get("val_ratio", 0.15), meta.config.get("test_ratio", 0.15))
-            data = load_splits(args.data or Path(meta.data_root), ratios, meta.split_seed, meta.config.get("fold", -1))
+            data = training_splits(meta, args.data)
             if data.class_names != meta.class_names:
                 raise ValueError(f"classes in the data {data.class_names} differ from the checkpoint's {meta.class_names}")
             predictions = predict(model, data.splits[args.split], meta.preprocess)

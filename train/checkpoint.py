@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from client.preprocessing import PreprocessSpec
+from train.config import SplitRatios
+from train.data import DataSplits, load_splits
 from train.model import Classifier, build_classifier
 
 FORMAT = "histoserve-checkpoint/1"
@@ -65,3 +67,10 @@ def load_checkpoint(path: Path) -> tuple[Classifier, CheckpointMeta]:
     model = build_classifier(meta.arch, len(meta.class_names), meta.dropout, mean=meta.mean, std=meta.std)
     model.load_state_dict(state)
     return model.eval(), meta
+
+
+def training_splits(meta: CheckpointMeta, data_root: str | os.PathLike | None = None) -> DataSplits:
+    """The splits the run was trained on, rebuilt from what its checkpoint recorded (data, ratios,
+    seed, fold), for evaluation and export's parity images. `data_root` overrides the recorded path."""
+    ratios = SplitRatios(meta.config.get("val_ratio", SplitRatios.val), meta.config.get("test_ratio", SplitRatios.test))
+    return load_splits(Path(data_root or meta.data_root), ratios, meta.split_seed, meta.config.get("fold", -1))

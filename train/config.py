@@ -16,6 +16,18 @@ DEVICES = ("auto", "cpu", "cuda")
 AUGMENT_PRESETS = ("none", "light", "seed", "histology")  # implemented in train/augment.py (PRESETS)
 
 
+@dataclass(frozen=True)
+class SplitRatios:
+    """Validation and test shares of the data (of the patients, when the data has patients)."""
+
+    val: float = 0.15
+    test: float = 0.15
+
+    def __post_init__(self) -> None:
+        if not (0 < self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1):
+            raise ValueError(f"split ratios must be in (0, 1) and sum below 1, got {self}")
+
+
 def option(default, help: str, choices: tuple | None = None):
     """A field with its --help text and, where only some values make sense, the choices."""
     return field(default=default, metadata={"help": help, "choices": choices})
@@ -66,8 +78,8 @@ class FitConfig:
     interpolation: str = option("bilinear", "resize interpolation (the serving contract)", tuple(sorted(INTERPOLATIONS)))
     augment: str = option("light", "augmentation preset: none, light, seed, histology", AUGMENT_PRESETS)
     fold: int = option(-1, "K-fold manifests: the validation fold")
-    val_ratio: float = option(0.15, "validation share when an unsplit ImageFolder is split here")
-    test_ratio: float = option(0.15, "test share when an unsplit ImageFolder is split here")
+    val_ratio: float = option(SplitRatios.val, "validation share when an unsplit ImageFolder is split here")
+    test_ratio: float = option(SplitRatios.test, "test share when an unsplit ImageFolder is split here")
     # reproducibility
     seed: int = option(0, "seed for weights, data order and augmentation")
     deterministic: bool = option(False, "torch.use_deterministic_algorithms (slower)")

@@ -18,6 +18,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, find_images, load_image
+from train.config import SplitRatios
 
 SPLITS = ("train", "val", "test")
 
@@ -27,16 +28,6 @@ class Sample:
     path: Path
     label: int
     group: str = ""  # patient / slide, when the data says (manifests do)
-
-
-@dataclass(frozen=True)
-class SplitRatios:
-    val: float = 0.15
-    test: float = 0.15
-
-    def __post_init__(self) -> None:
-        if not (0 < self.val < 1 and 0 < self.test < 1 and self.val + self.test < 1):
-            raise ValueError(f"split ratios must be in (0, 1) and sum below 1, got {self}")
 
 
 @dataclass

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 STATUSES = ("ok", "duplicate", "near-duplicate", "corrupt", "unsupported", "label-conflict", "suspected-label-issue")
 META_FILE = "prepare.json"
+NO_GROUP = "file:"  # prefix of the group of a file without a patient id: a group of its own
 
 
 @dataclass
@@ -66,3 +68,26 @@ def read_manifest(path: Path) -> tuple[Path, list[ManifestRow]]:
     if bad:
         raise ValueError(f"{path}: unknown status {bad}; allowed: {', '.join(STATUSES)}")
     return root, rows
+
+
+def groups_in_several_splits(rows: list[ManifestRow]) -> dict[str, list[str]]:
+    """Patients whose images landed in more than one split (must be none: that would leak)."""
+    splits: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row.split:
+            splits[row.group].add(row.split)
+    return {group: sorted(s) for group, s in splits.items() if len(s) > 1}
+
+
+def cross_group_duplicates(rows: list[ManifestRow]) -> list[tuple[str, list[str]]]:
+    """Images found (exactly or nearly) under more than one group: the same tile in two patients.
+    Only one copy is kept, so it cannot leak across splits, but the data deserves a look."""
+    clusters: dict[str, list[ManifestRow]] = defaultdict(list)
+    for row in rows:
+        if row.status in ("ok", "duplicate", "near-duplicate"):
+            clusters[row.duplicate_of or row.path].append(row)
+    return [
+        (key, sorted(f"{m.group}: {m.path}" for m in members))
+        for key, members in clusters.items()
+        if len({m.group for m in members}) > 1
+    ]

@@ -32,8 +32,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
 from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, load_image
-from train.config import check_choices, option
-from train.manifest import META_FILE, ManifestRow, write_manifest
+from train.config import SplitRatios, check_choices, option
+from train.data_report import write_data_report
+from train.manifest import META_FILE, NO_GROUP, ManifestRow, groups_in_several_splits, write_manifest
 
 # Named layouts. BreakHis: .../breast/{benign,malignant}/SOB/<subtype>/<slide>/<40X|100X|200X|400X>/
 # SOB_B_A-14-22549AB-40-001.png, where the patient is 14-22549AB.
@@ -42,7 +43,6 @@ LAYOUTS = {
     "breakhis": {"label_regex": r"(?:^|/)(?P<label>benign|malignant)/", "group_regex": BREAKHIS_GROUP},
     "breakhis-subtype": {"label_regex": r"(?:^|/)SOB/(?P<label>[a-z_]+)/", "group_regex": BREAKHIS_GROUP},
 }
-NO_GROUP = "file:"  # prefix of the group of a file without a patient id: a group of its own
 UNSUPPORTED_MODES = {"F": "32-bit float pixels have no safe 8-bit mapping"}
 
 
@@ -60,8 +60,8 @@ class PrepareConfig:
     group_regex: str = option("", "regex over the file name; group 'group' (or 1), the patient. '': each file its own")
     groups_csv: str = option("", "CSV with columns path (relative to SRC) and group")
     include_regex: str = option("", "keep only relative paths that match, e.g. '/40X/' for one magnification")
-    val_ratio: float = option(0.15, "validation share of the patients")
-    test_ratio: float = option(0.15, "test share of the patients")
+    val_ratio: float = option(SplitRatios.val, "validation share of the patients")
+    test_ratio: float = option(SplitRatios.test, "test share of the patients")
     folds: int = option(0, "> 1: K-fold mode (test held out, a fold column over the rest)")
     seed: int = option(0, "seed of the split")
     near_duplicate_distance: int = option(4, "pHash Hamming distance (of 64 bits) that makes a near duplicate; -1: off")
@@ -253,20 +253,6 @@ def mark_duplicates(rows: list[ManifestRow], max_distance: int) -> None:
             _resolve_cluster(members, NEAR, distances)
 
 
-def cross_group_duplicates(rows: list[ManifestRow]) -> list[tuple[str, list[str]]]:
-    """Images found (exactly or nearly) under more than one group: the same tile in two patients.
-    Only one copy is kept, so it cannot leak across splits, but the data deserves a look."""
-    clusters: dict[str, list[ManifestRow]] = defaultdict(list)
-    for row in rows:
-        if row.status in ("ok", "duplicate", "near-duplicate"):
-            clusters[row.duplicate_of or row.path].append(row)
-    return [
-        (key, sorted(f"{m.group}: {m.path}" for m in members))
-        for key, members in clusters.items()
-        if len({m.group for m in members}) > 1
-    ]
-
-
 # --- 4. splits ------------------------------------------------------------------------------------
 
 def _folds(ratio: float) -> int:
@@ -308,14 +294,6 @@ def assign_splits(rows: list[ManifestRow], config: PrepareConfig) -> None:
         usable[rest[i]].split = "val"
 
 
-def groups_in_several_splits(rows: list[ManifestRow]) -> dict[str, list[str]]:
-    splits: dict[str, set[str]] = defaultdict(set)
-    for row in rows:
-        if row.split:
-            splits[row.group].add(row.split)
-    return {group: sorted(s) for group, s in splits.items() if len(s) > 1}
-
-
 # --- the command ----------------------------------------------------------------------------------
 
 def prepare(config: PrepareConfig) -> list[ManifestRow]:
@@ -353,9 +331,8 @@ def prepare(config: PrepareConfig) -> list[ManifestRow]:
         "groups_in_several_splits": len(leaks),
     }
     (out / META_FILE).write_text(json.dumps(summary, indent=2))
-    from train.data_report import write_report
 
-    report = write_report(src, rows, out, config)
+    report = write_data_report(src, rows, out, config)
     print(f"manifest: {out / 'manifest.csv'}\nreport:   {report}")
     for status, count in summary["status"].items():
         print(f"  {status:22s} {count}")

@@ -77,7 +77,7 @@ def test_existing_versions_are_immutable(tmp_path):
 
 @pytest.mark.parametrize("config, labels, what", [
     (small_config(), ["a", "b", "x"], "labels"),
-    (small_config(crop=48), ["a", "b", "c"], "input/output"),
+    (small_config(crop=48), ["a", "b", "c"], "preprocess"),
 ])
 def test_a_new_version_cannot_change_the_contract_of_a_model(tmp_path, config, labels, what):
     repo, onnx_file = tmp_path / "repo", fake_model_file(tmp_path)

@@ -11,8 +11,8 @@ import pytest
 from tests.conftest import run_cli
 from tests.train.corpus import BOMB_LIMIT, EXPECTED, GROUP_REGEX, fingerprint, make_breakhis, make_corpus
 from train.data import load_splits
-from train.manifest import ManifestRow, read_manifest
-from train.prepare import BREAKHIS_GROUP, PrepareConfig, assign_splits, groups_in_several_splits, prepare
+from train.manifest import ManifestRow, groups_in_several_splits, read_manifest
+from train.prepare import BREAKHIS_GROUP, PrepareConfig, assign_splits, prepare
 
 
 @pytest.fixture(scope="module")
