@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +194,60 @@ def fit(config: FitConfig) -> dict:
 
 
 def _fit(config: FitConfig, world: distributed.World) -> dict:
-    # --- set-up: seeds, threads, run folder --------------------------------------------------------
+    resumed = check_before_any_work(config, world)
+    out, log = start_run_folder(config, world)
+    spec = PreprocessSpec(config.resize_size, config.crop_size, config.interpolation)
+    data = load_data(config, world, out, log)
+    sampler, train_loader = make_train_loader(config, world, data, spec)
+    parts = build_training(config, world, data, steps_per_epoch=len(train_loader))
+    meta = CheckpointMeta(arch=config.arch, class_names=data.class_names, preprocess=spec, mean=IMAGENET_MEAN,
+                          std=IMAGENET_STD, dropout=config.dropout, data_root=str(Path(config.data).resolve()),
+                          split_seed=config.seed, config=asdict(config))
+    progress = Progress()
+    if resumed is not None:
+        progress = parts.restore(resumed, world)
+        log(f"resumed from {config.resume} after epoch {resumed['epoch']}")
+
+    for epoch in range(progress.next_epoch, config.epochs + 1):
+        if isinstance(sampler, torch.utils.data.DistributedSampler):
+            sampler.set_epoch(epoch)
+        frozen = epoch <= config.freeze_epochs
+        freeze_backbone(parts.model, frozen)
+        started = time.perf_counter()
+        step_losses: list[float] = []
+        row = train_one_epoch(parts.runnable, train_loader, parts.optimizer, parts.schedule, parts.loss_fn,
+                              f"epoch {epoch}/{config.epochs}{' (backbone frozen)' if frozen else ''}",
+                              device=world.device, amp=config.amp, scaler=parts.scaler, clip_grad_norm=config.clip_grad_norm,
+                              ema=parts.ema, channels_last=config.channels_last, step_losses=step_losses,
+                              show_progress=world.is_main)
+        elapsed = time.perf_counter() - started
+        row = validate(epoch, row, elapsed, step_losses, parts, data, spec, world)
+        improved = progress.record(row)
+        log(f"epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  val bal acc {row['val_balanced_accuracy']:.4f}  "
+            f"{row['images_per_second']:.0f} img/s  {elapsed:.0f}s")
+        if world.is_main:
+            with open(out / "steps.csv", "a", newline="") as handle:
+                csv.writer(handle).writerows([epoch, i, loss] for i, loss in enumerate(step_losses))
+            _write_metrics(out / "metrics.csv", progress.history)
+            if improved:
+                meta.metrics = {"best_epoch": epoch, "val_accuracy": row["val_accuracy"],
+                                "val_balanced_accuracy": row["val_balanced_accuracy"]}
+                save_checkpoint(out / "checkpoint.pt", parts.evaluated, meta)
+        save_training_state(out / "last.pt", parts, progress, config, world)
+        if config.early_stopping_patience and progress.stale >= config.early_stopping_patience:
+            log(f"early stop: no better validation balanced accuracy for {progress.stale} epochs")
+            break
+
+    if not world.is_main:
+        return {}
+    plot_training_curves(progress.history, out / "training_curves.png")
+    return calibrate_and_report(config, data, spec, out, log)
+
+
+def check_before_any_work(config: FitConfig, world: distributed.World) -> dict | None:
+    """Seeds and threads; every option that cannot work here refused before a file is read. Returns
+    the state to resume from, if any."""
     seed_everything(config.seed)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 1) // local_processes))
@@ -210,20 +263,27 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
     if resumed is not None and (problems := resume_problems(resumed, config, world.size)):
         raise ValueError(f"--resume {config.resume}: not the same run ({'; '.join(problems)}). Only "
                          f"{', '.join('--' + n.replace('_', '-') for n in sorted(RESUMABLE_CHANGES - {'resume'}))} may change.")
+    return resumed
+
+
+def start_run_folder(config: FitConfig, world: distributed.World) -> tuple[Path, "RunLog"]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out, world.is_main)
     if world.is_main:
         (out / "config.json").write_text(json.dumps({**asdict(config), "world_size": world.size}, indent=2))
     log(f"{' '.join(sys.argv)}\nworld size {world.size}, device {world.device}")
-    spec = PreprocessSpec(config.resize_size, config.crop_size, config.interpolation)
+    return out, log
 
-    # --- data ---------------------------------------------------------------------------------------
+
+def load_data(config: FitConfig, world: distributed.World, out: Path, log: "RunLog"):
+    """The splits; in an ImageFolder every file is decoded once and an unreadable one is listed in
+    skipped_files.txt and left out (a manifest's ok rows were decoded by `prepare` already)."""
     data = load_splits(Path(config.data), SplitRatios(config.val_ratio, config.test_ratio), config.seed, config.fold)
     if not data.splits["train"] or not data.splits["val"]:
         raise ValueError(f"{config.data}: the train and val splits must not be empty ({ {k: len(v) for k, v in data.splits.items()} })")
     skipped = []
-    if not Path(config.data).is_file():  # a manifest's ok rows were decoded by `prepare` already
+    if not Path(config.data).is_file():
         for name, samples in data.splits.items():
             data.splits[name], errors = drop_unreadable(samples, name)
             skipped += errors
@@ -235,27 +295,64 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
     log(f"classes: {data.class_names}")
     for name, per_class in data.counts().items():
         log(f"  {name:5s} {sum(per_class):6d} images  per class {per_class}")
+    return data
 
+
+def class_counts_of(data) -> np.ndarray:
+    labels = [s.label for s in data.splits["train"]]
+    return np.maximum(np.bincount(labels, minlength=len(data.class_names)), 1)
+
+
+def make_train_loader(config: FitConfig, world: distributed.World, data, spec: PreprocessSpec):
     train_samples = data.splits["train"]
     labels = [s.label for s in train_samples]
-    class_counts = np.maximum(np.bincount(labels, minlength=len(data.class_names)), 1)
     generator = torch.Generator().manual_seed(config.seed)
     if config.balance == "sampler":  # every class drawn equally often, with replacement
-        sampler = torch.utils.data.WeightedRandomSampler(torch.tensor(1.0 / class_counts[labels], dtype=torch.double),
-                                                         len(labels), replacement=True, generator=generator)
+        weights = torch.tensor(1.0 / class_counts_of(data)[labels], dtype=torch.double)
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(labels), replacement=True, generator=generator)
     else:
         # A DistributedSampler with one replica is an ordinary seeded shuffle; with N replicas, rank r
         # takes every N-th index of the same permutation, so N processes see one process' batches.
         sampler = torch.utils.data.DistributedSampler(train_samples, num_replicas=world.size, rank=world.rank,
                                                       shuffle=True, seed=config.seed, drop_last=True)
     local_batch = config.batch_size // world.size
-    train_loader = torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         ImageDataset(train_samples, training_transform(config.augment, spec)), batch_size=local_batch,
         sampler=sampler, drop_last=len(train_samples) // world.size > local_batch, num_workers=config.workers,
         generator=generator, pin_memory=world.device.type == "cuda",
     )
+    return sampler, loader
 
-    # --- model, optimizer, schedule, EMA ------------------------------------------------------------
+
+@dataclass
+class Training:
+    """What trains: the model (and its DDP/compiled wrapper), EMA, optimizer, schedule, scaler, loss."""
+
+    model: nn.Module
+    runnable: nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated, checkpointed and exported: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def restore(self, state: dict, world: distributed.World) -> "Progress":
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"][world.rank])
+        return Progress(state["history"], state["best"], state["stale"], state["epoch"] + 1)
+
+
+def build_training(config: FitConfig, world: distributed.World, data, steps_per_epoch: int) -> Training:
     backbone_state = load_backbone_weights(config.arch, config.weights, config.weights_cache)
     model = build_classifier(config.arch, len(data.class_names), config.dropout, backbone_state)
     model = distributed.global_batchnorm(model, world)  # BN statistics over the global batch
@@ -270,86 +367,67 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
     ) if world.distributed else model
     runnable = torch.compile(trained) if config.compile else trained
     optimizer, schedule = make_optimizer(
-        model, config.lr, config.weight_decay, config.epochs * len(train_loader),
-        int(config.warmup_epochs * len(train_loader)), config.optimizer, config.momentum, config.backbone_lr_scale)
+        model, config.lr, config.weight_decay, config.epochs * steps_per_epoch,
+        int(config.warmup_epochs * steps_per_epoch), config.optimizer, config.momentum, config.backbone_lr_scale)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16" and world.device.type == "cuda")
     class_weights = None
     if config.balance == "loss":  # inverse frequency, mean weight 1
-        class_weights = torch.tensor(len(labels) / (len(class_counts) * class_counts), dtype=torch.float32, device=world.device)
+        counts = class_counts_of(data)
+        class_weights = torch.tensor(len(data.splits["train"]) / (len(counts) * counts), dtype=torch.float32, device=world.device)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights, label_smoothing=config.label_smoothing)
+    return Training(model, runnable, ema, optimizer, schedule, scaler, loss_fn)
 
-    meta = CheckpointMeta(arch=config.arch, class_names=data.class_names, preprocess=spec, mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD, dropout=config.dropout, data_root=str(Path(config.data).resolve()),
-                          split_seed=config.seed, config=asdict(config))
-    history, best, stale, start_epoch = [], -1.0, 0, 1
-    if resumed is not None:
-        state = resumed
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        history, best, stale, start_epoch = state["history"], state["best"], state["stale"], state["epoch"] + 1
-        set_rng_state(state["rng"][world.rank])
-        log(f"resumed from {config.resume} after epoch {state['epoch']}")
 
-    # --- epochs -------------------------------------------------------------------------------------
-    for epoch in range(start_epoch, config.epochs + 1):
-        if isinstance(sampler, torch.utils.data.DistributedSampler):
-            sampler.set_epoch(epoch)
-        frozen = epoch <= config.freeze_epochs
-        freeze_backbone(model, frozen)
-        started = time.perf_counter()
-        step_losses: list[float] = []
-        row = train_one_epoch(runnable, train_loader, optimizer, schedule, loss_fn,
-                              f"epoch {epoch}/{config.epochs}{' (backbone frozen)' if frozen else ''}",
-                              device=world.device, amp=config.amp, scaler=scaler, clip_grad_norm=config.clip_grad_norm,
-                              ema=ema, channels_last=config.channels_last, step_losses=step_losses,
-                              show_progress=world.is_main)
-        elapsed = time.perf_counter() - started
-        train_loss, train_accuracy = distributed.all_reduce_mean([row["train_loss"], row["train_accuracy"]], world)
-        step_losses = distributed.all_reduce_mean(step_losses, world)
-        evaluated = ema.module if ema is not None else model
-        val_predictions = predict(evaluated, data.splits["val"], spec, desc="validating", device=world.device)
-        val = summarize(val_predictions, data.class_names)
-        # The training objective (label smoothing, class weights), so the two curves are comparable.
-        val_loss = float(loss_fn(torch.from_numpy(val_predictions.logits).float().to(world.device),
-                                 torch.from_numpy(val_predictions.labels).to(world.device)))
-        row = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
-               "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
-               "lr": schedule.get_last_lr()[-1], "images_per_second": row["images"] * world.size / elapsed, "seconds": elapsed}
-        history.append(row)
-        log(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  train acc {train_accuracy:.4f}  val loss {val_loss:.4f}  "
-            f"val acc {val['accuracy']:.4f}  val bal acc {val['balanced_accuracy']:.4f}  {row['images_per_second']:.0f} img/s  {elapsed:.0f}s")
-        improved = val["balanced_accuracy"] > best
-        best, stale = (val["balanced_accuracy"], 0) if improved else (best, stale + 1)
-        if world.is_main:
-            with open(out / "steps.csv", "a", newline="") as handle:
-                csv.writer(handle).writerows([epoch, i, loss] for i, loss in enumerate(step_losses))
-            _write_metrics(out / "metrics.csv", history)
-            if improved:
-                meta.metrics = {"best_epoch": epoch, "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"]}
-                save_checkpoint(out / "checkpoint.pt", evaluated, meta)
-        # Every rank's RNG state, gathered, so a resumed run continues each process' own streams.
-        states = [rng_state()]
-        if world.distributed:
-            states = [None] * world.size
-            torch.distributed.all_gather_object(states, rng_state())
-        if world.is_main:
-            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                              "ema": ema.state_dict() if ema is not None else None, "epoch": epoch,
-                              "history": history, "best": best, "stale": stale, "rng": states,
-                              "config": asdict(config)}, out / "last.pt")
-        if config.early_stopping_patience and stale >= config.early_stopping_patience:
-            log(f"early stop: no better validation balanced accuracy for {stale} epochs")
-            break
+@dataclass
+class Progress:
+    """The run so far: one row per epoch, the best validation balanced accuracy, epochs since it."""
 
-    if not world.is_main:
-        return {}
-    # --- calibration and the test report, with the best checkpoint -------------------------------------
-    plot_training_curves(history, out / "training_curves.png")
+    history: list[dict] = field(default_factory=list)
+    best: float = -1.0
+    stale: int = 0
+    next_epoch: int = 1
+
+    def record(self, row: dict) -> bool:
+        """Add an epoch's row; True when it is the best so far."""
+        self.history.append(row)
+        improved = row["val_balanced_accuracy"] > self.best
+        self.best, self.stale = (row["val_balanced_accuracy"], 0) if improved else (self.best, self.stale + 1)
+        return improved
+
+
+def validate(epoch: int, trained: dict, elapsed: float, step_losses: list[float], parts: Training, data,
+             spec: PreprocessSpec, world: distributed.World) -> dict:
+    """The epoch's metrics row: training figures averaged over processes, validation of the
+    evaluated weights with the training objective (label smoothing, class weights) as its loss."""
+    train_loss, train_accuracy = distributed.all_reduce_mean([trained["train_loss"], trained["train_accuracy"]], world)
+    step_losses[:] = distributed.all_reduce_mean(step_losses, world)
+    predictions = predict(parts.evaluated, data.splits["val"], spec, desc="validating", device=world.device)
+    val = summarize(predictions, data.class_names)
+    val_loss = float(parts.loss_fn(torch.from_numpy(predictions.logits).float().to(world.device),
+                                   torch.from_numpy(predictions.labels).to(world.device)))
+    return {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_accuracy, "val_loss": val_loss,
+            "val_accuracy": val["accuracy"], "val_balanced_accuracy": val["balanced_accuracy"],
+            "lr": parts.schedule.get_last_lr()[-1], "images_per_second": trained["images"] * world.size / elapsed,
+            "seconds": elapsed}
+
+
+def save_training_state(path: Path, parts: Training, progress: Progress, config: FitConfig, world: distributed.World) -> None:
+    """last.pt: everything an exact resume needs, with every rank's RNG state (gathered), so a
+    resumed run continues each process' own random streams."""
+    states = [rng_state()]
+    if world.distributed:
+        states = [None] * world.size
+        torch.distributed.all_gather_object(states, rng_state())
+    if world.is_main:
+        save_atomically({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+                          "schedule": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict(),
+                          "ema": parts.ema.state_dict() if parts.ema is not None else None,
+                          "epoch": progress.history[-1]["epoch"], "history": progress.history, "best": progress.best,
+                          "stale": progress.stale, "rng": states, "config": asdict(config)}, path)
+
+
+def calibrate_and_report(config: FitConfig, data, spec: PreprocessSpec, out: Path, log: "RunLog") -> dict:
+    """With the best checkpoint: a softmax temperature fitted on validation, then the test report."""
     model, meta = load_checkpoint(out / "checkpoint.pt")
     if config.calibrate:
         val_predictions = predict(model, data.splits["val"], spec, desc="calibrating")
