@@ -16,6 +16,7 @@ demo: $(STAMP)
 	$(PY) scripts/demo.py
 
 test: $(STAMP) $(CHECKOV_STAMP) promtool
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 install: $(STAMP)

@@ -5,8 +5,8 @@ through Triton's classification extension."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -112,7 +112,7 @@ class TritonClassifier:
     def close(self) -> None:
         self.client.close()
 
-    def __enter__(self) -> "TritonClassifier":
+    def __enter__(self) -> TritonClassifier:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -160,5 +160,5 @@ class TritonClassifier:
             for path, _ in pending:
                 yield FileResult(path, error=f"inference failed: {error.message()}")
             return
-        for (path, _), predictions in zip(pending, rows):
+        for (path, _), predictions in zip(pending, rows, strict=True):
             yield FileResult(path, predictions=predictions)

@@ -43,7 +43,7 @@ class ModelContract:
     version: str = CONTRACT_VERSION
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelContract":
+    def from_config(cls, config: dict) -> ModelContract:
         """From a model config as JSON: what `get_model_config(..., as_json=True)["config"]` returns, or
         `google.protobuf.json_format.MessageToDict(config, preserving_proto_field_name=True)`."""
         name = config.get("name", "")

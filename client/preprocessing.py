@@ -77,7 +77,7 @@ class PreprocessSpec:
         }
 
     @classmethod
-    def from_parameters(cls, parameters: dict[str, str]) -> "PreprocessSpec":
+    def from_parameters(cls, parameters: dict[str, str]) -> PreprocessSpec:
         missing = [k for k in ("resize_size", "crop_size") if k not in parameters]
         if missing:
             raise ValueError(

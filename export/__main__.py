@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         with tempfile.TemporaryDirectory(prefix="histoserve-export-") as workdir:
             onnx_file = Path(workdir) / "model.onnx"
-            print(f"exporting {meta.arch} ({len(meta.class_names)} classes, input uint8 3×{meta.preprocess.crop_size}²) to ONNX ...", flush=True)
+            print(f"exporting {meta.arch} ({len(meta.class_names)} classes, input uint8 3×{meta.preprocess.crop_size}²) to ONNX "
+                  "...", flush=True)
             export_onnx(model, onnx_file, meta.preprocess.crop_size, args.opset)
             print(check_parity(model, onnx_file, images, args.atol), flush=True)
             target = publish(args.repository, config, meta.class_names, onnx_file, args.version)

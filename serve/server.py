@@ -28,7 +28,6 @@ from pathlib import Path
 
 from serve.local_repository import sync_local_repository
 
-
 # Health checks go straight to the local server, never through an http_proxy from the environment.
 LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -101,7 +100,7 @@ class TritonInstallation:
     libraries: Path
 
     @classmethod
-    def find(cls) -> "TritonInstallation":
+    def find(cls) -> TritonInstallation:
         try:
             import pytriton
         except ImportError as error:
@@ -201,7 +200,7 @@ class TritonServer:
         assert self.workdir is not None
         return self.workdir / "model_repository"
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.model_control_mode not in ("none", "poll"):
             raise ServerError(f"model control mode {self.model_control_mode!r}: use 'none' or 'poll'")
         check_ports_free(self.address, self.ports)
@@ -297,7 +296,7 @@ class TritonServer:
         self.process, self.workdir = None, None
         return code
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -8,7 +8,6 @@ from dataclasses import fields
 from pathlib import Path
 
 
-
 def add_dataclass_options(parser: argparse.ArgumentParser, defaults, skip=()) -> None:
     """One --option per dataclass field: the config class is the single list of options, with their
     help texts and choices."""

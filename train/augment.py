@@ -14,7 +14,7 @@ uint8 (3, crop, crop) tensor; normalization stays in the model.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

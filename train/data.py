@@ -8,9 +8,9 @@ that every stage that asks for "test" gets the same files.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -139,7 +139,7 @@ def drop_unreadable(samples: list[Sample], desc: str) -> tuple[list[Sample], lis
 class ImageDataset:
     """A map-style dataset of (uint8 CHW tensor, label); `transform` maps a PIL RGB image to a tensor."""
 
-    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], "object"]):
+    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], object]):
         self.samples = samples
         self.transform = transform
 

@@ -101,7 +101,8 @@ def _status_section(rows: list[ManifestRow]) -> list[str]:
 
 def _classes_section(usable, labels, splits, counts, out: Path, config) -> list[str]:
     md = ["## Classes per split\n",
-          _table(["class", *splits, "all"], [[label, *[counts[s][label] for s in splits], sum(counts[s][label] for s in splits)] for label in labels]
+          _table(["class", *splits, "all"],
+                 [[label, *[counts[s][label] for s in splits], sum(counts[s][label] for s in splits)] for label in labels]
                  + [["**all**", *[sum(counts[s].values()) for s in splits], len(usable)]]),
           "![class counts](class_counts.png)\n"]
     _class_counts_plot(counts, labels, out / "class_counts.png")
@@ -122,7 +123,8 @@ def _patients_section(rows, usable, splits, counts, config) -> list[str]:
     md = ["## Patients (groups) and leakage\n",
           f"**Groups found in more than one split: {len(leaks)}.** Every image of a patient is in one split "
           f"(stratified group split, seed {config.seed}).\n",
-          _table(["split", "groups", "images"], [[s, len({r.group for r in usable if r.split == s}), sum(counts[s].values())] for s in splits])]
+          _table(["split", "groups", "images"],
+                 [[s, len({r.group for r in usable if r.split == s}), sum(counts[s].values())] for s in splits])]
     if images_per_group:
         per_group = sorted(images_per_group.values())
         md.append(f"{len(images_per_group)} groups; images per group: min {per_group[0]}, median "
@@ -154,7 +156,8 @@ def _duplicates_section(root: Path, rows, out: Path, config) -> list[str]:
           f"{sum(r.status == 'near-duplicate' for r in rows)} near duplicates (pHash distance ≤ "
           f"{config.near_duplicate_distance}). One copy is kept (`ok`), the others are marked and not trained on.\n"]
     if duplicates:
-        md.append(_table(["file", "status", "copy of (kept)", "distance"], [[r.path, r.status, r.duplicate_of, r.distance] for r in duplicates]))
+        md.append(_table(["file", "status", "copy of (kept)", "distance"],
+                         [[r.path, r.status, r.duplicate_of, r.distance] for r in duplicates]))
         by_path = {r.path: r for r in rows}
         near = [r for r in duplicates if r.status == "near-duplicate"][:8]
         if near:
@@ -193,8 +196,10 @@ def _label_issues_section(root: Path, rows, out: Path, config) -> list[str]:
               f"ranked by self-confidence (the model's probability of the given label). They are not trained on; "
               f"set their status back to `ok` in the manifest to keep one.\n")
     if suspects:
-        md.append(_table(["file", "given label", "self-confidence"], [[r.path, r.label, f"{float(r.label_issue_score):.3f}"] for r in suspects]))
-        cells = [[(r, f"{r.label} ({float(r.label_issue_score):.2f})") for r in suspects[i:i + 8]] for i in range(0, min(len(suspects), 32), 8)]
+        md.append(_table(["file", "given label", "self-confidence"],
+                         [[r.path, r.label, f"{float(r.label_issue_score):.3f}"] for r in suspects]))
+        cells = [[(r, f"{r.label} "
+                      f"({float(r.label_issue_score):.2f})") for r in suspects[i:i + 8]] for i in range(0, min(len(suspects), 32), 8)]
         _grid(root, cells, [f"#{i + 1}" for i in range(0, min(len(suspects), 32), 8)], out / "label_issues.png",
               "suspected label issues: given label (self-confidence)")
         md.append("![label issues](label_issues.png)\n")

@@ -78,7 +78,7 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     confidence, correct = probabilities.max(1), (probabilities.argmax(1) == labels).astype(float)
     edges = np.linspace(0.0, 1.0, bins + 1)
     table, ece = [], 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
             gap = abs(correct[inside].mean() - confidence[inside].mean())
@@ -100,7 +100,7 @@ def patient_level(predictions: Predictions, class_names: list[str]) -> dict | No
     count = np.zeros(len(patients))
     truth = np.zeros(len(patients), dtype=int)
     image_correct = np.zeros(len(patients))
-    for g, p, y in zip(groups, probabilities, predictions.labels):
+    for g, p, y in zip(groups, probabilities, predictions.labels, strict=True):
         i = index[g]
         mean[i] += p
         count[i] += 1
@@ -114,7 +114,7 @@ def patient_level(predictions: Predictions, class_names: list[str]) -> dict | No
         "balanced_accuracy": float(balanced_accuracy_score(truth, predicted)),
         "patient_score": float(np.mean(image_correct / count)),
         "recall_per_class": dict(zip(class_names, map(float, recall_score(
-            truth, predicted, labels=list(range(len(class_names))), average=None, zero_division=0)))),
+            truth, predicted, labels=list(range(len(class_names))), average=None, zero_division=0)), strict=True)),
     }
 
 
@@ -156,7 +156,8 @@ def write_report(predictions: Predictions, class_names: list[str], out_dir: Path
         f"{split} split: {metrics['images']} images",
         f"  accuracy           {metrics['accuracy']:.4f}",
         f"  balanced accuracy  {metrics['balanced_accuracy']:.4f}",
-        f"  ROC-AUC (one-vs-rest, macro)  {metrics['roc_auc_ovr']:.4f}" if metrics["roc_auc_ovr"] is not None else "  ROC-AUC  n/a (a class is missing)",
+        f"  ROC-AUC (one-vs-rest, macro)  {metrics['roc_auc_ovr']:.4f}" if metrics["roc_auc_ovr"] is not None
+        else "  ROC-AUC  n/a (a class is missing)",
         f"  ECE ({CALIBRATION_BINS} bins)      {metrics['ece']:.4f} at temperature {predictions.temperature:.3f}",
     ]
     if metrics["patient_level"]:
@@ -190,7 +191,7 @@ def plot_reliability(predictions: Predictions, path: Path, title: str) -> None:
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     axis.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
     if table:
-        confidence, accuracy, count = zip(*table)
+        confidence, accuracy, count = zip(*table, strict=True)
         axis.bar(confidence, accuracy, width=1.0 / CALIBRATION_BINS, alpha=0.6, edgecolor="black", label="accuracy per bin")
         for x, y, n in table:
             axis.annotate(str(n), (x, y), ha="center", va="bottom", fontsize=6)
@@ -220,5 +221,5 @@ def plot_training_curves(history: list[dict], path: Path) -> None:
 def _matrix_text(matrix: np.ndarray, class_names: list[str]) -> str:
     width = max(max(len(n) for n in class_names), len(str(matrix.max()))) + 1
     lines = [" " * width + "".join(n.rjust(width) for n in class_names)]
-    lines += [name.rjust(width) + "".join(str(v).rjust(width) for v in row) for name, row in zip(class_names, matrix)]
+    lines += [name.rjust(width) + "".join(str(v).rjust(width) for v in row) for name, row in zip(class_names, matrix, strict=True)]
     return "\n".join(lines) + "\n"

@@ -266,7 +266,7 @@ def check_before_any_work(config: FitConfig, world: distributed.World) -> dict |
     return resumed
 
 
-def start_run_folder(config: FitConfig, world: distributed.World) -> tuple[Path, "RunLog"]:
+def start_run_folder(config: FitConfig, world: distributed.World) -> tuple[Path, RunLog]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out, world.is_main)
@@ -276,7 +276,7 @@ def start_run_folder(config: FitConfig, world: distributed.World) -> tuple[Path,
     return out, log
 
 
-def load_data(config: FitConfig, world: distributed.World, out: Path, log: "RunLog"):
+def load_data(config: FitConfig, world: distributed.World, out: Path, log: RunLog):
     """The splits; in an ImageFolder every file is decoded once and an unreadable one is listed in
     skipped_files.txt and left out (a manifest's ok rows were decoded by `prepare` already)."""
     data = load_splits(Path(config.data), SplitRatios(config.val_ratio, config.test_ratio), config.seed, config.fold)
@@ -341,7 +341,7 @@ class Training:
         """The weights that are validated, checkpointed and exported: the EMA when on."""
         return self.ema.module if self.ema is not None else self.model
 
-    def restore(self, state: dict, world: distributed.World) -> "Progress":
+    def restore(self, state: dict, world: distributed.World) -> Progress:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -426,7 +426,7 @@ def save_training_state(path: Path, parts: Training, progress: Progress, config:
                           "stale": progress.stale, "rng": states, "config": asdict(config)}, path)
 
 
-def calibrate_and_report(config: FitConfig, data, spec: PreprocessSpec, out: Path, log: "RunLog") -> dict:
+def calibrate_and_report(config: FitConfig, data, spec: PreprocessSpec, out: Path, log: RunLog) -> dict:
     """With the best checkpoint: a softmax temperature fitted on validation, then the test report."""
     model, meta = load_checkpoint(out / "checkpoint.pt")
     if config.calibrate:

@@ -48,7 +48,7 @@ def _resnet18_probabilities(paths, labels, train, held_out, classes, epochs: int
 
     torch.manual_seed(seed)
     spec = PreprocessSpec(72, 64)
-    samples = [Sample(Path(p), int(y)) for p, y in zip(paths, labels)]
+    samples = [Sample(Path(p), int(y)) for p, y in zip(paths, labels, strict=True)]
     loader = torch.utils.data.DataLoader(
         ImageDataset([samples[i] for i in train], training_transform("light", spec)), batch_size=32, shuffle=True,
         generator=torch.Generator().manual_seed(seed),
@@ -87,7 +87,7 @@ def mark_label_issues(root: Path, rows: list[ManifestRow], folds: int, model: st
     labels = np.array([class_names.index(r.label) for r in usable])
     probabilities = out_of_fold_probabilities(root, usable, folds, model, seed)
     ranked = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
-    for row, label, p in zip(usable, labels, probabilities):
+    for row, label, p in zip(usable, labels, probabilities, strict=True):
         row.label_issue_score = f"{p[label]:.4f}"
     for i in ranked:
         usable[i].status = "suspected-label-issue"

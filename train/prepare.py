@@ -74,7 +74,7 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         check_choices(self)
 
-    def resolved(self) -> "PrepareConfig":
+    def resolved(self) -> PrepareConfig:
         if not self.layout:
             return self
         if self.layout not in LAYOUTS:
@@ -186,7 +186,7 @@ def inspect_all(root: Path, rows: list[ManifestRow], config: PrepareConfig) -> N
     context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "forkserver")
     with context.Pool(workers, initializer=_init_worker, initargs=(config.max_pixels,)) as pool:
         results = pool.imap(inspect_file, paths, chunksize=16)
-        for row, result in tqdm(zip(todo, results), total=len(todo), desc="decoding", unit="file"):
+        for row, result in tqdm(zip(todo, results, strict=True), total=len(todo), desc="decoding", unit="file"):
             for key, value in result.items():
                 setattr(row, key, value)
 
@@ -249,7 +249,8 @@ def mark_duplicates(rows: list[ManifestRow], max_distance: int) -> None:
         if len(indices) > 1:
             members = [candidates[i] for i in indices]
             keep = min(members, key=lambda r: r.path)
-            distances = {m.path: int(hamming(np.uint64(int(keep.phash, 16)), np.array([int(m.phash, 16)], dtype=np.uint64))[0]) for m in members}
+            kept_hash = np.uint64(int(keep.phash, 16))
+            distances = {m.path: int(hamming(kept_hash, np.array([int(m.phash, 16)], dtype=np.uint64))[0]) for m in members}
             _resolve_cluster(members, NEAR, distances)
 
 

@@ -8,7 +8,7 @@ lists its properties also rejects others, so a misspelt field fails as it would 
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jsonschema
@@ -17,7 +17,7 @@ import yaml
 CRDS = Path(__file__).parent / "crds"
 
 
-@lru_cache(maxsize=None)
+@cache
 def schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) → the strict JSON schema of that version's openAPIV3Schema."""
     found = {}

@@ -91,7 +91,8 @@ def check_selectors(objects: list[dict]) -> list[str]:
     for workload, labels in pod_labels:
         selector = workload["spec"].get("selector", {}).get("matchLabels")
         if workload["kind"] != "Job" and not matches(selector, labels):
-            problems.append(f"{workload['kind']}/{workload['metadata']['name']}: selector {selector} does not match its pod labels {labels}")
+            problems.append(f"{workload['kind']}/{workload['metadata']['name']}: selector {selector} does not match its pod labels "
+                            f"{labels}")
     for o in objects:
         selector = None
         if o["kind"] == "Service":
@@ -193,7 +194,8 @@ def check_triton_ports(objects: list[dict]) -> list[str]:
                 continue
             declared = {p["containerPort"] for p in container.get("ports", [])}
             if not TRITON_PORTS <= declared:
-                problems.append(f"{workload['metadata']['name']}: Triton container ports {sorted(declared)} lack {sorted(TRITON_PORTS - declared)}")
+                problems.append(f"{workload['metadata']['name']}: Triton container ports {sorted(declared)} lack "
+                                f"{sorted(TRITON_PORTS - declared)}")
             for name, port in (("http-port", 8000), ("grpc-port", 8001), ("metrics-port", 8002)):
                 if flag(triton_command(container), name) != str(port):
                     problems.append(f"{workload['metadata']['name']}: Triton args lack --{name}={port}")
@@ -230,7 +232,8 @@ def check_images(objects: list[dict]) -> list[str]:
             name, _, digest = image.partition("@")
             tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else ""
             if not digest and tag in ("", "latest"):
-                problems.append(f"{workload['metadata']['name']}/{container['name']}: image {image!r} is not pinned (tag or digest, never :latest)")
+                problems.append(f"{workload['metadata']['name']}/{container['name']}: image {image!r} is not pinned (tag or digest, "
+                                "never :latest)")
     return problems
 
 
@@ -238,7 +241,8 @@ def check_scheduling_and_rollout(objects: list[dict]) -> list[str]:
     """GPU pods Guaranteed, probes with timeouts, a progress deadline that covers the startup probe
     plus an image pull, no replicas fighting an HPA, the NGC entrypoint kept."""
     problems = []
-    scaled = {(h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"]) for h in objects if h["kind"] == "HorizontalPodAutoscaler"}
+    scaled = {(h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"])
+              for h in objects if h["kind"] == "HorizontalPodAutoscaler"}
     for workload, template in pod_templates(objects):
         name = workload["metadata"]["name"]
         every = containers(template)
@@ -248,19 +252,22 @@ def check_scheduling_and_rollout(objects: list[dict]) -> list[str]:
                 for resource in ("cpu", "memory"):
                     request, limit = resources.get("requests", {}).get(resource), resources.get("limits", {}).get(resource)
                     if request is None or limit is None or quantity(request) != quantity(limit):
-                        problems.append(f"{name}/{container['name']}: GPU pod not Guaranteed: {resource} request {request} != limit {limit}")
+                        problems.append(f"{name}/{container['name']}: GPU pod not Guaranteed: {resource} request {request} != limit "
+                                        f"{limit}")
         for container in template["spec"]["containers"]:
             for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
                 if probe_name in container and "timeoutSeconds" not in container[probe_name]:
                     problems.append(f"{name}/{container['name']}: {probe_name} has no timeoutSeconds (default 1 s)")
             if triton_command(container) and container.get("command"):
-                problems.append(f"{name}/{container['name']}: `command` bypasses the NGC image's entrypoint; put tritonserver first in args")
+                problems.append(f"{name}/{container['name']}: `command` bypasses the NGC image's entrypoint; put tritonserver first "
+                                "in args")
         if workload["kind"] == "Deployment":
             startup = max((c["startupProbe"].get("periodSeconds", 10) * c["startupProbe"].get("failureThreshold", 3)
                            for c in template["spec"]["containers"] if "startupProbe" in c), default=0)
             deadline = workload["spec"].get("progressDeadlineSeconds", 600)
             if deadline < startup + IMAGE_PULL_ALLOWANCE_S:
-                problems.append(f"Deployment/{name}: progressDeadlineSeconds {deadline} < startup probe {startup} s + image pull {IMAGE_PULL_ALLOWANCE_S} s")
+                problems.append(f"Deployment/{name}: progressDeadlineSeconds {deadline} < startup probe {startup} s + image pull "
+                                f"{IMAGE_PULL_ALLOWANCE_S} s")
             if ("Deployment", name) in scaled and "replicas" in workload["spec"]:
                 problems.append(f"Deployment/{name}: spec.replicas next to an HPA resets the scaled count on every apply")
     return problems
@@ -272,7 +279,8 @@ def check_storage(objects: list[dict]) -> list[str]:
     for claim in (o for o in objects if o["kind"] == "PersistentVolumeClaim"):
         shared = {"ReadWriteMany", "ReadOnlyMany"} & set(claim["spec"].get("accessModes", []))
         if shared and not claim["spec"].get("storageClassName"):
-            problems.append(f"PVC/{claim['metadata']['name']}: {sorted(shared)} without storageClassName: the default classes of EKS/GKE/AKS are ReadWriteOnce, it would stay Pending")
+            problems.append(f"PVC/{claim['metadata']['name']}: {sorted(shared)} without storageClassName: the default classes of "
+                            "EKS/GKE/AKS are ReadWriteOnce, it would stay Pending")
     for workload, template in pod_templates(objects):
         limits = [c.get("resources", {}).get("limits", {}).get("ephemeral-storage") for c in template["spec"]["containers"]]
         if None in limits:
@@ -282,7 +290,8 @@ def check_storage(objects: list[dict]) -> list[str]:
         if None in on_disk:
             problems.append(f"{workload['metadata']['name']}: an emptyDir without sizeLimit in a pod with an ephemeral-storage limit")
         elif sum(map(quantity, on_disk)) > sum(map(quantity, limits)):
-            problems.append(f"{workload['metadata']['name']}: emptyDirs {on_disk} exceed the pod's ephemeral-storage limit {limits}: the kubelet evicts it")
+            problems.append(f"{workload['metadata']['name']}: emptyDirs {on_disk} exceed the pod's ephemeral-storage limit "
+                            f"{limits}: the kubelet evicts it")
     return problems
 
 
@@ -305,19 +314,22 @@ def check_wiring(objects: list[dict]) -> list[str]:
     for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
         for metric in hpa["spec"].get("metrics", []):
             if metric["type"] == "Pods" and metric["pods"]["metric"]["name"] not in adapter_metric_names():
-                problems.append(f"HPA/{hpa['metadata']['name']}: metric {metric['pods']['metric']['name']!r} is served by no prometheus-adapter rule")
+                problems.append(f"HPA/{hpa['metadata']['name']}: metric {metric['pods']['metric']['name']!r} is served by no "
+                                "prometheus-adapter rule")
     for route in (o for o in objects if o["kind"] in ("GRPCRoute", "HTTPRoute")):
         for parent in route["spec"].get("parentRefs", []):
             gateway = next((g for g in objects if g["kind"] == "Gateway" and g["metadata"]["name"] == parent["name"]), None)
             if gateway is None:
                 problems.append(f"{route['kind']}/{route['metadata']['name']}: parent Gateway {parent['name']!r} does not exist")
             elif "sectionName" in parent and parent["sectionName"] not in {listener["name"] for listener in gateway["spec"]["listeners"]}:
-                problems.append(f"{route['kind']}/{route['metadata']['name']}: Gateway {parent['name']} has no listener {parent['sectionName']!r}")
+                problems.append(f"{route['kind']}/{route['metadata']['name']}: Gateway {parent['name']} has no listener "
+                                f"{parent['sectionName']!r}")
         for rule in route["spec"].get("rules", []):
             for backend in rule.get("backendRefs", []):
                 service = next((s for s in objects if s["kind"] == "Service" and s["metadata"]["name"] == backend["name"]), None)
                 if service is None or backend.get("port") not in {p["port"] for p in service["spec"]["ports"]}:
-                    problems.append(f"{route['kind']}/{route['metadata']['name']}: backend {backend['name']}:{backend.get('port')} is no Service port")
+                    problems.append(f"{route['kind']}/{route['metadata']['name']}: backend {backend['name']}:{backend.get('port')} "
+                                    "is no Service port")
     for job in (o for o in objects if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed"):
         name, completions = job["metadata"]["name"], job["spec"]["completions"]
         service = headless_service_for(objects, job)
@@ -325,7 +337,8 @@ def check_wiring(objects: list[dict]) -> list[str]:
             problems.append(f"Job/{name}: no headless Service named after its subdomain selects its pods: pod 0 has no DNS name")
             continue
         if job["spec"].get("parallelism", 1) != completions:
-            problems.append(f"Job/{name}: parallelism {job['spec'].get('parallelism', 1)} != completions {completions}: not every pod runs at once")
+            problems.append(f"Job/{name}: parallelism {job['spec'].get('parallelism', 1)} != completions {completions}: not every "
+                            "pod runs at once")
         rank0 = f"{name}-0.{service['metadata']['name']}"
         for container in job["spec"]["template"]["spec"]["containers"]:
             words = container.get("command", []) + container.get("args", [])
@@ -334,13 +347,15 @@ def check_wiring(objects: list[dict]) -> list[str]:
                 endpoint = flag(words, "rdzv-endpoint") or ""
                 host, _, port = endpoint.rpartition(":")
                 if host != rank0 or int(port or 0) not in {p["port"] for p in service["spec"]["ports"]}:
-                    problems.append(f"Job/{name}: --rdzv-endpoint {endpoint!r} is not pod 0 ({rank0}) on a port of Service {service['metadata']['name']}")
+                    problems.append(f"Job/{name}: --rdzv-endpoint {endpoint!r} is not pod 0 ({rank0}) on a port of Service "
+                                    f"{service['metadata']['name']}")
                 if flag(words, "nnodes") != str(completions):
                     problems.append(f"Job/{name}: torchrun --nnodes={flag(words, 'nnodes')} but {completions} pods")
             if "locust" in text and "--master" in text:
                 workers = re.search(r"--expect-workers=(\d+)", text)
                 if not workers or int(workers.group(1)) != completions - 1:
-                    problems.append(f"Job/{name}: the master expects {workers and workers.group(1)} workers but the Job runs {completions - 1}")
+                    problems.append(f"Job/{name}: the master expects {workers and workers.group(1)} workers but the Job runs "
+                                    f"{completions - 1}")
                 if f"--master-host={rank0}" not in text:
                     problems.append(f"Job/{name}: workers do not look the master up as {rank0}")
     return problems

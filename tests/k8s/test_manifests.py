@@ -3,7 +3,7 @@ the oldest and newest Kubernetes we support (custom resources against their publ
 keeps the invariants schemas cannot see."""
 
 import copy
-from functools import lru_cache
+from functools import cache
 
 import jsonschema
 import kubernetes_validate
@@ -15,7 +15,7 @@ from tests.k8s.manifests import CHECKS, KUSTOMIZATIONS, OVERLAYS, all_problems, 
 KUBERNETES_VERSIONS = ["1.27.0", "1.37.0"]  # oldest and newest supported
 
 
-@lru_cache(maxsize=None)
+@cache
 def rendered(kustomization):
     return render(kustomization)
 
@@ -298,7 +298,8 @@ def test_s3_overlay_downloads_the_models_in_an_init_container_and_triton_holds_n
     assert "envFrom" not in container and all("AWS" not in e["name"] for e in container["env"])
     assert all(m["name"] != "model-store-credentials" for m in container["volumeMounts"])
     assert {"name": "model-repository", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
-    assert next(v for v in pod["volumes"] if v["name"] == "model-repository") == {"name": "model-repository", "emptyDir": {"sizeLimit": "20Gi"}}
+    volume = next(v for v in pod["volumes"] if v["name"] == "model-repository")
+    assert volume == {"name": "model-repository", "emptyDir": {"sizeLimit": "20Gi"}}
     assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
     secret = next(v for v in pod["volumes"] if v["name"] == "model-store-credentials")["secret"]
     assert secret == {"secretName": "model-store-s3-credentials", "optional": True, "defaultMode": 0o400}

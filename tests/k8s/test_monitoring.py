@@ -51,7 +51,8 @@ def test_alert_rules_pass_promtool_unit_tests(tmp_path):
     assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule) == {"apiVersion", "kind", "metadata", "spec"}
     (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
     shutil.copy(Path(__file__).parent / "promtool" / "alerts-test.yaml", tmp_path)
-    check = subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", "alerts.rules.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    check = subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", "alerts.rules.yaml"],
+                           cwd=tmp_path, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     tested = subprocess.run([PROMTOOL, "test", "rules", "alerts-test.yaml"], cwd=tmp_path, capture_output=True, text=True)
     assert tested.returncode == 0, tested.stdout + tested.stderr

@@ -3,7 +3,7 @@
 pods of our own making, labelled and not, in other namespaces."""
 
 import copy
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
@@ -20,7 +20,7 @@ NEIGHBOUR = Pod("neighbour", "histoserve", {"app": "neighbour"})
 GATEWAY_PROXY = Pod("envoy", "envoy-gateway-system", {"app.kubernetes.io/managed-by": "envoy-gateway", "app.kubernetes.io/name": "envoy"})
 
 
-@lru_cache(maxsize=None)
+@cache
 def cluster(overlay: str) -> tuple:
     """The overlay and every job, as applied to one cluster."""
     return tuple(o for k in (overlay, *JOBS) for o in render(k))

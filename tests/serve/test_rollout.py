@@ -118,8 +118,9 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
             before = served_by_version(server.grpc_url)["2"]
             wait_until(lambda: served_by_version(server.grpc_url)["2"] > before + 20, 30, "version 2 serves after the rollback")
 
-    assert traffic.failures == [], f"{len(traffic.failures)} failed requests of {traffic.ok + len(traffic.failures)}: {traffic.failures[:3]}"
-    assert traffic.unready == [], f"readiness {readiness_path} failed {len(traffic.unready)} of {traffic.probes} probes: {traffic.unready[:5]}"
+    sent = traffic.ok + len(traffic.failures)
+    assert traffic.failures == [], f"{len(traffic.failures)} failed requests of {sent}: {traffic.failures[:3]}"
+    assert traffic.unready == [], f"{readiness_path} failed {len(traffic.unready)} of {traffic.probes} probes: {traffic.unready[:5]}"
     assert traffic.ok > 100
     assert good.returncode == 0 and "READY" in good.stdout, good.stdout + good.stderr
     assert bad.returncode == 1, bad.stdout + bad.stderr

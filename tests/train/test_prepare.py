@@ -166,7 +166,7 @@ def test_k_fold_manifest_trains_one_fold(corpus, tmp_path):
     folds = [load_splits(manifest, fold=k) for k in range(3)]
     vals = [{s.path for s in f.splits["val"]} for f in folds]
     assert all(vals) and not (vals[0] & vals[1] or vals[1] & vals[2] or vals[0] & vals[2])
-    assert all({s.path for s in f.splits["train"]}.isdisjoint(v) for f, v in zip(folds, vals))
+    assert all({s.path for s in f.splits["train"]}.isdisjoint(v) for f, v in zip(folds, vals, strict=True))
 
 
 def test_label_issues_are_found_on_deliberately_flipped_digits(tmp_path):

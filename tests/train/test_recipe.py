@@ -70,7 +70,7 @@ def two_batches():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (2, 8, 3, 32, 32), dtype=torch.uint8)
     labels = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1], [2, 1, 0, 2, 1, 0, 2, 1]])
-    return list(zip(images, labels))
+    return list(zip(images, labels, strict=True))
 
 
 def test_gradients_are_clipped_to_the_given_norm():
