@@ -59,7 +59,7 @@ def main() -> int:
     try:
         pool = workdir / "pool"
         names = []
-        for i in tqdm(range(max(args.counts)), desc="generating images", unit="img"):
+        for i in tqdm(range(max(args.counts)), desc="generating images", unit="img", disable=None):
             label = "tumour" if i % 3 == 0 else "normal"
             name = f"{label}/p{i // 10}_{i}.png"
             (pool / label).mkdir(parents=True, exist_ok=True)

@@ -127,7 +127,7 @@ def load_splits(root: Path, ratios: SplitRatios = SplitRatios(), seed: int = 0, 
 def drop_unreadable(samples: list[Sample], desc: str) -> tuple[list[Sample], list[ImageLoadError]]:
     """Decode every file once; a broken one is reported and left out, it never stops the run."""
     good, errors = [], []
-    for sample in tqdm(samples, desc=f"checking {desc} images", unit="img", leave=False):
+    for sample in tqdm(samples, desc=f"checking {desc} images", unit="img", leave=False, disable=None):
         try:
             load_image(sample.path)
             good.append(sample)

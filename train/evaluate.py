@@ -51,7 +51,7 @@ def predict(model: torch.nn.Module, samples: list[Sample], spec: PreprocessSpec,
     model.eval()
     loader = torch.utils.data.DataLoader(ImageDataset(samples, evaluation_transform(spec)), batch_size=batch_size, shuffle=False)
     labels, logits = [], []
-    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for images, targets in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         logits.append(model(images.to(device)).float().cpu().numpy())
         labels.append(targets.numpy())
     return Predictions(np.concatenate(labels), np.concatenate(logits), [s.group for s in samples])

@@ -137,7 +137,7 @@ def train_one_epoch(model, loader, optimizer, schedule, loss_fn, desc: str, *, d
                     step_losses: list | None = None, show_progress: bool = True) -> dict:
     model.train()
     seen, correct, loss_sum = 0, 0, 0.0
-    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not show_progress)
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if show_progress else True)
     for images, labels in bar:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if channels_last:

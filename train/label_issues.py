@@ -72,7 +72,7 @@ def out_of_fold_probabilities(root: Path, rows: list[ManifestRow], folds: int, m
     probabilities = np.zeros((len(rows), len(class_names)))
     features = _pixel_features(paths) if model == "pixels" else None
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train, held_out in tqdm(list(splitter.split(labels, labels, groups)), desc="label-issue folds", unit="fold"):
+    for train, held_out in tqdm(list(splitter.split(labels, labels, groups)), desc="label-issue folds", unit="fold", disable=None):
         if features is not None:
             probabilities[held_out] = _pixels_probabilities(features, labels, train, held_out, len(class_names))
         else:

@@ -186,7 +186,7 @@ def inspect_all(root: Path, rows: list[ManifestRow], config: PrepareConfig) -> N
     context = multiprocessing.get_context("spawn" if sys.platform == "darwin" else "forkserver")
     with context.Pool(workers, initializer=_init_worker, initargs=(config.max_pixels,)) as pool:
         results = pool.imap(inspect_file, paths, chunksize=16)
-        for row, result in tqdm(zip(todo, results, strict=True), total=len(todo), desc="decoding", unit="file"):
+        for row, result in tqdm(zip(todo, results, strict=True), total=len(todo), desc="decoding", unit="file", disable=None):
             for key, value in result.items():
                 setattr(row, key, value)
 
@@ -239,7 +239,7 @@ def mark_duplicates(rows: list[ManifestRow], max_distance: int) -> None:
             i = parent[i]
         return i
 
-    for i in tqdm(range(len(candidates) - 1), desc="near duplicates", unit="file", leave=False):
+    for i in tqdm(range(len(candidates) - 1), desc="near duplicates", unit="file", leave=False, disable=None):
         for j in np.nonzero(hamming(hashes[i], hashes[i + 1:]) <= max_distance)[0] + i + 1:
             parent[find(int(j))] = find(i)
     clusters: dict[int, list[int]] = defaultdict(list)

@@ -44,3 +44,11 @@ def test_fit_refuses_unavailable_weights_with_exit_code_2(digits_root, tmp_path,
                      "--weights", "IMAGENET1K_V1", "--weights-cache", tmp_path / "cache", "--epochs", 1, check=False)
     assert result.returncode == 2
     assert "could not download" in result.stderr and "--weights none" in result.stderr
+
+
+def test_logs_get_epoch_lines_and_no_progress_bars(small_digits, tmp_path):
+    """Progress bars are for terminals; piped into a log (CI, a Job) only the epoch lines remain."""
+    result = run_cli("-m", "train", "fit", "--data", small_digits, "--out", tmp_path, "--arch", "resnet18", "--epochs", 1,
+                     "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--no-calibrate")
+    assert "epoch 1/1  loss" in result.stdout
+    assert "batch/s" not in result.stderr + result.stdout and "img/s]" not in result.stderr + result.stdout
