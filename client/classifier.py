@@ -69,6 +69,9 @@ def channel_arguments(url: str) -> list[tuple[str, object]]:
         ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Any unanswered ping ends the connection after the same time: gRPC's own bandwidth probe
+        # ping, sent with a request, otherwise holds keepalive back for a minute (measured).
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RERESOLUTION_MS),

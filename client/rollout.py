@@ -22,6 +22,17 @@ class VersionState:
     server: str
     state: str  # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE
     reason: str = ""
+    model: str = ""
+    version: str = ""
+
+    @classmethod
+    def from_index_entry(cls, server: str, entry: dict) -> VersionState:
+        """Triton reports a version the policy unloaded as UNAVAILABLE with reason "unloaded"; only
+        the other UNAVAILABLE versions failed to load."""
+        state, reason = entry.get("state", "UNKNOWN"), entry.get("reason", "")
+        if (state, reason) == ("UNAVAILABLE", "unloaded"):
+            state = "UNLOADED"
+        return cls(server, state, reason, entry.get("name", ""), entry.get("version", ""))
 
 
 def expand_servers(url: str) -> list[str]:
@@ -34,17 +45,19 @@ def expand_servers(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
+def repository_states(server: str, timeout_s: float = 10.0) -> list[VersionState]:
+    """Every model version one server knows, from its repository index (raises InferenceServerException)."""
+    with grpcclient.InferenceServerClient(server) as client:
+        index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s).get("models", [])
+    return [VersionState.from_index_entry(server, entry) for entry in index]
+
+
 def version_state(server: str, model: str, version: str, timeout_s: float = 10.0) -> VersionState:
     try:
-        with grpcclient.InferenceServerClient(server) as client:
-            index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s).get("models", [])
+        states = repository_states(server, timeout_s)
     except InferenceServerException as error:
-        return VersionState(server, "UNREACHABLE", error.message() or str(error))
-    for entry in index:
-        if entry.get("name") == model and entry.get("version") == version:
-            state, reason = entry.get("state", "UNKNOWN"), entry.get("reason", "")
-            return VersionState(server, "UNLOADED" if (state, reason) == ("UNAVAILABLE", "unloaded") else state, reason)
-    return VersionState(server, "UNKNOWN")
+        return VersionState(server, "UNREACHABLE", error.message() or str(error), model, version)
+    return next((s for s in states if (s.model, s.version) == (model, version)), VersionState(server, "UNKNOWN", "", model, version))
 
 
 def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_s: float = 2.0) -> list[VersionState]:

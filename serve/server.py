@@ -9,7 +9,6 @@ Python isolated and ignores PYTHONPATH, so that is how it finds onnxruntime and 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -26,6 +25,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonclient.utils import InferenceServerException
+
+from client.rollout import repository_states
 from serve.local_repository import sync_local_repository
 
 # Health checks go straight to the local server, never through an http_proxy from the environment.
@@ -240,19 +242,13 @@ class TritonServer:
                     print(f"serve: error: model {model!r} version {version} failed to load and is not served: {reason}",
                           file=sys.stderr, flush=True)
 
-    def repository_index(self) -> list[dict]:
-        """Triton's repository index: every model version it knows, with state and reason."""
-        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
-        with LOCAL_HTTP.open(request, timeout=5) as response:
-            return json.loads(response.read())
-
     def unavailable_versions(self) -> dict[tuple[str, str], str]:
+        """(model, version) → Triton's reason, for each version that failed to load."""
         try:
-            index = self.repository_index()
-        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            states = repository_states(self.grpc_url)
+        except InferenceServerException:
             return {}
-        return {(entry["name"], entry.get("version", "")): entry.get("reason", "")
-                for entry in index if entry.get("state") == "UNAVAILABLE" and entry.get("reason") != "unloaded"}
+        return {(s.model, s.version): s.reason for s in states if s.state == "UNAVAILABLE"}
 
     def wait_until_ready(self) -> None:
         if not wait_for_readiness(self.http_url, self.ready_timeout_s, self.process):

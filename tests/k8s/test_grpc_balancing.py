@@ -135,3 +135,32 @@ def test_a_server_added_after_the_client_connected_gets_calls_within_the_max_con
         assert not load.errors, load.errors[:3]
     finally:
         resolver.stop()
+
+
+def test_a_call_to_a_frozen_server_fails_by_keepalive_long_before_its_deadline(repository, monkeypatch):
+    """A node that dies without closing its connections (power loss, network partition) looks like a
+    server that stops answering: SIGSTOP. Keepalive must end a call long before its 60 s deadline."""
+    import os
+    import signal
+
+    import client.classifier as classifier_module
+
+    monkeypatch.setattr(classifier_module, "KEEPALIVE_TIME_MS", 2000)  # production: 20 s and 10 s
+    monkeypatch.setattr(classifier_module, "KEEPALIVE_TIMEOUT_MS", 1000)
+    with TritonServer(repository, free_ports(), extra_args=grpc_flags()) as server:
+        with TritonClassifier(server.grpc_url, MODEL, timeout_s=60) as client:
+            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+            client.infer(image)
+            os.killpg(server.process.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                try:
+                    client.infer(image)
+                    failed = None
+                except Exception as error:  # what a caller sees: the connection is gone
+                    failed = error
+                waited = time.monotonic() - started
+            finally:
+                os.killpg(server.process.pid, signal.SIGCONT)
+    assert failed is not None, "a call to a frozen server succeeded"
+    assert waited < 15, f"the call hung {waited:.0f} s (deadline 60 s): keepalive did not notice the dead peer"
