@@ -9,6 +9,7 @@ Python isolated and ignores PYTHONPATH, so that is how it finds onnxruntime and 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -25,9 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tritonclient.utils import InferenceServerException
-
-from client.rollout import repository_states
+from client.rollout import VersionState
 from serve.local_repository import sync_local_repository
 
 # Health checks go straight to the local server, never through an http_proxy from the environment.
@@ -243,11 +242,15 @@ class TritonServer:
                           file=sys.stderr, flush=True)
 
     def unavailable_versions(self) -> dict[tuple[str, str], str]:
-        """(model, version) → Triton's reason, for each version that failed to load."""
+        """(model, version) → Triton's reason, for each version that failed to load (its REST index,
+        read with the same rule as `python -m client rollout-status`)."""
+        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
         try:
-            states = repository_states(self.grpc_url)
-        except InferenceServerException:
+            with LOCAL_HTTP.open(request, timeout=5) as response:
+                index = json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
             return {}
+        states = [VersionState.from_index_entry(self.grpc_url, entry) for entry in index]
         return {(s.model, s.version): s.reason for s in states if s.state == "UNAVAILABLE"}
 
     def wait_until_ready(self) -> None:

@@ -95,7 +95,7 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
     assert readiness == ["--strict-readiness=false", "--exit-on-error=true"]
     readiness_path = container["readinessProbe"]["httpGet"]["path"]
 
-    with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=1, extra_args=readiness) as server:
+    with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=2, extra_args=readiness) as server:
         with Traffic(server, readiness_path) as traffic:
             wait_until(lambda: traffic.ok > 20, 30, "traffic flows")
             publish(repo, config, labels, model_dir / "1" / "model.onnx")  # version 2: a good one
@@ -111,9 +111,9 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
             wait_until(lambda: served_by_version(server.grpc_url)["2"] > before + 20, 30, "version 2 keeps serving")
 
             shutil.rmtree(model_dir / "3")  # the rollback: move the broken version out of the repository
-            time.sleep(3)  # the next poll sees it gone
+            time.sleep(5)  # the next poll sees it gone
             attempts = server.log_text().count(f"loading: {MODEL}:3")
-            time.sleep(4)  # four more polls: no more attempts to load version 3
+            time.sleep(6)  # three more polls: no more attempts to load version 3
             retried = server.log_text().count(f"loading: {MODEL}:3") - attempts
             before = served_by_version(server.grpc_url)["2"]
             wait_until(lambda: served_by_version(server.grpc_url)["2"] > before + 20, 30, "version 2 serves after the rollback")
