@@ -1,9 +1,11 @@
 """A local derivative of the production model repository that the pip-installable Triton can run.
 
-Production configs say `backend: "onnxruntime"` and `KIND_GPU`; this Triton build has neither. Each
-model becomes a python-backend model (serve/onnxruntime_model.py) that runs the *same* model.onnx
-(linked, not copied) on the CPU. Everything else in config.pbtxt — tensors, max_batch_size,
-dynamic batching, warmup, labels, the preprocessing parameters — is kept as written.
+Production configs say `backend: "onnxruntime"`; this Triton build does not have it. Each model
+becomes a python-backend model (serve/onnxruntime_model.py) that runs the *same* model.onnx (linked,
+not copied) on the CPU. The source is the model's CPU config (configs/cpu.pbtxt, what a CPU node
+runs; config.pbtxt when there is none). Everything in it — tensors, max_batch_size, instance count,
+dynamic batching, warmup, labels, the preprocessing parameters and the onnxruntime backend's thread
+parameters, which the python model applies to its session — is kept as written.
 
 `sync_local_repository` is idempotent: run again, it adds the versions that `python -m export`
 published since (each assembled in a hidden folder and renamed into place, as export does), removes
@@ -32,15 +34,16 @@ class LocalRepositoryError(RuntimeError):
 
 
 def local_config(config: mc.ModelConfig) -> mc.ModelConfig:
-    """The production config, run by the python backend on one CPU instance."""
+    """The CPU config, run by the python backend on CPU instances."""
     if config.backend not in ("onnxruntime", "") or config.platform not in ("onnxruntime_onnx", ""):
         raise LocalRepositoryError(f"{config.name}: only ONNX models can be served locally, not {config.backend or config.platform}")
     local = mc.ModelConfig()
     local.CopyFrom(config)
     local.backend, local.platform = "python", ""
     local.default_model_filename = ""
+    count = sum(group.count or 1 for group in local.instance_group) or 1
     del local.instance_group[:]
-    local.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1))
+    local.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=count))
     local.optimization.ClearField("execution_accelerators")
     return local
 
@@ -53,7 +56,8 @@ def sync_local_repository(repository: Path, target: Path) -> list[str]:
     target.mkdir(parents=True, exist_ok=True)
     names = []
     for model_dir in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
-        config = read_config(model_dir / "config.pbtxt")
+        cpu_config = model_dir / "configs" / "cpu.pbtxt"
+        config = read_config(cpu_config if cpu_config.is_file() else model_dir / "config.pbtxt")
         published = [v for v in versions(model_dir) if (model_dir / str(v) / MODEL_FILE).is_file()]
         if not published:
             raise LocalRepositoryError(f"{model_dir} has no <version>/{MODEL_FILE}")

@@ -50,9 +50,11 @@ def trained_run(digits_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def repository(trained_run, tmp_path_factory) -> Path:
+    """The digits model at fp32 (MODEL) and int8 (MODEL-int8, through the default accuracy gate)."""
     repo = tmp_path_factory.mktemp("model_repository")
-    run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
-            "--max-batch-size", 16, "--max-queue-delay-us", 2000)
+    for precision in ("fp32", "int8"):
+        run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
+                "--max-batch-size", 16, "--max-queue-delay-us", 2000, "--precision", precision)
     return repo
 
 

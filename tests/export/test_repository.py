@@ -5,7 +5,17 @@ import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
 from client.preprocessing import PreprocessSpec
-from export.repository import BatchingConfig, RepositoryError, build_config, publish, read_config, versions
+from export.repository import (
+    BatchingConfig,
+    CpuTuning,
+    RepositoryError,
+    TensorRTConfig,
+    build_config,
+    cpu_variant,
+    publish,
+    read_config,
+    versions,
+)
 from tests.conftest import MODEL
 
 
@@ -28,12 +38,51 @@ def test_exported_config_parses_with_triton_types_and_carries_the_contract(repos
     assert (repository / MODEL / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
 
 
-def test_a_cpu_variant_differs_only_in_the_instance_kind(repository):
+def test_the_cpu_variant_carries_the_cpu_tuning_in_the_onnxruntime_backends_terms(repository):
     gpu = read_config(repository / MODEL / "config.pbtxt")
     cpu = read_config(repository / MODEL / "configs" / "cpu.pbtxt")
-    assert [g.kind for g in cpu.instance_group] == [mc.ModelInstanceGroup.KIND_CPU]
-    del gpu.instance_group[:], cpu.instance_group[:]
+    assert [(g.kind, g.count) for g in cpu.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, CpuTuning.instance_count)]
+    parameters = {k: v.string_value for k, v in cpu.parameters.items()}
+    assert (parameters["intra_op_thread_count"], parameters["inter_op_thread_count"], parameters["execution_mode"]) == (
+        str(CpuTuning.intra_op_threads), "1", "0")
+    assert cpu.dynamic_batching.max_queue_delay_microseconds == CpuTuning.max_queue_delay_us
+    assert gpu.dynamic_batching.max_queue_delay_microseconds == 2000  # the fixture's --max-queue-delay-us: GPU only
+    for field in ("instance_group", "dynamic_batching", "parameters"):
+        gpu.ClearField(field), cpu.ClearField(field)
     assert gpu == cpu
+
+
+def test_cpu_tuning_and_preferred_batch_sizes_are_written_and_checked():
+    config = build_config("m", 3, PreprocessSpec(36, 32), BatchingConfig(16, 100, 2, (4, 8)))
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    cpu = cpu_variant(config, CpuTuning(instance_count=3, intra_op_threads=4, max_queue_delay_us=0, preferred_batch_sizes=(2,)))
+    assert [(g.kind, g.count) for g in cpu.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 3)]
+    assert list(cpu.dynamic_batching.preferred_batch_size) == [2] and cpu.dynamic_batching.max_queue_delay_microseconds == 0
+    assert cpu.parameters["intra_op_thread_count"].string_value == "4"
+    with pytest.raises(RepositoryError, match="preferred batch sizes"):
+        build_config("m", 3, PreprocessSpec(36, 32), BatchingConfig(8, 100, 1, (16,)))
+
+
+def test_tensorrt_accelerator_round_trips_through_config_pbtxt_and_stays_off_cpu(tmp_path):
+    config = build_config("m-int8", 3, PreprocessSpec(256, 224), BatchingConfig(16, 100), precision="int8",
+                          tensorrt=TensorRTConfig("INT8", 1 << 31, "/cache/trt"))
+    publish(tmp_path, config, ["a", "b", "c"], fake_model_file(tmp_path))
+    written = read_config(tmp_path / "m-int8" / "config.pbtxt")
+    [accelerator] = written.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert dict(accelerator.parameters) == {
+        "precision_mode": "INT8", "max_workspace_size_bytes": str(1 << 31),
+        "trt_engine_cache_enable": "1", "trt_engine_cache_path": "/cache/trt",
+        "trt_timing_cache_enable": "1", "trt_timing_cache_path": "/cache/trt",
+        "trt_profile_min_shapes": "image:1x3x224x224", "trt_profile_opt_shapes": "image:16x3x224x224",
+        "trt_profile_max_shapes": "image:16x3x224x224",
+    }
+    assert [w.batch_size for w in written.model_warmup] == [1, 16]  # the engine is built before the model is ready
+    assert written.parameters["precision"].string_value == "int8"
+    cpu = read_config(tmp_path / "m-int8" / "configs" / "cpu.pbtxt")
+    assert not cpu.HasField("optimization")
+    with pytest.raises(RepositoryError, match="TensorRT precision"):
+        build_config("m", 3, PreprocessSpec(36, 32), tensorrt=TensorRTConfig("BF16"))
 
 
 def test_exported_onnx_takes_uint8_with_a_dynamic_batch_and_returns_fp32(repository):

@@ -3,19 +3,20 @@ import shutil
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.repository import publish, read_config
+from export.repository import config_to_text, publish, read_config
 from serve.local_repository import sync_local_repository
 from tests.conftest import MODEL
 
 
-def test_local_derivative_runs_the_same_onnx_on_cpu_and_keeps_the_rest_of_the_config(repository, tmp_path):
-    assert sync_local_repository(repository, tmp_path / "local") == [MODEL]
-    production = read_config(repository / MODEL / "config.pbtxt")
+def test_local_derivative_runs_the_same_onnx_and_the_cpu_config(repository, tmp_path):
+    assert sync_local_repository(repository, tmp_path / "local") == [MODEL, f"{MODEL}-int8"]
+    cpu = read_config(repository / MODEL / "configs" / "cpu.pbtxt")
     local = read_config(tmp_path / "local" / MODEL / "config.pbtxt")
     assert local.backend == "python"
     assert [(g.kind, g.count) for g in local.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]
     for field in ("input", "output", "max_batch_size", "dynamic_batching", "parameters", "model_warmup", "version_policy"):
-        assert getattr(local, field) == getattr(production, field), field
+        assert getattr(local, field) == getattr(cpu, field), field
+    assert local.parameters["intra_op_thread_count"].string_value == cpu.parameters["intra_op_thread_count"].string_value
     linked = tmp_path / "local" / MODEL / "1" / "model.onnx"
     assert os.path.realpath(linked) == str((repository / MODEL / "1" / "model.onnx").resolve())
     assert (tmp_path / "local" / MODEL / "1" / "model.py").is_file()
@@ -37,3 +38,19 @@ def test_sync_follows_published_and_removed_versions_and_leaves_unchanged_config
     sync_local_repository(repo, local)
     assert not (local / MODEL / "1").exists() and (local / MODEL / "2" / "model.py").is_file()
     assert not [p for p in (local / MODEL).iterdir() if p.name.startswith(".staging")]
+
+
+def test_local_derivative_keeps_the_cpu_instance_count_and_reads_config_pbtxt_without_a_cpu_config(repository, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repository / MODEL, repo / MODEL)
+    config = read_config(repo / MODEL / "configs" / "cpu.pbtxt")
+    config.instance_group[0].count = 2
+    (repo / MODEL / "configs" / "cpu.pbtxt").write_text(config_to_text(config))
+    sync_local_repository(repo, tmp_path / "local")
+    local = read_config(tmp_path / "local" / MODEL / "config.pbtxt")
+    assert [(g.kind, g.count) for g in local.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 2)]
+    shutil.rmtree(repo / MODEL / "configs")
+    sync_local_repository(repo, tmp_path / "local")
+    local = read_config(tmp_path / "local" / MODEL / "config.pbtxt")
+    assert "intra_op_thread_count" not in local.parameters  # config.pbtxt (the GPU config) sets no CPU threads
+    assert [(g.kind, g.count) for g in local.instance_group] == [(mc.ModelInstanceGroup.KIND_CPU, 1)]

@@ -1,0 +1,410 @@
+"""Serving speed at the real size: ResNet50, 224², FP32 and INT8, in process and through real Triton.
+
+    .venv/bin/python benchmarks/serving.py [--seconds 4] [--out reports/serving]
+    .venv/bin/python benchmarks/serving.py --sweep      # the CPU config sweep (threads, instances, batcher)
+    .venv/bin/python benchmarks/serving.py --provider tensorrt   # on a GPU machine, with onnxruntime-gpu
+
+One run, one machine, so the ratios mean something (these machines are noisy):
+1. builds the model it measures through the project's own code: a randomly initialised ResNet50
+   checkpoint (speed does not depend on the weights) over synthetic 700×460 H&E-coloured PNGs, then
+   `python -m export` at fp32 and `--precision int8` (the accuracy gate is opened wide: random
+   weights have no accuracy to keep; the gate is tested on a trained model in tests/export);
+2. in-process ONNX Runtime, CPU provider, intra-op threads = the machine's cores, batch 1/4/8/16;
+   OpenVINO on the same ONNX files when it is installed;
+3. the local real Triton (`python -m serve`'s TritonServer, the configs/cpu.pbtxt that export wrote),
+   batch-1 gRPC requests at concurrency 1/2/4/8/16: throughput, p50/p95/p99, and from Triton's
+   statistics extension the queue and compute time per request and the average batch size;
+4. `python -m client classify` on the PNG folder (the whole command, process start included).
+
+Prints a table and the ratios (served ÷ in-process at concurrency ≥ 4, INT8 ÷ FP32), writes
+serving.json and serving.png (throughput vs p99 per variant) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnxruntime as ort  # noqa: E402
+import tritonclient.grpc as grpcclient  # noqa: E402
+
+from client.preprocessing import PreprocessSpec, find_images, preprocess_file  # noqa: E402
+from export.repository import CpuTuning, config_to_text, cpu_variant, read_config, write_text_if_changed  # noqa: E402
+from serve.server import TritonServer, free_ports  # noqa: E402
+
+MODEL = "resnet50"
+VARIANTS = {"fp32": MODEL, "int8": f"{MODEL}-int8"}
+CONCURRENCY = (1, 2, 4, 8, 16)
+BATCHES = (1, 4, 8, 16)
+SWEEP = [  # (instances, intra-op threads per instance, max_queue_delay_us, preferred batch sizes), for 2 cores
+    CpuTuning(instance_count=i, intra_op_threads=t, max_queue_delay_us=d, preferred_batch_sizes=p)
+    for i, t, d, p in [(1, 2, 0, ()), (1, 2, 1000, ()), (1, 2, 2000, (4, 8)), (2, 1, 0, ()), (2, 1, 1000, ()), (1, 1, 0, ())]
+]
+SWEEP_CONCURRENCY = (4, 16)
+
+
+@dataclass
+class Row:
+    variant: str
+    path: str
+    setting: str
+    images_per_s: float
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    triton: dict = field(default_factory=dict)
+
+
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in command], cwd=ROOT, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(str(c) for c in command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return result
+
+
+def build_model(work: Path, images: int, classes: int = 4) -> Path:
+    """Synthetic 700×460 PNGs in train/val/test folders and a random ResNet50 checkpoint over them."""
+    import torch
+
+    from train.checkpoint import CheckpointMeta, save_checkpoint
+    from train.model import IMAGENET_MEAN, IMAGENET_STD, build_classifier
+    from train.synthetic import tissue
+
+    data = work / "data"
+    for i in range(images):
+        split = ("test", "val", "train", "train")[(i // classes) % 4]
+        path = data / split / f"class_{i % classes}" / f"tile_{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tissue(i, 700).crop((0, 120, 700, 580)).save(path)
+    torch.manual_seed(0)
+    model = build_classifier("resnet50", classes)
+    meta = CheckpointMeta("resnet50", [f"class_{c}" for c in range(classes)], PreprocessSpec(256, 224), IMAGENET_MEAN,
+                          IMAGENET_STD, 0.2, str(data), 0)
+    save_checkpoint(work / "checkpoint.pt", model, meta)
+    return work / "checkpoint.pt"
+
+
+def export(checkpoint: Path, repository: Path, precisions: list[str]) -> None:
+    common = ["-m", "export", checkpoint, "--repository", repository, "--name", MODEL, "--parity-count", 8]
+    run([sys.executable, *common])
+    wide_open = ["--calibration-count", 32, "--min-agreement", 0, "--max-accuracy-drop", 1]
+    for precision in precisions:
+        run([sys.executable, *common, "--precision", precision, *wide_open])
+
+
+def gpu_rows(variant: str, onnx_file: Path, images: np.ndarray, seconds: float, provider: str, cache: Path) -> list[Row]:
+    """In process on the GPU: CUDA, or TensorRT at the variant's precision (engine cached in `cache`)."""
+    if provider == "cuda":
+        providers = ["CUDAExecutionProvider"]
+    else:
+        options = {"trt_fp16_enable": variant == "fp16", "trt_int8_enable": variant == "int8",
+                   "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+        providers = [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
+    session = ort.InferenceSession(str(onnx_file), providers=providers)
+    rows = []
+    for batch in BATCHES:
+        feed = {"image": images[:batch]}
+        session.run(None, feed)  # TensorRT builds an engine per new shape: not timed
+        rate = timed(lambda feed=feed: session.run(None, feed), batch, seconds)
+        rows.append(Row(variant, f"onnxruntime {provider}", f"batch {batch}", rate))
+    return rows
+
+
+def in_process(variant: str, onnx_file: Path, images: np.ndarray, seconds: float, threads: int) -> list[Row]:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    rows = []
+    for batch in BATCHES:
+        feed = {"image": images[:batch]}
+        rate = timed(lambda feed=feed: session.run(None, feed), batch, seconds)
+        rows.append(Row(variant, "onnxruntime in process", f"batch {batch}, {threads} threads", rate))
+    return rows
+
+
+def openvino_rows(variant: str, onnx_file: Path, images: np.ndarray, seconds: float) -> list[Row]:
+    try:
+        import openvino
+    except ImportError:
+        return []
+    compiled = openvino.Core().compile_model(str(onnx_file), "CPU")
+    rows = []
+    for batch in (1, 8):
+        batch_images = images[:batch]
+        rate = timed(lambda batch_images=batch_images: compiled(batch_images), batch, seconds)
+        rows.append(Row(variant, "openvino in process", f"batch {batch}", rate))
+    return rows
+
+
+def timed(call, batch: int, seconds: float) -> float:
+    call()  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        call()
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def statistics_of(client: grpcclient.InferenceServerClient, model: str) -> dict:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
+    totals = {"requests": 0, "executions": 0, "inferences": 0, "queue_ns": 0, "compute_ns": 0}
+    for entry in stats:
+        inference = entry.get("inference_stats", {})
+        totals["requests"] += int(inference.get("success", {}).get("count", 0))
+        totals["executions"] += int(entry.get("execution_count", 0))
+        totals["inferences"] += int(entry.get("inference_count", 0))
+        totals["queue_ns"] += int(inference.get("queue", {}).get("ns", 0))
+        totals["compute_ns"] += sum(int(inference.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
+    return totals
+
+
+def served(variant: str, url: str, model: str, images: np.ndarray, concurrency: int, seconds: float) -> Row:
+    """`concurrency` callers, each its own gRPC channel, sending batch-1 requests back to back."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    measuring = threading.Event()
+
+    def caller(index: int) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        mine = []
+        request = grpcclient.InferInput("image", [1, *images.shape[1:]], "UINT8")
+        request.set_data_from_numpy(images[index % len(images)][None])
+        try:
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.infer(model, [request])
+                if measuring.is_set():
+                    mine.append(time.perf_counter() - started)
+        finally:
+            client.close()
+            with lock:
+                latencies.extend(mine)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    time.sleep(min(1.0, seconds / 4))  # every caller connected and the batcher in its steady state
+    with grpcclient.InferenceServerClient(url) as client:
+        before = statistics_of(client, model)
+        measuring.set()
+        started = time.perf_counter()
+        time.sleep(seconds)
+        measuring.clear()
+        elapsed = time.perf_counter() - started
+        after = statistics_of(client, model)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    delta = {key: after[key] - before[key] for key in after}
+    requests = max(1, delta["requests"])
+    triton = {
+        "queue_ms_per_request": delta["queue_ns"] / requests / 1e6,
+        "compute_ms_per_request": delta["compute_ns"] / requests / 1e6,
+        "average_batch": delta["inferences"] / max(1, delta["executions"]),
+    }
+    p50, p95, p99 = (float(np.percentile(latencies, q) * 1000) for q in (50, 95, 99))
+    return Row(variant, "triton gRPC", f"concurrency {concurrency}", len(latencies) / elapsed, p50, p95, p99, triton)
+
+
+def client_command(variant: str, url: str, model: str, folder: Path) -> Row:
+    files = len(find_images(folder))
+    started = time.perf_counter()
+    result = run([sys.executable, "-m", "client", "classify", folder, "--url", url, "--model", model])
+    elapsed = time.perf_counter() - started
+    if len(result.stdout.splitlines()) != files:
+        sys.exit(f"python -m client classify printed {len(result.stdout.splitlines())} results for {files} files")
+    return Row(variant, "python -m client classify", f"{files} PNGs 700×460, whole command", files / elapsed)
+
+
+def apply_tuning(repository: Path, tuning: CpuTuning) -> None:
+    for name in VARIANTS.values():
+        config = read_config(repository / name / "config.pbtxt")
+        write_text_if_changed(repository / name / "configs" / "cpu.pbtxt", config_to_text(cpu_variant(config, tuning)))
+
+
+def describe(tuning: CpuTuning) -> str:
+    preferred = ",".join(map(str, tuning.preferred_batch_sizes)) or "-"
+    return (f"{tuning.instance_count} inst × {tuning.intra_op_threads or 'all'} threads, delay {tuning.max_queue_delay_us} µs, "
+            f"preferred {preferred}")
+
+
+def table(rows: list[Row]) -> str:
+    wide = max(28, *(len(r.path) for r in rows))
+    lines = [f"{'variant':7} {'path':{wide}} {'setting':40} {'img/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+             f"{'queue ms':>8} {'compute ms':>10} {'avg batch':>9}"]
+
+    def number(value, width, digits=1):
+        return f"{value:{width}.{digits}f}" if value is not None else " " * (width - 1) + "-"
+
+    for r in rows:
+        t = r.triton
+        lines.append(f"{r.variant:7} {r.path:{wide}} {r.setting:40} {r.images_per_s:7.1f} {number(r.p50_ms, 7)} {number(r.p95_ms, 7)} "
+                     f"{number(r.p99_ms, 7)} {number(t.get('queue_ms_per_request'), 8)} {number(t.get('compute_ms_per_request'), 10)} "
+                     f"{number(t.get('average_batch'), 9, 2)}")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[Row]) -> dict[str, float]:
+    def best(variant: str, path: str, min_concurrency: int = 0) -> float:
+        rates = [r.images_per_s for r in rows if r.variant == variant and r.path == path
+                 and (not min_concurrency or int(r.setting.split()[-1]) >= min_concurrency)]
+        return max(rates, default=float("nan"))
+
+    result = {}
+    for variant in VARIANTS:
+        result[f"{variant} served (concurrency ≥ 4) ÷ in-process"] = (
+            best(variant, "triton gRPC", 4) / best(variant, "onnxruntime in process"))
+    result["int8 ÷ fp32, in process"] = best("int8", "onnxruntime in process") / best("fp32", "onnxruntime in process")
+    result["int8 ÷ fp32, served"] = best("int8", "triton gRPC", 1) / best("fp32", "triton gRPC", 1)
+    result["int8 ÷ fp32, client command"] = best("int8", "python -m client classify") / best("fp32", "python -m client classify")
+    if any(r.path == "openvino in process" for r in rows):
+        result["openvino fp32 ÷ onnxruntime fp32, in process"] = (
+            best("fp32", "openvino in process") / best("fp32", "onnxruntime in process"))
+    return result
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for variant in sorted({r.variant for r in rows}):
+        points = [r for r in rows if r.variant == variant and r.path == "triton gRPC"]
+        axes.plot([r.p99_ms for r in points], [r.images_per_s for r in points], marker="o", label=f"{variant} served")
+        for r in points:
+            axes.annotate(r.setting.split()[-1], (r.p99_ms, r.images_per_s), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        local = max((r.images_per_s for r in rows if r.variant == variant and r.path == "onnxruntime in process"), default=None)
+        if local:
+            axes.axhline(local, linestyle="--", linewidth=1, color=axes.lines[-1].get_color(), label=f"{variant} in process (best)")
+    axes.set_xlabel("p99 latency (ms), batch-1 requests; labels: concurrency")
+    axes.set_ylabel("images / s")
+    axes.set_title("ResNet50 224², served by Triton (CPU config) vs in process")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measurement time per row (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=128, help="synthetic 700×460 PNGs written (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "serving")
+    parser.add_argument("--sweep", action="store_true", help="sweep the CPU config instead (concurrency 4 and 16)")
+    parser.add_argument("--keep", type=Path, help="build in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                        help="cuda/tensorrt: fp32, fp16 and int8 in process on the GPU with onnxruntime-gpu "
+                             "(the local Triton is CPU-only, so no served rows)")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    cores = os.cpu_count() or 1
+    wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(args.provider)
+    if wanted and wanted not in ort.get_available_providers():
+        sys.exit(f"--provider {args.provider}: this onnxruntime has no {wanted} (pip install onnxruntime-gpu, on a machine with a GPU)")
+    work = args.keep or Path(tempfile.mkdtemp(prefix="histoserve-serving-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        print(f"building ResNet50 224² (random weights) and exporting fp32 + int8 in {work} ...", flush=True)
+        checkpoint = build_model(work, args.images)
+        repository = work / "model_repository"
+        export(checkpoint, repository, ["int8"] if args.provider == "cpu" else ["fp16", "int8"])
+        folder = work / "data"
+        images = np.stack([preprocess_file(p, PreprocessSpec(256, 224)) for p in find_images(folder / "test")[:16]])
+        images = np.concatenate([images] * (16 // len(images) + 1))[:16]
+        rows: list[Row] = []
+        if args.sweep:
+            rows = sweep(repository, images, args.seconds)
+        elif args.provider != "cpu":
+            for variant in ("fp32", "fp16", "int8"):
+                onnx_file = repository / (MODEL if variant == "fp32" else f"{MODEL}-{variant}") / "1" / "model.onnx"
+                print(f"{variant}: in process on {args.provider} ...", flush=True)
+                rows += gpu_rows(variant, onnx_file, images, args.seconds, args.provider, work / "tensorrt")
+        else:
+            for variant, name in VARIANTS.items():
+                onnx_file = repository / name / "1" / "model.onnx"
+                print(f"{variant}: in process ...", flush=True)
+                rows += in_process(variant, onnx_file, images, args.seconds, cores)
+                rows += openvino_rows(variant, onnx_file, images, args.seconds)
+            with TritonServer(repository, free_ports()) as server:
+                for variant, name in VARIANTS.items():
+                    for concurrency in CONCURRENCY:
+                        print(f"{variant}: served, concurrency {concurrency} ...", flush=True)
+                        rows.append(served(variant, server.grpc_url, name, images, concurrency, args.seconds))
+                    rows.append(client_command(variant, server.grpc_url, name, folder))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print("\n" + table(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "onnxruntime": ort.__version__,
+                    "python": platform.python_version()},
+        "model": "resnet50, 224², uint8 NCHW input, random weights",
+        "seconds_per_row": args.seconds,
+        "rows": [asdict(r) for r in rows],
+    }
+    if args.sweep or args.provider != "cpu":
+        name = "sweep.json" if args.sweep else f"serving-{args.provider}.json"
+        (args.out / name).write_text(json.dumps(summary, indent=2))
+        print(f"\nwrote {args.out / name} ({(time.monotonic() - started) / 60:.1f} min)")
+        return 0
+    summary["ratios"] = ratios(rows)
+    (args.out / "serving.json").write_text(json.dumps(summary, indent=2))
+    plot(rows, args.out / "serving.png")
+    print("\nratios (one run)")
+    for name, value in summary["ratios"].items():
+        print(f"  {name:48} {value:5.2f}")
+    print(f"\nwrote {args.out / 'serving.json'} and {args.out / 'serving.png'} ({(time.monotonic() - started) / 60:.1f} min)")
+    return 0
+
+
+def sweep(repository: Path, images: np.ndarray, seconds: float) -> list[Row]:
+    """Each CPU config on a fresh server, both variants: what configs/cpu.pbtxt should say (Model
+    Analyzer's job, done with this benchmark)."""
+    rows = []
+    for variant, name in VARIANTS.items():
+        rows += in_process(variant, repository / name / "1" / "model.onnx", images, seconds, os.cpu_count() or 1)
+    for tuning in SWEEP:
+        apply_tuning(repository, tuning)
+        with TritonServer(repository, free_ports()) as server:
+            for variant, name in VARIANTS.items():
+                for concurrency in SWEEP_CONCURRENCY:
+                    print(f"{describe(tuning)}: {variant}, concurrency {concurrency} ...", flush=True)
+                    row = served(variant, server.grpc_url, name, images, concurrency, seconds)
+                    row.path, row.setting = describe(tuning), f"concurrency {concurrency}"
+                    rows.append(row)
+    apply_tuning(repository, CpuTuning())
+    print(f"\nmean img/s over concurrency {'/'.join(map(str, SWEEP_CONCURRENCY))} ÷ best in process (and max p99 ms)")
+    for variant in VARIANTS:
+        local = max(r.images_per_s for r in rows if r.variant == variant and r.path == "onnxruntime in process")
+        for tuning in SWEEP:
+            mine = [r for r in rows if r.variant == variant and r.path == describe(tuning)]
+            mean = statistics.fmean(r.images_per_s for r in mine)
+            print(f"  {variant} {describe(tuning):48} {mean:6.1f}  {mean / local:5.2f}  {max(r.p99_ms for r in mine):6.0f}")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
