@@ -136,7 +136,7 @@ def main() -> int:
 {load.table()}
   int8 ÷ fp32 served throughput        {load_int8.requests_per_second / load.requests_per_second:.2f}×  \
 ({load_int8.requests_per_second:.1f} vs {load.requests_per_second:.1f} req/s)
-      at 32² per-request overhead weighs as much as the arithmetic; benchmarks/serving.py measures 224²
+      (ResNet50 at 32²; benchmarks/serving.py measures it at 224²)
   reports
     test report         {run / 'test_report.txt'}
     confusion matrix    {run / 'test_confusion_matrix.png'}
