@@ -15,7 +15,8 @@ One run, one machine, so the ratios mean something (these machines are noisy):
 3. the local real Triton (`python -m serve`'s TritonServer, the configs/cpu.pbtxt that export wrote),
    batch-1 gRPC requests at concurrency 1/2/4/8/16: throughput, p50/p95/p99, and from Triton's
    statistics extension the queue and compute time per request and the average batch size;
-4. `python -m client classify` on the PNG folder (the whole command, process start included).
+4. `python -m client classify --concurrency 4` on the PNG folder (the whole command, process start
+   included), and its files/s ÷ the served capacity (best concurrency) of the same run.
 
 Prints a table and the ratios (served at its best concurrency ≥ 4 ÷ in process at its best batch,
 measured before and after the served rows and averaged, since these machines drift; INT8 ÷ FP32), writes
@@ -235,11 +236,11 @@ def served(variant: str, url: str, model: str, images: np.ndarray, concurrency: 
 def client_command(variant: str, url: str, model: str, folder: Path) -> Row:
     files = len(find_images(folder))
     started = time.perf_counter()
-    result = run([sys.executable, "-m", "client", "classify", folder, "--url", url, "--model", model])
+    result = run([sys.executable, "-m", "client", "classify", folder, "--url", url, "--model", model, "--concurrency", 4])
     elapsed = time.perf_counter() - started
     if len(result.stdout.splitlines()) != files:
         sys.exit(f"python -m client classify printed {len(result.stdout.splitlines())} results for {files} files")
-    return Row(variant, "python -m client classify", f"{files} PNGs 700×460, whole command", files / elapsed)
+    return Row(variant, "python -m client classify", f"{files} PNGs 700×460, concurrency 4", files / elapsed)
 
 
 def apply_tuning(repository: Path, tuning: CpuTuning) -> None:
@@ -287,6 +288,9 @@ def ratios(rows: list[Row]) -> dict[str, float]:
     result["int8 ÷ fp32, in process"] = in_process_mean("int8") / in_process_mean("fp32")
     result["int8 ÷ fp32, served"] = best("int8", "triton gRPC", 1) / best("fp32", "triton gRPC", 1)
     result["int8 ÷ fp32, client command"] = best("int8", "python -m client classify") / best("fp32", "python -m client classify")
+    for variant in VARIANTS:
+        result[f"{variant} client command ÷ served (best concurrency)"] = (
+            best(variant, "python -m client classify") / best(variant, "triton gRPC", 1))
     if any(r.path == "openvino in process" for r in rows):
         for variant in VARIANTS:
             for precision in sorted({r.setting.split(", ")[-1] for r in rows if r.path == "openvino in process"}):

@@ -2,8 +2,11 @@
 python -m client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N
 
 classify: PATH may be a file, a folder (searched recursively for images) or a glob. One line per
-file; a file that cannot be read gets an error line and the rest are still classified. Exit code: 0
-all files classified, 1 some files failed, 2 the server or model could not be used.
+file, in input order; a file that cannot be read gets an error line and the rest are still
+classified. --concurrency batches are preprocessed and in flight at once; each request is retried
+through restarts and rollouts until its --deadline-s. Exit code: 0 all files
+classified, 1 some files failed, 2 the server or model could not be used, 130 interrupted (Ctrl-C;
+the lines printed so far are complete).
 
 rollout-status: waits until every server (every pod behind a headless Service) serves version N.
 Exit code: 0 every server has it READY, 1 a server failed to load it (its reason is printed),
@@ -17,10 +20,11 @@ import argparse
 import glob
 import json
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
-from client.classifier import ClientError, TritonClassifier
+from client.classifier import ClientError, FileResult, TritonClassifier
 from client.preprocessing import find_images
 from client.rollout import wait_for_version
 
@@ -53,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--model-version", default="", help="default: the latest the server has")
     classify.add_argument("--top-k", type=int, default=3)
     classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    classify.add_argument("--concurrency", type=int, default=4,
+                          help="batches preprocessed and requests in flight at once (default: %(default)s)")
+    classify.add_argument("--batch-size", type=int, help="files per request (default: the model's max batch size)")
+    classify.add_argument("--output", type=Path, help="write the result lines to this file instead of stdout")
+    classify.add_argument("--deadline-s", type=float, default=60.0,
+                          help="per request, retries included: a server that is restarting or rolling out is waited "
+                               "for and retried until then (default: %(default)s)")
     rollout = commands.add_parser("rollout-status", help="wait until every server serves a model version")
     rollout.add_argument("--url", required=True,
                          help="a server, servers separated by commas, or dns:///name:port for every pod behind a headless Service")
@@ -68,24 +79,59 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
     try:
-        classifier = TritonClassifier(args.url, args.model, args.model_version)
+        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    failures = 0
-    with classifier:
-        for result in classifier.classify_files(paths, args.top_k):
-            failures += not result.ok
-            if args.json:
-                print(json.dumps(asdict(result)), flush=True)
-            elif result.ok:
-                top = ", ".join(f"{p.label} {p.score:.4f}" for p in result.predictions)
-                print(f"{result.path}\t{top}", flush=True)
-            else:
-                print(f"{result.path}\terror: {result.error}", flush=True)
+    output = open(args.output, "w") if args.output else sys.stdout  # closed below
+    progress = Progress(len(paths)) if sys.stderr.isatty() else None
+    failures = done = 0
+    try:
+        with classifier:
+            for result in classifier.classify_files(paths, args.top_k, args.concurrency, args.batch_size):
+                failures += not result.ok
+                done += 1
+                print(format_result(result, args.json), file=output, flush=True)
+                if progress:
+                    progress.update(done, failures)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {done} of {len(paths)} file(s) classified, results above"
+              + (f" and in {args.output}" if args.output else ""), file=sys.stderr)
+        return 130
+    finally:
+        if progress:
+            progress.close()
+        if args.output:
+            output.close()
     if failures:
         print(f"{failures} of {len(paths)} file(s) failed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def format_result(result: FileResult, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(result))
+    if result.ok:
+        return f"{result.path}\t" + ", ".join(f"{p.label} {p.score:.4f}" for p in result.predictions)
+    return f"{result.path}\terror: {result.error}"
+
+
+class Progress:
+    """One status line on stderr, redrawn at most every 0.2 s; only used when stderr is a terminal."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.shown = total, time.monotonic(), 0.0
+
+    def update(self, done: int, failures: int) -> None:
+        now = time.monotonic()
+        if now - self.shown < 0.2 and done < self.total:
+            return
+        self.shown = now
+        rate = done / max(now - self.started, 1e-9)
+        print(f"\r{done}/{self.total} files, {failures} failed, {rate:.1f} files/s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr, flush=True)
 
 
 def rollout_status(args: argparse.Namespace) -> int:

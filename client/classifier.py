@@ -4,12 +4,17 @@ through Triton's classification extension."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
 from tritonclient.utils import InferenceServerException
 
 from client.contract import ContractError, ModelContract
@@ -53,6 +58,19 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 # After a server closes a connection (Triton's --grpc-max-connection-age on Kubernetes), re-resolve
 # the name at most this often, to find pods a scale-out added (gRPC's default is 30 s).
 DNS_MIN_RERESOLUTION_MS = 5_000
+# Reconnect to a server that went away within 2 s of its return (gRPC backs off up to 120 s).
+RECONNECT_BACKOFF_MS = (500, 2_000)
+# An inference call made while no server is reachable waits for one (up to its deadline) instead of
+# failing at once; only ModelInfer, so that reading the contract at start-up still fails fast.
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "inference.GRPCInferenceService", "method": "ModelInfer"}],
+    "waitForReady": True,
+}]})
+# What a rollout, a restart or an overloaded server answer for a while; anything else is final.
+# NOT_FOUND: "Request for unknown model ... has no available versions" while a server unloads its
+# models on the way down (measured with a real Triton stopped under load); the contract was read at
+# start-up, so the model exists.
+RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.NOT_FOUND")
 
 
 def channel_arguments(url: str) -> list[tuple[str, object]]:
@@ -75,15 +93,36 @@ def channel_arguments(url: str) -> list[tuple[str, object]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RERESOLUTION_MS),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+        ("grpc.service_config", SERVICE_CONFIG),
     ]
     if url.startswith(("dns:", "ipv4:", "ipv6:")):
         options.append(("grpc.lb_policy_name", "round_robin"))
     return options
 
 
+class InferenceFailed(RuntimeError):
+    """A request failed for good: a final error, or its deadline passed; the message says which."""
+
+
+def retryable(error: BaseException) -> bool:
+    return isinstance(error, InferenceServerException) and error.status() in RETRYABLE
+
+
 class TritonClassifier:
-    def __init__(self, url: str, model: str, version: str = "", timeout_s: float = 60.0):
-        self.url, self.model, self.version, self.timeout_s = url, model, version, timeout_s
+    """Classify images with a model served by Triton, over gRPC.
+
+    Every request has a deadline (`deadline_s`) that covers its retries: answers a rollout or a
+    restart gives for a while (UNAVAILABLE, RESOURCE_EXHAUSTED, a model being unloaded) are retried
+    with exponential backoff and full jitter (tenacity), and while no server is reachable the call
+    waits for one (gRPC wait-for-ready) instead of failing, so a server that comes back within the
+    deadline loses no request.
+    """
+
+    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0):
+        self.url, self.model, self.version, self.deadline_s = url, model, version, deadline_s
         self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url))
         try:
             self._read_contract()
@@ -132,36 +171,92 @@ class TritonClassifier:
         return self._infer(images, grpcclient.InferRequestedOutput(self.contract.output_name))
 
     def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> np.ndarray:
+        """Raises InferenceFailed when the request fails for good or its deadline passes."""
         request = grpcclient.InferInput(self.contract.input_name, list(images.shape), "UINT8")
         request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
-        result = self.client.infer(self.model, [request], self.version, outputs=[output],
-                                   client_timeout=self.timeout_s)
+        deadline = time.monotonic() + self.deadline_s
+        attempts = Retrying(
+            retry=retry_if_exception(retryable),
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            stop=stop_before_delay(self.deadline_s),
+        )
+        try:
+            for attempt in attempts:
+                with attempt:
+                    result = self.client.infer(self.model, [request], self.version, outputs=[output],
+                                               client_timeout=max(0.001, deadline - time.monotonic()))
+        except RetryError as gave_up:
+            last = gave_up.last_attempt
+            raise InferenceFailed(f"gave up after {last.attempt_number} attempts in the {self.deadline_s:g} s deadline: "
+                                  f"{_message(last.exception())}") from None
+        except InferenceServerException as error:
+            if error.status() == "StatusCode.DEADLINE_EXCEEDED":
+                raise InferenceFailed(f"the {self.deadline_s:g} s deadline passed (no server answered: "
+                                      f"{_message(error)})") from None
+            raise InferenceFailed(_message(error)) from None
         return result.as_numpy(self.contract.output_name)
 
-    def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 1) -> Iterator[FileResult]:
-        """One result per path, in order; a bad file yields an error result and never stops the rest."""
-        pending: list[tuple[str, np.ndarray]] = []
+    def classify_files(
+        self, paths: Iterable[str | os.PathLike], top_k: int = 1, concurrency: int = 4, batch_size: int | None = None
+    ) -> Iterator[FileResult]:
+        """One result per path, in input order; a bad file yields an error result and never stops the rest.
+
+        `concurrency` batches are worked on at once, each by its own thread that reads and
+        preprocesses its files (Pillow releases the GIL while decoding and resizing) and then sends
+        them as one request, so preprocessing overlaps inference and up to `concurrency` requests
+        are in flight. At most 2 × concurrency batches are held at a time and `paths` is read
+        lazily, so a folder of any size runs in bounded memory. Batches have `batch_size` files
+        (default and at most: the model's max batch size).
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        size = min(batch_size or self.max_batch_size, self.max_batch_size)
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix="classify")
+        window: deque[Future[list[FileResult]]] = deque()
+        try:
+            for group in _batched(paths, size):
+                window.append(pool.submit(self._classify_batch, group, top_k))
+                if len(window) >= 2 * concurrency:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        finally:  # also on Ctrl-C or when the caller stops early: drop the batches not yet started
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _classify_batch(self, paths: list[str], top_k: int) -> list[FileResult]:
+        results: list[FileResult | None] = []
+        images, slots = [], []
         for path in paths:
             try:
-                pending.append((os.fspath(path), preprocess_file(path, self.spec)))
+                images.append(preprocess_file(path, self.spec))
+                slots.append(len(results))
+                results.append(None)
             except ImageLoadError as error:
-                yield from self._flush(pending, top_k)
-                pending = []
-                yield FileResult(os.fspath(path), error=error.reason)
-                continue
-            if len(pending) == self.max_batch_size:
-                yield from self._flush(pending, top_k)
-                pending = []
-        yield from self._flush(pending, top_k)
+                results.append(FileResult(path, error=error.reason))
+        if images:
+            try:
+                rows = self.infer(np.stack(images), top_k)
+            except InferenceFailed as error:
+                rows = [None] * len(images)
+                reason = f"inference failed: {error}"
+            for slot, predictions in zip(slots, rows, strict=True):
+                path = paths[slot]
+                results[slot] = FileResult(path, predictions=predictions) if predictions is not None else FileResult(path, error=reason)
+        return results
 
-    def _flush(self, pending: list[tuple[str, np.ndarray]], top_k: int) -> Iterator[FileResult]:
-        if not pending:
-            return
-        try:
-            rows = self.infer(np.stack([image for _, image in pending]), top_k)
-        except InferenceServerException as error:
-            for path, _ in pending:
-                yield FileResult(path, error=f"inference failed: {error.message()}")
-            return
-        for (path, _), predictions in zip(pending, rows, strict=True):
-            yield FileResult(path, predictions=predictions)
+
+def _message(error: BaseException | None) -> str:
+    if isinstance(error, InferenceServerException):
+        return f"{error.status() or 'error'}: {(error.message() or '').strip()}"
+    return str(error)
+
+
+def _batched(paths: Iterable[str | os.PathLike], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for path in paths:
+        batch.append(os.fspath(path))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

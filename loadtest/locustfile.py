@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from client.classifier import ClientError, TritonClassifier  # noqa: E402
 from client.preprocessing import ImageLoadError, PreprocessSpec, find_images, preprocess_file  # noqa: E402
@@ -168,8 +167,6 @@ class TritonGrpcUser(User):
         exception = None
         try:
             self.classifier.infer(batch, top_k=1)
-        except InferenceServerException as error:  # its repr is empty: name the status and message
-            exception = RuntimeError(f"{error.status() or 'error'}: {error.message()}")
         except Exception as error:  # every failure must reach Locust's statistics, whatever its type
             exception = error
         self.environment.events.request.fire(

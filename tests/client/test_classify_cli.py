@@ -2,10 +2,16 @@
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from tests.conftest import MODEL, make_truncated_png, run_cli
+from client.classifier import TritonClassifier
+from client.preprocessing import find_images
+from tests.conftest import MODEL, ROOT, make_truncated_png, run_cli
 
 
 def classify(server, *paths, check=False):
@@ -106,3 +112,56 @@ def test_a_classifier_that_cannot_start_closes_its_channel(server, monkeypatch):
     [channel_owner] = made
     with pytest.raises(ValueError, match="closed channel"):  # grpc refuses calls on a closed channel
         channel_owner._client_stub.ServerLive(grpcclient.service_pb2.ServerLiveRequest())
+
+
+@pytest.mark.parametrize("concurrency, batch_size", [(1, None), (4, 1), (8, 3)])
+def test_concurrent_classification_keeps_input_order_and_results(server, test_files, concurrency, batch_size):
+    files = test_files[:40]
+    extra = ["--concurrency", concurrency, *(["--batch-size", batch_size] if batch_size else [])]
+    result = run_cli("-m", "client", "classify", *files, "--url", server.grpc_url, "--model", MODEL, "--json", *extra)
+    got = rows(result)
+    assert [r["path"] for r in got] == [str(f) for f in files]
+    reference = rows(classify(server, *files, check=True))
+    assert [r["predictions"][0] for r in got] == [r["predictions"][0] for r in reference]
+
+
+def test_input_is_read_lazily_and_held_in_bounded_batches(server, test_files):
+    pulled = 0
+
+    def paths():
+        nonlocal pulled
+        for path in test_files * 10:  # 2,700 paths; only a window of them may be read ahead
+            pulled += 1
+            yield path
+
+    with TritonClassifier(server.grpc_url, MODEL) as client:
+        results = client.classify_files(paths(), concurrency=2, batch_size=4)
+        first = next(results)
+        assert first.ok and first.path == str(test_files[0])
+        assert pulled <= 2 * 2 * 4 + 4, f"{pulled} paths read before the first result"
+        results.close()  # a caller that stops early: pending batches are dropped
+
+
+def test_output_file_gets_the_lines_and_stdout_stays_empty(server, test_files, tmp_path):
+    out = tmp_path / "results.jsonl"
+    result = run_cli("-m", "client", "classify", *test_files[:5], "--url", server.grpc_url, "--model", MODEL,
+                     "--json", "--output", out)
+    assert result.stdout == ""
+    assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [str(f) for f in test_files[:5]]
+
+
+def test_ctrl_c_prints_complete_lines_so_far_and_exits_130_without_a_traceback(server, digits_root):
+    command = [sys.executable, "-m", "client", "classify", str(digits_root), "--url", server.grpc_url, "--model", MODEL,
+               "--json", "--batch-size", "1", "--concurrency", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_line = process.stdout.readline()  # results are flowing
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    rest, stderr = process.stdout.read(), process.stderr.read()  # not communicate(): it skips lines readline() buffered
+    process.wait(60)
+    lines = [first_line, *rest.splitlines()]
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted:" in stderr
+    expected = [str(p) for p in find_images(digits_root)]
+    assert 0 < len(lines) < len(expected)
+    assert [json.loads(line)["path"] for line in lines] == expected[: len(lines)]

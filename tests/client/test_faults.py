@@ -1,0 +1,76 @@
+"""`python -m client classify` while its server goes away: restarted on the same ports within the
+deadline, every file still gets its prediction; gone for good, every remaining file gets an error
+naming the deadline. No file is ever missing from the output, and the output keeps input order."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from client.preprocessing import find_images
+from serve.server import TritonServer, free_ports
+from tests.conftest import MODEL, ROOT
+
+
+def start_classify(url: str, folder, *extra) -> subprocess.Popen:
+    command = [sys.executable, "-m", "client", "classify", str(folder), "--url", url, "--model", MODEL, "--json",
+               "--top-k", "1", *map(str, extra)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rest_of(process: subprocess.Popen, timeout: float = 300) -> tuple[list[str], str]:
+    """The remaining stdout lines (through the same reader that gave the first one: lines it buffered
+    would be lost to communicate()) and stderr, once the process has exited."""
+    lines = process.stdout.read().splitlines()
+    stderr = process.stderr.read()
+    process.wait(timeout)
+    return lines, stderr
+
+
+def test_a_server_restarted_mid_folder_loses_no_file(repository, digits_root):
+    folder = digits_root / "test"
+    expected = [str(p) for p in find_images(folder)]
+    ports = free_ports()
+    first = TritonServer(repository, ports).start()
+    try:
+        process = start_classify(first.grpc_url, folder, "--batch-size", 1, "--concurrency", 2, "--deadline-s", 120)
+        first_line = process.stdout.readline()
+        assert first_line, process.stderr.read()
+    finally:
+        first.stop()
+    time.sleep(1)  # down for a while: calls wait for a server, or are retried
+    with TritonServer(repository, ports):
+        rest, stderr = rest_of(process)
+    results = [json.loads(line) for line in [first_line, *rest]]
+    assert [r["path"] for r in results] == expected
+    assert [r for r in results if r["error"]] == [], stderr
+    assert process.returncode == 0, stderr
+
+
+def test_a_server_that_never_answers_again_fails_every_remaining_file_after_its_deadline(repository, digits_root):
+    """Frozen (SIGSTOP) right after the first result, as a node that dies without closing its
+    connections: requests in flight and queued each end at their deadline, with an error naming it."""
+    folder = digits_root / "test"
+    expected = [str(p) for p in find_images(folder)]
+    with TritonServer(repository, free_ports()) as server:
+        process = start_classify(server.grpc_url, folder, "--batch-size", 16, "--concurrency", 4, "--deadline-s", 3)
+        first_line = process.stdout.readline()
+        assert first_line, process.stderr.read()
+        os.killpg(server.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            rest, stderr = rest_of(process)
+            waited = time.monotonic() - started
+        finally:
+            os.killpg(server.process.pid, signal.SIGCONT)
+    results = [json.loads(line) for line in [first_line, *rest]]
+    assert [r["path"] for r in results] == expected  # none missing, none twice, in order
+    failed = [r for r in results if r["error"]]
+    assert len(failed) >= len(expected) - 5 * 16, "at most the batches already in flight can have succeeded"
+    assert all("3 s deadline" in r["error"] for r in failed), failed[0]["error"]
+    assert process.returncode == 1
+    assert f"{len(failed)} of {len(expected)} file(s) failed" in stderr and "Traceback" not in stderr
+    batches = -(-len(failed) // 16)
+    assert waited < 3 * (batches / 4 + 2) + 10, f"{waited:.0f} s for {batches} batches of 3 s, 4 at a time"
