@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from client.classifier import ClientError, FileResult, TritonClassifier
+from client.classifier import ClientError, ClientTls, FileResult, TritonClassifier
 from client.preprocessing import find_images
 from client.rollout import wait_for_version
 
@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                           help="batches preprocessed and requests in flight at once (default: %(default)s)")
     classify.add_argument("--batch-size", type=int, help="files per request (default: the model's max batch size)")
     classify.add_argument("--output", type=Path, help="write the result lines to this file instead of stdout")
+    classify.add_argument("--ssl", action="store_true", help="gRPC over TLS")
+    classify.add_argument("--ssl-root-certificates", help="CA bundle (PEM) that signed the server; default: the system's")
+    classify.add_argument("--ssl-private-key", help="mutual TLS: this client's private key (PEM)")
+    classify.add_argument("--ssl-certificate-chain", help="mutual TLS: this client's certificate chain (PEM)")
     classify.add_argument("--deadline-s", type=float, default=60.0,
                           help="per request, retries included: a server that is restarting or rolling out is waited "
                                "for and retried until then (default: %(default)s)")
@@ -79,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
     try:
-        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s)
+        tls = None
+        if args.ssl or args.ssl_root_certificates or args.ssl_private_key or args.ssl_certificate_chain:
+            tls = ClientTls(args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
+        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=tls)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

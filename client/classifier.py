@@ -103,6 +103,25 @@ def channel_arguments(url: str) -> list[tuple[str, object]]:
     return options
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """gRPC over TLS. `root_certificates`: the CA bundle that signed the server (default: the
+    system's); `private_key` + `certificate_chain`: this client's identity, for mutual TLS. PEM files."""
+
+    root_certificates: str | None = None
+    private_key: str | None = None
+    certificate_chain: str | None = None
+
+    def client_arguments(self) -> dict:
+        if bool(self.private_key) != bool(self.certificate_chain):
+            raise ClientError("mutual TLS needs both the client's private key and its certificate chain")
+        for path in filter(None, (self.root_certificates, self.private_key, self.certificate_chain)):
+            if not os.path.isfile(path):
+                raise ClientError(f"TLS file {path} does not exist")
+        return {"ssl": True, "root_certificates": self.root_certificates, "private_key": self.private_key,
+                "certificate_chain": self.certificate_chain}
+
+
 class InferenceFailed(RuntimeError):
     """A request failed for good: a final error, or its deadline passed; the message says which."""
 
@@ -111,7 +130,21 @@ def retryable(error: BaseException) -> bool:
     return isinstance(error, InferenceServerException) and error.status() in RETRYABLE
 
 
-class TritonClassifier:
+class ContractView:
+    """What both classifiers (this one and client.aio's) read off the contract they hold."""
+
+    contract: ModelContract
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.contract.preprocess
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.contract.max_batch_size
+
+
+class TritonClassifier(ContractView):
     """Classify images with a model served by Triton, over gRPC.
 
     Every request has a deadline (`deadline_s`) that covers its retries: answers a rollout or a
@@ -121,9 +154,10 @@ class TritonClassifier:
     deadline loses no request.
     """
 
-    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0):
-        self.url, self.model, self.version, self.deadline_s = url, model, version, deadline_s
-        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url))
+    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None):
+        self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
+        security = tls.client_arguments() if tls else {}
+        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url), **security)
         try:
             self._read_contract()
         except BaseException:
@@ -131,25 +165,13 @@ class TritonClassifier:
             raise
 
     def _read_contract(self) -> None:
-        model, version, url = self.model, self.version, self.url
         try:
-            if not self.client.is_model_ready(model, version):
-                raise ClientError(f"model {model!r} (version {version or 'latest'}) is not ready on {url}")
-            config = self.client.get_model_config(model, version, as_json=True)["config"]
+            if not self.client.is_model_ready(self.model, self.version):
+                raise ClientError(not_ready_message(self))
+            config = self.client.get_model_config(self.model, self.version, as_json=True)["config"]
         except InferenceServerException as error:
-            raise ClientError(f"cannot reach Triton at {url}: {error.message()}") from error
-        try:
-            self.contract = ModelContract.from_config(config)
-        except ContractError as error:
-            raise ClientError(str(error)) from error
-
-    @property
-    def spec(self) -> PreprocessSpec:
-        return self.contract.preprocess
-
-    @property
-    def max_batch_size(self) -> int:
-        return self.contract.max_batch_size
+            raise unreachable(self, error) from error
+        self.contract = contract_from(config)
 
     def close(self) -> None:
         self.client.close()
@@ -162,9 +184,7 @@ class TritonClassifier:
 
     def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
         """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
-        output = grpcclient.InferRequestedOutput(self.contract.output_name, class_count=min(top_k, self.contract.num_classes))
-        rows = self._infer(images, output)
-        return [[parse_classification(entry) for entry in row] for row in rows]
+        return predictions_of(self._infer(images, top_k_output(self.contract, top_k)))
 
     def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
         """The full FP32 probability rows, for parity checks against PyTorch."""
@@ -172,28 +192,15 @@ class TritonClassifier:
 
     def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> np.ndarray:
         """Raises InferenceFailed when the request fails for good or its deadline passes."""
-        request = grpcclient.InferInput(self.contract.input_name, list(images.shape), "UINT8")
-        request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        request = input_of(self.contract, images)
         deadline = time.monotonic() + self.deadline_s
-        attempts = Retrying(
-            retry=retry_if_exception(retryable),
-            wait=wait_random_exponential(multiplier=0.2, max=5),
-            stop=stop_before_delay(self.deadline_s),
-        )
         try:
-            for attempt in attempts:
+            for attempt in Retrying(**retry_policy(self.deadline_s)):
                 with attempt:
                     result = self.client.infer(self.model, [request], self.version, outputs=[output],
                                                client_timeout=max(0.001, deadline - time.monotonic()))
-        except RetryError as gave_up:
-            last = gave_up.last_attempt
-            raise InferenceFailed(f"gave up after {last.attempt_number} attempts in the {self.deadline_s:g} s deadline: "
-                                  f"{_message(last.exception())}") from None
-        except InferenceServerException as error:
-            if error.status() == "StatusCode.DEADLINE_EXCEEDED":
-                raise InferenceFailed(f"the {self.deadline_s:g} s deadline passed (no server answered: "
-                                      f"{_message(error)})") from None
-            raise InferenceFailed(_message(error)) from None
+        except (RetryError, InferenceServerException) as error:
+            raise failure(error, self.deadline_s) from None
         return result.as_numpy(self.contract.output_name)
 
     def classify_files(
@@ -214,7 +221,7 @@ class TritonClassifier:
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix="classify")
         window: deque[Future[list[FileResult]]] = deque()
         try:
-            for group in _batched(paths, size):
+            for group in batched(paths, size):
                 window.append(pool.submit(self._classify_batch, group, top_k))
                 if len(window) >= 2 * concurrency:
                     yield from window.popleft().result()
@@ -224,25 +231,92 @@ class TritonClassifier:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _classify_batch(self, paths: list[str], top_k: int) -> list[FileResult]:
-        results: list[FileResult | None] = []
-        images, slots = [], []
+        batch = PreparedBatch.of(paths, self.spec)
+        if not batch.images:
+            return batch.finish(None, "")
+        try:
+            return batch.finish(self.infer(np.stack(batch.images), top_k), "")
+        except InferenceFailed as error:
+            return batch.finish(None, f"inference failed: {error}")
+
+
+# What the sync classifier here and the asyncio one (client/aio.py) share.
+
+def not_ready_message(classifier) -> str:
+    return f"model {classifier.model!r} (version {classifier.version or 'latest'}) is not ready on {classifier.url}"
+
+
+def unreachable(classifier, error: InferenceServerException) -> ClientError:
+    hint = ("; if the server uses TLS, pass --ssl" if classifier.tls is None
+            else "; check that the server speaks TLS and that the certificates match")
+    return ClientError(f"cannot reach Triton at {classifier.url}: {error.message()}{hint}")
+
+
+def contract_from(config: dict) -> ModelContract:
+    try:
+        return ModelContract.from_config(config)
+    except ContractError as error:
+        raise ClientError(str(error)) from error
+
+
+def input_of(contract: ModelContract, images: np.ndarray) -> grpcclient.InferInput:
+    request = grpcclient.InferInput(contract.input_name, list(images.shape), "UINT8")
+    request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+    return request
+
+
+def top_k_output(contract: ModelContract, top_k: int) -> grpcclient.InferRequestedOutput:
+    return grpcclient.InferRequestedOutput(contract.output_name, class_count=min(top_k, contract.num_classes))
+
+
+def predictions_of(rows: np.ndarray) -> list[list[Prediction]]:
+    return [[parse_classification(entry) for entry in row] for row in rows]
+
+
+def retry_policy(deadline_s: float) -> dict:
+    """tenacity's arguments: retry what a restart or rollout answers, backoff with full jitter, and
+    no attempt that would start after the deadline."""
+    return {"retry": retry_if_exception(retryable), "wait": wait_random_exponential(multiplier=0.2, max=5),
+            "stop": stop_before_delay(deadline_s)}
+
+
+def failure(error: BaseException, deadline_s: float) -> InferenceFailed:
+    if isinstance(error, RetryError):
+        last = error.last_attempt
+        return InferenceFailed(f"gave up after {last.attempt_number} attempts in the {deadline_s:g} s deadline: "
+                               f"{_message(last.exception())}")
+    if isinstance(error, InferenceServerException) and error.status() == "StatusCode.DEADLINE_EXCEEDED":
+        return InferenceFailed(f"the {deadline_s:g} s deadline passed (no server answered: {_message(error)})")
+    return InferenceFailed(_message(error))
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of files read and preprocessed: the images, and a result slot per path (filled now for
+    a file that could not be read, by `finish` for the others)."""
+
+    paths: list[str]
+    images: list[np.ndarray]
+    slots: list[int]
+    results: list[FileResult | None]
+
+    @classmethod
+    def of(cls, paths: list[str], spec: PreprocessSpec) -> PreparedBatch:
+        batch = cls(paths, [], [], [])
         for path in paths:
             try:
-                images.append(preprocess_file(path, self.spec))
-                slots.append(len(results))
-                results.append(None)
+                batch.images.append(preprocess_file(path, spec))
+                batch.slots.append(len(batch.results))
+                batch.results.append(None)
             except ImageLoadError as error:
-                results.append(FileResult(path, error=error.reason))
-        if images:
-            try:
-                rows = self.infer(np.stack(images), top_k)
-            except InferenceFailed as error:
-                rows = [None] * len(images)
-                reason = f"inference failed: {error}"
-            for slot, predictions in zip(slots, rows, strict=True):
-                path = paths[slot]
-                results[slot] = FileResult(path, predictions=predictions) if predictions is not None else FileResult(path, error=reason)
-        return results
+                batch.results.append(FileResult(path, error=error.reason))
+        return batch
+
+    def finish(self, rows: list[list[Prediction]] | None, error: str) -> list[FileResult]:
+        for index, slot in enumerate(self.slots):
+            path = self.paths[slot]
+            self.results[slot] = FileResult(path, predictions=rows[index]) if rows is not None else FileResult(path, error=error)
+        return self.results
 
 
 def _message(error: BaseException | None) -> str:
@@ -251,7 +325,7 @@ def _message(error: BaseException | None) -> str:
     return str(error)
 
 
-def _batched(paths: Iterable[str | os.PathLike], size: int) -> Iterator[list[str]]:
+def batched(paths: Iterable[str | os.PathLike], size: int) -> Iterator[list[str]]:
     batch: list[str] = []
     for path in paths:
         batch.append(os.fspath(path))

@@ -128,6 +128,25 @@ class TritonInstallation:
         return target
 
 
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS on Triton's gRPC endpoint (Triton's --grpc-use-ssl flags). With `client_ca`, mutual TLS:
+    clients must present a certificate signed by it."""
+
+    certificate: Path  # the server's certificate chain (PEM)
+    private_key: Path
+    client_ca: Path | None = None
+
+    def flags(self) -> list[str]:
+        for path in (self.certificate, self.private_key, *([self.client_ca] if self.client_ca else [])):
+            if not Path(path).is_file():
+                raise ServerError(f"TLS file {path} does not exist")
+        flags = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.certificate}", f"--grpc-server-key={self.private_key}"]
+        if self.client_ca:
+            flags += [f"--grpc-root-cert={self.client_ca}", "--grpc-use-ssl-mutual=true"]
+        return flags
+
+
 @dataclass
 class TritonServer:
     """`with TritonServer(repo, ports) as server:` — a ready server inside, nothing left after."""
@@ -142,6 +161,7 @@ class TritonServer:
     # are loaded (and deleted ones unloaded), as on Kubernetes; "none": the repository as at start.
     model_control_mode: str = "none"
     repository_poll_s: float = 5.0
+    grpc_tls: GrpcTls | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
     models: list[str] = field(default_factory=list, init=False)
@@ -186,6 +206,7 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             *(["--model-control-mode=poll", f"--repository-poll-secs={max(1, round(self.repository_poll_s))}"]
               if self.model_control_mode == "poll" else []),
+            *(self.grpc_tls.flags() if self.grpc_tls else []),
             *self.extra_args,
         ]
 

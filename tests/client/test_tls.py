@@ -1,0 +1,83 @@
+"""TLS and mutual TLS between `python -m client classify` and the real Triton (`python -m serve`'s
+TritonServer with --grpc-use-ssl), with certificates made in the test."""
+
+import json
+import time
+
+import pytest
+
+from serve.server import GrpcTls, TritonServer, free_ports
+from tests.client.certificates import CertificateAuthority
+from tests.conftest import MODEL, run_cli
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pki")
+    authority, stranger = CertificateAuthority(folder, "histoserve-ca"), CertificateAuthority(folder, "other-ca")
+    return {
+        "ca": authority.certificate_file,
+        "other_ca": stranger.certificate_file,
+        "server": authority.issue("server", server=True),
+        "client": authority.issue("client", server=False),
+        "stranger": stranger.issue("stranger", server=False),
+    }
+
+
+def classify(url, files, *tls):
+    started = time.monotonic()
+    result = run_cli("-m", "client", "classify", *files, "--url", url, "--model", MODEL, "--json", "--deadline-s", 20,
+                     *tls, check=False, timeout=120)
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def tls_server(repository, pki):
+    key, certificate = pki["server"]
+    with TritonServer(repository, free_ports(), grpc_tls=GrpcTls(certificate, key)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mtls_server(repository, pki):
+    key, certificate = pki["server"]
+    with TritonServer(repository, free_ports(), grpc_tls=GrpcTls(certificate, key, client_ca=pki["ca"])) as server:
+        yield server
+
+
+def test_a_tls_client_classifies_over_tls(tls_server, pki, test_files):
+    result, _ = classify(tls_server.grpc_url, test_files[:3], "--ssl", "--ssl-root-certificates", pki["ca"])
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["error"] for line in result.stdout.splitlines()] == [None] * 3
+
+
+def test_a_plaintext_client_against_tls_gets_a_clear_error_not_a_hang(tls_server, test_files):
+    result, took = classify(tls_server.grpc_url, test_files[:1])
+    assert result.returncode == 2
+    assert "cannot reach Triton" in result.stderr and "pass --ssl" in result.stderr
+    assert took < 15, f"{took:.0f} s"
+
+
+def test_a_server_certificate_from_an_unknown_authority_is_refused(tls_server, pki, test_files):
+    result, took = classify(tls_server.grpc_url, test_files[:1], "--ssl", "--ssl-root-certificates", pki["other_ca"])
+    assert result.returncode == 2 and "certificates match" in result.stderr
+    assert took < 15
+
+
+def test_mutual_tls_admits_a_client_certificate_from_its_authority_only(mtls_server, pki, test_files):
+    ca = ["--ssl", "--ssl-root-certificates", pki["ca"]]
+    key, certificate = pki["client"]
+    admitted, _ = classify(mtls_server.grpc_url, test_files[:2], *ca, "--ssl-private-key", key, "--ssl-certificate-chain", certificate)
+    assert admitted.returncode == 0, admitted.stderr
+    assert len(admitted.stdout.splitlines()) == 2
+    anonymous, took = classify(mtls_server.grpc_url, test_files[:1], *ca)
+    assert anonymous.returncode == 2 and "cannot reach Triton" in anonymous.stderr and took < 15
+    key, certificate = pki["stranger"]
+    stranger, took = classify(mtls_server.grpc_url, test_files[:1], *ca, "--ssl-private-key", key, "--ssl-certificate-chain", certificate)
+    assert stranger.returncode == 2 and took < 15
+
+
+def test_half_a_client_identity_is_refused_before_connecting(tls_server, pki, test_files):
+    key, _ = pki["client"]
+    result, _ = classify(tls_server.grpc_url, test_files[:1], "--ssl", "--ssl-private-key", key)
+    assert result.returncode == 2 and "both the client's private key and its certificate chain" in result.stderr
