@@ -24,7 +24,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from train.synthetic import tissue  # noqa: E402
+from histoserve.train.synthetic import tissue  # noqa: E402
 
 
 def tree_rss(process: psutil.Process) -> int:

@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime as ort  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from client.preprocessing import PreprocessSpec, find_images, preprocess_file  # noqa: E402
-from export.repository import CpuTuning, config_to_text, cpu_variant, read_config, write_text_if_changed  # noqa: E402
-from serve.server import TritonServer, free_ports  # noqa: E402
+from histoserve.client.preprocessing import PreprocessSpec, find_images, preprocess_file  # noqa: E402
+from histoserve.export.repository import CpuTuning, config_to_text, cpu_variant, read_config, write_text_if_changed  # noqa: E402
+from histoserve.serve.server import TritonServer, free_ports  # noqa: E402
 
 MODEL = "resnet50"
 VARIANTS = {"fp32": MODEL, "int8": f"{MODEL}-int8"}
@@ -85,9 +85,9 @@ def build_model(work: Path, images: int, classes: int = 4) -> Path:
     """Synthetic 700×460 PNGs in train/val/test folders and a random ResNet50 checkpoint over them."""
     import torch
 
-    from train.checkpoint import CheckpointMeta, save_checkpoint
-    from train.model import IMAGENET_MEAN, IMAGENET_STD, build_classifier
-    from train.synthetic import tissue
+    from histoserve.train.checkpoint import CheckpointMeta, save_checkpoint
+    from histoserve.train.model import IMAGENET_MEAN, IMAGENET_STD, build_classifier
+    from histoserve.train.synthetic import tissue
 
     data = work / "data"
     for i in range(images):

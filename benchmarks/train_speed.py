@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from train.fit import make_optimizer, train_one_epoch  # noqa: E402
-from train.model import build_classifier  # noqa: E402
+from histoserve.train.fit import make_optimizer, train_one_epoch  # noqa: E402
+from histoserve.train.model import build_classifier  # noqa: E402
 
 VARIANTS = [("fp32", "none", False), ("bf16 autocast", "bf16", False), ("channels_last", "none", True),
             ("bf16 + channels_last", "bf16", True)]

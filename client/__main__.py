@@ -24,9 +24,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from client.classifier import ClientError, ClientTls, FileResult, TritonClassifier
-from client.preprocessing import find_images
-from client.rollout import wait_for_version
+from histoserve.client.classifier import ClientError, ClientTls, FileResult, TritonClassifier
+from histoserve.client.preprocessing import find_images
+from histoserve.client.rollout import wait_for_version
 
 
 def expand_paths(arguments: list[str]) -> list[str]:

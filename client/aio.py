@@ -19,7 +19,7 @@ import tritonclient.grpc.aio as aioclient
 from tenacity import AsyncRetrying, RetryError
 from tritonclient.utils import InferenceServerException
 
-from client.classifier import (
+from histoserve.client.classifier import (
     ClientError,
     ClientTls,
     ContractView,
@@ -38,7 +38,7 @@ from client.classifier import (
     top_k_output,
     unreachable,
 )
-from client.contract import ModelContract
+from histoserve.client.contract import ModelContract
 
 
 class AsyncTritonClassifier(ContractView):

@@ -17,8 +17,8 @@ import tritonclient.grpc as grpcclient
 from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
 from tritonclient.utils import InferenceServerException
 
-from client.contract import ContractError, ModelContract
-from client.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
+from histoserve.client.contract import ContractError, ModelContract
+from histoserve.client.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
 
 
 class ClientError(RuntimeError):

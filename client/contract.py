@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from client.preprocessing import PreprocessSpec
+from histoserve.client.preprocessing import PreprocessSpec
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"

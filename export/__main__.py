@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from client.preprocessing import ImageLoadError, preprocess_file
-from export import precision as variants
-from export.onnx_model import ParityError, check_parity, export_onnx
-from export.precision import CALIBRATION_METHODS, PRECISIONS, AccuracyGate, AccuracyGateError, QuantizationConfig
-from export.repository import BatchingConfig, CpuTuning, RepositoryError, TensorRTConfig, build_config, config_to_text, publish
+from histoserve.client.preprocessing import ImageLoadError, preprocess_file
+from histoserve.export import precision as variants
+from histoserve.export.onnx_model import ParityError, check_parity, export_onnx
+from histoserve.export.precision import CALIBRATION_METHODS, PRECISIONS, AccuracyGate, AccuracyGateError, QuantizationConfig
+from histoserve.export.repository import BatchingConfig, CpuTuning, RepositoryError, TensorRTConfig, build_config, config_to_text, publish
 
 
 def spread(items: list, count: int) -> list:
@@ -45,7 +45,7 @@ def load_images(samples: list, spec, purpose: str) -> tuple[np.ndarray, np.ndarr
 
 
 def parity_images(paths: list[Path], spec, count: int) -> np.ndarray:
-    from train.data import Sample
+    from histoserve.train.data import Sample
 
     return load_images([Sample(path, -1) for path in spread(paths, count)], spec, "parity")[0]
 
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=18)
     args = parser.parse_args(argv)
 
-    from train.checkpoint import load_checkpoint, training_splits
-    from train.data import list_image_folder
-    from train.model import ServingModel
+    from histoserve.train.checkpoint import load_checkpoint, training_splits
+    from histoserve.train.data import list_image_folder
+    from histoserve.train.model import ServingModel
 
     if args.tensorrt == "int8" and args.precision != "int8":
         parser.error("--tensorrt int8 runs the quantized model: add --precision int8")

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from client.contract import INPUT_NAME, OUTPUT_NAME
+from histoserve.client.contract import INPUT_NAME, OUTPUT_NAME
 
 
 class ParityError(RuntimeError):

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from client.contract import INPUT_NAME, OUTPUT_NAME
+from histoserve.client.contract import INPUT_NAME, OUTPUT_NAME
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")

@@ -23,8 +23,8 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client.contract import CONTRACT_VERSION, INPUT_NAME, LABELS_FILE, OUTPUT_NAME, ContractError, ModelContract
-from client.preprocessing import PreprocessSpec
+from histoserve.client.contract import CONTRACT_VERSION, INPUT_NAME, LABELS_FILE, OUTPUT_NAME, ContractError, ModelContract
+from histoserve.client.preprocessing import PreprocessSpec
 
 MODEL_FILE = "model.onnx"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")

@@ -33,8 +33,8 @@ from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from client.classifier import ClientError, TritonClassifier  # noqa: E402
-from client.preprocessing import ImageLoadError, PreprocessSpec, find_images, preprocess_file  # noqa: E402
+from histoserve.client.classifier import ClientError, TritonClassifier  # noqa: E402
+from histoserve.client.preprocessing import ImageLoadError, PreprocessSpec, find_images, preprocess_file  # noqa: E402
 
 MAX_IMAGES = 512
 

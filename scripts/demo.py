@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from loadtest.report import plot_history, read_summary  # noqa: E402
-from serve.server import free_ports, wait_for_readiness  # noqa: E402
+from histoserve.loadtest.report import plot_history, read_summary  # noqa: E402
+from histoserve.serve.server import free_ports, wait_for_readiness  # noqa: E402
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent

@@ -15,8 +15,8 @@ import signal
 import sys
 from pathlib import Path
 
-from serve.local_repository import LocalRepositoryError
-from serve.server import GrpcTls, Ports, ServerError, TritonServer
+from histoserve.serve.local_repository import LocalRepositoryError
+from histoserve.serve.server import GrpcTls, Ports, ServerError, TritonServer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,8 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.rollout import VersionState
-from serve.local_repository import sync_local_repository
+from histoserve.client.rollout import VersionState
+from histoserve.serve.local_repository import sync_local_repository
 
 # Health checks go straight to the local server, never through an http_proxy from the environment.
 LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -32,7 +32,7 @@ def run_cli(*args, check: bool = True, timeout: float = 600, **kwargs) -> subpro
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
-    from train.data import write_digits_demo
+    from histoserve.train.data import write_digits_demo
 
     root = tmp_path_factory.mktemp("data") / "digits"
     write_digits_demo(root, seed=0)
@@ -60,7 +60,7 @@ def repository(trained_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def server(repository):
-    from serve.server import TritonServer, free_ports
+    from histoserve.serve.server import TritonServer, free_ports
 
     with TritonServer(repository, free_ports()) as running:
         yield running

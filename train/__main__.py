@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("out", type=Path)
     demo.add_argument("--seed", type=int, default=0)
 
-    from train.config import FitConfig
-    from train.prepare import PrepareConfig
+    from histoserve.train.config import FitConfig
+    from histoserve.train.prepare import PrepareConfig
 
     prepare = commands.add_parser("prepare", help="scan SRC into OUT/manifest.csv, a patient-level split and a data report")
     prepare.add_argument("src", help="folder of images (class = first folder level unless --label-regex)")
@@ -65,18 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo-data":
-            from train.data import write_digits_demo
+            from histoserve.train.data import write_digits_demo
 
             data = write_digits_demo(args.out, seed=args.seed)
             for name, per_class in data.counts().items():
                 print(f"{args.out / name}: {sum(per_class)} images, per class {per_class}")
         elif args.command == "prepare":
-            from train.prepare import prepare as run_prepare
+            from histoserve.train.prepare import prepare as run_prepare
 
             run_prepare(PrepareConfig(src=args.src, out=args.out, **options_of(args, PrepareConfig, skip=("src", "out"))))
         elif args.command == "augment-preview":
-            from client.preprocessing import PreprocessSpec, find_images
-            from train.augment import render_preview
+            from histoserve.client.preprocessing import PreprocessSpec, find_images
+            from histoserve.train.augment import render_preview
 
             paths = [p for arg in args.images for p in (find_images(arg) if arg.is_dir() else [arg])]
             if not paths:
@@ -84,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             render_preview(paths[:4], args.preset, PreprocessSpec(args.resize_size, args.crop_size), args.out, args.samples)
             print(f"wrote {args.out}")
         elif args.command == "fit":
-            from train.fit import fit
+            from histoserve.train.fit import fit
 
             fit(FitConfig(data=args.data, **options_of(args, FitConfig, skip=("data",))))
         else:
-            from train.checkpoint import load_checkpoint, training_splits
-            from train.evaluate import predict, write_report
+            from histoserve.train.checkpoint import load_checkpoint, training_splits
+            from histoserve.train.evaluate import predict, write_report
 
             model, meta = load_checkpoint(args.checkpoint)
             data = training_splits(meta, args.data)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from client.preprocessing import PreprocessSpec
-from train.config import SplitRatios
-from train.data import DataSplits, load_splits
-from train.model import Classifier, build_classifier
+from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.train.config import SplitRatios
+from histoserve.train.data import DataSplits, load_splits
+from histoserve.train.model import Classifier, build_classifier
 
 FORMAT = "histoserve-checkpoint/1"
 

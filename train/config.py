@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from client.preprocessing import INTERPOLATIONS
+from histoserve.client.preprocessing import INTERPOLATIONS
 
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101")
 OPTIMIZERS = ("adamw", "sgd")

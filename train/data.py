@@ -17,8 +17,8 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, find_images, load_image
-from train.config import SplitRatios
+from histoserve.client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, find_images, load_image
+from histoserve.train.config import SplitRatios
 
 SPLITS = ("train", "val", "test")
 
@@ -75,7 +75,7 @@ def stratified_split(samples: list[Sample], ratios: SplitRatios, seed: int) -> d
 def load_manifest_splits(path: Path, fold: int = -1) -> DataSplits:
     """The `ok` rows of a manifest written by `python -m train prepare`, by its split column; with
     fold >= 0 (K-fold manifests), fold k of the non-test rows is the validation split."""
-    from train.manifest import read_manifest
+    from histoserve.train.manifest import read_manifest
 
     root, rows = read_manifest(path)
     usable = [r for r in rows if r.status == "ok"]

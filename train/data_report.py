@@ -13,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from client.preprocessing import ImageLoadError, load_image  # noqa: E402
-from train.manifest import NO_GROUP, ManifestRow, cross_group_duplicates, groups_in_several_splits  # noqa: E402
+from histoserve.client.preprocessing import ImageLoadError, load_image  # noqa: E402
+from histoserve.train.manifest import NO_GROUP, ManifestRow, cross_group_duplicates, groups_in_several_splits  # noqa: E402
 
 SPLIT_ORDER = ("train", "val", "test")
 THUMBNAILS_PER_CLASS = 8

@@ -26,14 +26,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from client.preprocessing import PreprocessSpec
-from train import distributed
-from train.augment import training_transform
-from train.checkpoint import CheckpointMeta, load_checkpoint, save_atomically, save_checkpoint
-from train.config import FitConfig
-from train.data import ImageDataset, SplitRatios, drop_unreadable, load_splits
-from train.evaluate import fit_temperature, plot_reliability, plot_training_curves, predict, summarize, write_report
-from train.model import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_classifier, load_backbone_weights
+from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.train import distributed
+from histoserve.train.augment import training_transform
+from histoserve.train.checkpoint import CheckpointMeta, load_checkpoint, save_atomically, save_checkpoint
+from histoserve.train.config import FitConfig
+from histoserve.train.data import ImageDataset, SplitRatios, drop_unreadable, load_splits
+from histoserve.train.evaluate import fit_temperature, plot_reliability, plot_training_curves, predict, summarize, write_report
+from histoserve.train.model import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_classifier, load_backbone_weights
 
 METRICS_FIELDS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_balanced_accuracy",
                   "lr", "images_per_second", "seconds"]

@@ -14,8 +14,8 @@ from cleanlab.filter import find_label_issues
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from client.preprocessing import PreprocessSpec, preprocess_file
-from train.manifest import ManifestRow
+from histoserve.client.preprocessing import PreprocessSpec, preprocess_file
+from histoserve.train.manifest import ManifestRow
 
 MODELS = ("pixels", "resnet18")
 
@@ -40,11 +40,11 @@ def _pixels_probabilities(features, labels, train, held_out, classes):
 def _resnet18_probabilities(paths, labels, train, held_out, classes, epochs: int = 4, seed: int = 0):
     import torch
 
-    from train.augment import training_transform
-    from train.data import ImageDataset, Sample
-    from train.evaluate import predict
-    from train.fit import make_optimizer, train_one_epoch
-    from train.model import build_classifier
+    from histoserve.train.augment import training_transform
+    from histoserve.train.data import ImageDataset, Sample
+    from histoserve.train.evaluate import predict
+    from histoserve.train.fit import make_optimizer, train_one_epoch
+    from histoserve.train.model import build_classifier
 
     torch.manual_seed(seed)
     spec = PreprocessSpec(72, 64)

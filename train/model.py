@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from train.config import ARCHITECTURES
+from histoserve.train.config import ARCHITECTURES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

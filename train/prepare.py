@@ -31,10 +31,10 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, load_image
-from train.config import SplitRatios, check_choices, option
-from train.data_report import write_data_report
-from train.manifest import META_FILE, NO_GROUP, ManifestRow, groups_in_several_splits, write_manifest
+from histoserve.client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, load_image
+from histoserve.train.config import SplitRatios, check_choices, option
+from histoserve.train.data_report import write_data_report
+from histoserve.train.manifest import META_FILE, NO_GROUP, ManifestRow, groups_in_several_splits, write_manifest
 
 # Named layouts. BreakHis: .../breast/{benign,malignant}/SOB/<subtype>/<slide>/<40X|100X|200X|400X>/
 # SOB_B_A-14-22549AB-40-001.png, where the patient is 14-22549AB.
@@ -314,7 +314,7 @@ def prepare(config: PrepareConfig) -> list[ManifestRow]:
     inspect_all(src, rows, config)
     mark_duplicates(rows, config.near_duplicate_distance)
     if config.label_issues:
-        from train.label_issues import mark_label_issues
+        from histoserve.train.label_issues import mark_label_issues
 
         mark_label_issues(src, rows, config.label_issue_folds, config.label_issue_model, config.seed)
     assign_splits(rows, config)

@@ -5,8 +5,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from client.aio import AsyncTritonClassifier
-from client.classifier import ClientError, TritonClassifier
+from histoserve.client.aio import AsyncTritonClassifier
+from histoserve.client.classifier import ClientError, TritonClassifier
 from tests.conftest import MODEL, make_truncated_png
 
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from client.classifier import TritonClassifier
-from client.preprocessing import find_images
+from histoserve.client.classifier import TritonClassifier
+from histoserve.client.preprocessing import find_images
 from tests.conftest import MODEL, ROOT, make_truncated_png, run_cli
 
 
@@ -96,8 +96,8 @@ def classify_url(url, *paths):
 def test_a_classifier_that_cannot_start_closes_its_channel(server, monkeypatch):
     import tritonclient.grpc as grpcclient
 
-    import client.classifier as classifier_module
-    from client.classifier import ClientError, TritonClassifier
+    import histoserve.client.classifier as classifier_module
+    from histoserve.client.classifier import ClientError, TritonClassifier
 
     made = []
 

@@ -6,9 +6,9 @@ import copy
 import pytest
 from google.protobuf import json_format
 
-from client.contract import ContractError, ModelContract
-from client.preprocessing import PreprocessSpec
-from export.repository import BatchingConfig, build_config, contract_of
+from histoserve.client.contract import ContractError, ModelContract
+from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.export.repository import BatchingConfig, build_config, contract_of
 
 
 def exported(spec=PreprocessSpec(256, 224, "bicubic"), classes=8, max_batch_size=32):

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from client.preprocessing import (
+from histoserve.client.preprocessing import (
     INTERPOLATIONS,
     ImageLoadError,
     PreprocessSpec,
@@ -121,7 +121,7 @@ def test_spec_round_trips_through_config_parameters():
 
 
 def test_training_evaluation_transform_is_the_client_function():
-    from train.augment import evaluation_transform
+    from histoserve.train.augment import evaluation_transform
 
     image, spec = noise_image((50, 70)), PreprocessSpec(36, 32)
     tensor = evaluation_transform(spec)(image)

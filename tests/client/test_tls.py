@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from serve.server import GrpcTls, TritonServer, free_ports
+from histoserve.serve.server import GrpcTls, TritonServer, free_ports
 from tests.client.certificates import CertificateAuthority
 from tests.conftest import MODEL, run_cli
 

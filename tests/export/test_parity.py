@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from client.preprocessing import preprocess_file
-from export.onnx_model import ParityError, check_parity
+from histoserve.client.preprocessing import preprocess_file
+from histoserve.export.onnx_model import ParityError, check_parity
+from histoserve.train.checkpoint import load_checkpoint
+from histoserve.train.model import ServingModel, build_classifier
 from tests.conftest import MODEL, run_cli
-from train.checkpoint import load_checkpoint
-from train.model import ServingModel, build_classifier
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.precision import (
+from histoserve.export.precision import (
     AccuracyGate,
     AccuracyGateError,
     QuantizationConfig,
@@ -18,15 +18,15 @@ from export.precision import (
     kept_in_fp32,
     predict,
 )
-from export.repository import read_config
+from histoserve.export.repository import read_config
 from tests.conftest import MODEL, run_cli
 
 
 @pytest.fixture(scope="module")
 def held_out(trained_run):
     """The checkpoint's own test split, preprocessed as the client does, with labels."""
-    from export.__main__ import load_images
-    from train.checkpoint import load_checkpoint, training_splits
+    from histoserve.export.__main__ import load_images
+    from histoserve.train.checkpoint import load_checkpoint, training_splits
 
     _, meta = load_checkpoint(trained_run / "checkpoint.pt")
     return load_images(training_splits(meta).splits["test"], meta.preprocess, "test")

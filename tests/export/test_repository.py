@@ -4,8 +4,8 @@ import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from client.preprocessing import PreprocessSpec
-from export.repository import (
+from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.export.repository import (
     BatchingConfig,
     CpuTuning,
     RepositoryError,

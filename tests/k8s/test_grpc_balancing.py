@@ -11,8 +11,8 @@ import tritonclient.grpc as grpcclient
 from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
-from client.classifier import TritonClassifier
-from serve.server import Ports, ServerError, TritonServer, check_ports_free, free_ports
+from histoserve.client.classifier import TritonClassifier
+from histoserve.serve.server import Ports, ServerError, TritonServer, check_ports_free, free_ports
 from tests.conftest import MODEL
 from tests.k8s.manifests import flag
 from tests.k8s.test_monitoring import deployment_args
@@ -144,7 +144,7 @@ def test_a_frozen_server_costs_a_client_seconds_not_its_deadline(repository, mon
     import os
     import signal
 
-    import client.classifier as classifier_module
+    import histoserve.client.classifier as classifier_module
 
     monkeypatch.setattr(classifier_module, "KEEPALIVE_TIME_MS", 2000)  # production: 20 s and 10 s
     monkeypatch.setattr(classifier_module, "KEEPALIVE_TIMEOUT_MS", 1000)

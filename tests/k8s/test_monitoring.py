@@ -104,7 +104,7 @@ LOCAL = ("--model-repository=", "--http-port=", "--grpc-port=", "--metrics-port=
 def manifest_server(repository):
     """The real tritonserver started with the cpu overlay's own arguments (ports and repository path
     are the local ones)."""
-    from serve.server import TritonServer, free_ports
+    from histoserve.serve.server import TritonServer, free_ports
 
     args, _ = deployment_args("overlays/cpu")
     with TritonServer(repository, free_ports(), extra_args=[a for a in args if not a.startswith(LOCAL)]) as server:
@@ -134,7 +134,7 @@ def _send_load(url: str, seconds: float) -> int:
 
     import numpy as np
 
-    from client.classifier import TritonClassifier
+    from histoserve.client.classifier import TritonClassifier
 
     sent, stop = [0], time.monotonic() + seconds
 
@@ -156,7 +156,7 @@ def _send_load(url: str, seconds: float) -> int:
 def test_real_prometheus_evaluates_the_autoscaler_metric_to_a_number_under_load(manifest_server, tmp_path):
     """Prometheus scrapes the real Triton (labelled as the pod would be) and evaluates the adapter's
     query for triton_queue_duration_us_per_request, with the placeholders the adapter fills in."""
-    from serve.server import free_ports
+    from histoserve.serve.server import free_ports
 
     port = free_ports().http
     config = {

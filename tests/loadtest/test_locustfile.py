@@ -4,8 +4,8 @@ import sys
 import time
 from pathlib import Path
 
-from loadtest.report import plot_history, read_summary
-from serve.server import free_ports
+from histoserve.loadtest.report import plot_history, read_summary
+from histoserve.serve.server import free_ports
 from tests.conftest import MODEL, ROOT, run_cli
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.classifier import TritonClassifier
-from client.preprocessing import preprocess_file
-from export.precision import cpu_session, predict
+from histoserve.client.classifier import TritonClassifier
+from histoserve.client.preprocessing import preprocess_file
+from histoserve.export.precision import cpu_session, predict
 from tests.conftest import MODEL
 
 

@@ -12,9 +12,9 @@ import urllib.error
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from client.classifier import TritonClassifier
-from export.repository import publish, read_config
-from serve.server import LOCAL_HTTP, TritonServer, free_ports
+from histoserve.client.classifier import TritonClassifier
+from histoserve.export.repository import publish, read_config
+from histoserve.serve.server import LOCAL_HTTP, TritonServer, free_ports
 from tests.conftest import MODEL, run_cli
 from tests.k8s.manifests import flag
 from tests.k8s.test_monitoring import deployment_args
@@ -86,7 +86,7 @@ def rollout_status(server, version):
 
 def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_old_one_serves(repository, tmp_path):
     repo = tmp_path / "model_repository"
-    shutil.copytree(repository, repo)
+    shutil.copytree(repository / MODEL, repo / MODEL)  # the fp32 model only: one model rolling out
     model_dir = repo / MODEL
     config, labels = read_config(model_dir / "config.pbtxt"), (model_dir / "labels.txt").read_text().splitlines()
     assert config.version_policy.latest.num_versions == 2  # export's default: the previous version stays loaded
@@ -134,7 +134,7 @@ def test_strict_readiness_would_take_the_pod_out_during_every_publish(repository
     """Why the Deployment is not strict: with --strict-readiness=true (Triton's default), the server
     reports unready while a published version loads, on every pod at once."""
     repo = tmp_path / "model_repository"
-    shutil.copytree(repository, repo)
+    shutil.copytree(repository / MODEL, repo / MODEL)  # the fp32 model only: one model rolling out
     config, labels = read_config(repo / MODEL / "config.pbtxt"), (repo / MODEL / "labels.txt").read_text().splitlines()
     with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=1,
                       extra_args=["--strict-readiness=true"]) as server:

@@ -14,12 +14,12 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 
-from client.classifier import TritonClassifier
-from client.preprocessing import preprocess_file
-from serve.server import free_ports, wait_for_readiness
+from histoserve.client.classifier import TritonClassifier
+from histoserve.client.preprocessing import preprocess_file
+from histoserve.serve.server import free_ports, wait_for_readiness
+from histoserve.train.checkpoint import load_checkpoint
+from histoserve.train.model import ServingModel
 from tests.conftest import MODEL, ROOT, run_cli
-from train.checkpoint import load_checkpoint
-from train.model import ServingModel
 
 
 def test_served_predictions_equal_pytorch(server, trained_run, test_files):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from train.synthetic import tissue
+from histoserve.train.synthetic import tissue
 
 GROUP_REGEX = r"^(?P<group>P\d+)_"
 

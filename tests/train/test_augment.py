@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from client.preprocessing import PreprocessSpec, preprocess_image
+from histoserve.client.preprocessing import PreprocessSpec, preprocess_image
+from histoserve.train.augment import PRESETS, HEDJitter, RandomRotate90, training_transform
+from histoserve.train.synthetic import tissue
 from tests.conftest import run_cli
-from train.augment import PRESETS, HEDJitter, RandomRotate90, training_transform
-from train.synthetic import tissue
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -61,6 +61,6 @@ def test_preview_command_renders_a_grid(tmp_path):
 
 
 def test_every_augment_choice_of_the_cli_has_a_preset():
-    from train.config import AUGMENT_PRESETS
+    from histoserve.train.config import AUGMENT_PRESETS
 
     assert tuple(PRESETS) == AUGMENT_PRESETS

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from histoserve.train.data import SplitRatios, drop_unreadable, list_image_folder, load_splits, stratified_split
 from tests.conftest import make_noise_png, make_truncated_png
-from train.data import SplitRatios, drop_unreadable, list_image_folder, load_splits, stratified_split
 
 
 def test_demo_data_is_a_stratified_split_image_folder(digits_root):
@@ -58,7 +58,7 @@ def test_unreadable_files_are_reported_and_left_out_not_deleted(tmp_path):
 
 
 def test_stratified_split_keeps_every_sample_once():
-    from train.data import Sample
+    from histoserve.train.data import Sample
 
     samples = [Sample(Path(f"{i}.png"), i % 4) for i in range(200)]
     splits = stratified_split(samples, SplitRatios(0.1, 0.3), seed=3)

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import torch
 
-from client.preprocessing import PreprocessSpec
+from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.train.checkpoint import load_checkpoint
 from tests.conftest import run_cli
-from train.checkpoint import load_checkpoint
 
 
 def test_training_writes_a_checkpoint_that_carries_what_export_needs(trained_run, digits_root):

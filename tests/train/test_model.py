@@ -5,7 +5,7 @@ import torch
 from torchvision import models
 from torchvision.transforms import v2
 
-from train.model import (
+from histoserve.train.model import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Normalize,

@@ -4,9 +4,9 @@ option and what it accepts."""
 import pytest
 import torch
 
+from histoserve.train.config import FitConfig
+from histoserve.train.prepare import PrepareConfig
 from tests.conftest import run_cli
-from train.config import FitConfig
-from train.prepare import PrepareConfig
 
 
 @pytest.mark.parametrize("option, value", [

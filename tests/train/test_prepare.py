@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from histoserve.train.data import load_splits
+from histoserve.train.manifest import ManifestRow, groups_in_several_splits, read_manifest
+from histoserve.train.prepare import BREAKHIS_GROUP, PrepareConfig, assign_splits, prepare
 from tests.conftest import run_cli
 from tests.train.corpus import BOMB_LIMIT, EXPECTED, GROUP_REGEX, fingerprint, make_breakhis, make_corpus
-from train.data import load_splits
-from train.manifest import ManifestRow, groups_in_several_splits, read_manifest
-from train.prepare import BREAKHIS_GROUP, PrepareConfig, assign_splits, prepare
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_label_issues_are_found_on_deliberately_flipped_digits(tmp_path):
 def test_label_issue_search_with_the_cnn_model_scores_every_usable_image(prepared):
     from dataclasses import replace
 
-    from train.label_issues import mark_label_issues
+    from histoserve.train.label_issues import mark_label_issues
 
     rows = [replace(r) for r in prepared["rows"].values()]  # the fixture's rows stay as they are
     found = mark_label_issues(prepared["root"], rows, folds=3, model="resnet18", seed=0)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import FitConfig
-from train.evaluate import Predictions, expected_calibration_error, fit_temperature, patient_level, summarize
-from train.fit import fit, freeze_backbone, make_optimizer, parameter_groups, train_one_epoch
-from train.model import build_classifier
+from histoserve.train.config import FitConfig
+from histoserve.train.evaluate import Predictions, expected_calibration_error, fit_temperature, patient_level, summarize
+from histoserve.train.fit import fit, freeze_backbone, make_optimizer, parameter_groups, train_one_epoch
+from histoserve.train.model import build_classifier
 
 
 def test_weight_decay_skips_norm_layers_and_biases_and_the_backbone_may_learn_slower():
@@ -156,7 +156,7 @@ def test_a_short_run_with_every_option_on_writes_a_complete_run_folder(small_dig
     for name in ("checkpoint.pt", "last.pt", "train.log", "steps.csv", "training_curves.png", "test_confusion_matrix.png",
                  "test_reliability.png", "val_reliability.png", "test_report.txt"):
         assert (tmp_path / name).exists(), name
-    from train.checkpoint import load_checkpoint
+    from histoserve.train.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(tmp_path / "checkpoint.pt")
     assert meta.temperature != 1.0 and metrics["test_accuracy"] == meta.metrics["test_accuracy"]
@@ -173,8 +173,8 @@ def test_freeze_epochs_keep_the_backbone_as_initialised(small_digits, tmp_path):
     config = FitConfig(data=str(small_digits), out=str(tmp_path), arch="resnet18", epochs=1, batch_size=32,
                        resize_size=36, crop_size=32, freeze_epochs=1, seed=5, calibrate=False)
     fit(config)
-    from train.checkpoint import load_checkpoint
-    from train.fit import seed_everything
+    from histoserve.train.checkpoint import load_checkpoint
+    from histoserve.train.fit import seed_everything
 
     trained, _ = load_checkpoint(tmp_path / "checkpoint.pt")
     seed_everything(5)

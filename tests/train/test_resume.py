@@ -59,8 +59,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(small_digits, tmp
 
 
 def test_resume_refuses_other_options_or_another_process_count(small_digits, tmp_path):
-    from train.config import FitConfig
-    from train.fit import resume_problems
+    from histoserve.train.config import FitConfig
+    from histoserve.train.fit import resume_problems
 
     run = tmp_path / "run"
     subprocess.run(command(small_digits, run, "--epochs", "1"), cwd=ROOT, check=True, capture_output=True, timeout=600)

@@ -1,0 +1,166 @@
+"""python -m client classify PATH... --url HOST:PORT --model NAME [--top-k K] [--json]
+python -m client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N
+
+classify: PATH may be a file, a folder (searched recursively for images) or a glob. One line per
+file, in input order; a file that cannot be read gets an error line and the rest are still
+classified. --concurrency batches are preprocessed and in flight at once; each request is retried
+through restarts and rollouts until its --deadline-s. Exit code: 0 all files
+classified, 1 some files failed, 2 the server or model could not be used, 130 interrupted (Ctrl-C;
+the lines printed so far are complete).
+
+rollout-status: waits until every server (every pod behind a headless Service) serves version N.
+Exit code: 0 every server has it READY, 1 a server failed to load it (its reason is printed),
+2 not every server has it READY (still loading after --timeout, unreachable, or unloaded by the
+version policy because newer versions exist).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from histoserve.client.classifier import ClientError, ClientTls, FileResult, TritonClassifier
+from histoserve.client.preprocessing import find_images
+from histoserve.client.rollout import wait_for_version
+
+
+def expand_paths(arguments: list[str]) -> list[str]:
+    """Files as given; folders and globs expanded to the image files below them, sorted."""
+    paths: list[str] = []
+    for argument in arguments:
+        matches = sorted(glob.glob(argument, recursive=True)) if glob.has_magic(argument) else [argument]
+        if not matches:
+            paths.append(argument)  # reported as 'no such file' rather than dropped silently
+        for match in matches:
+            if Path(match).is_dir():
+                paths += [str(p) for p in find_images(match)]
+            else:
+                paths.append(match)
+    return list(dict.fromkeys(paths))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    classify = commands.add_parser("classify", help="classify image files on a Triton server")
+    classify.add_argument("paths", nargs="+", metavar="PATH")
+    classify.add_argument("--url", default="localhost:8001",
+                          help="Triton gRPC address, or dns:///name:port to balance over every pod behind a "
+                               "headless Service (default: %(default)s)")
+    classify.add_argument("--model", required=True)
+    classify.add_argument("--model-version", default="", help="default: the latest the server has")
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--json", action="store_true", help="one JSON object per line")
+    classify.add_argument("--concurrency", type=int, default=4,
+                          help="batches preprocessed and requests in flight at once (default: %(default)s)")
+    classify.add_argument("--batch-size", type=int, help="files per request (default: the model's max batch size)")
+    classify.add_argument("--output", type=Path, help="write the result lines to this file instead of stdout")
+    classify.add_argument("--ssl", action="store_true", help="gRPC over TLS")
+    classify.add_argument("--ssl-root-certificates", help="CA bundle (PEM) that signed the server; default: the system's")
+    classify.add_argument("--ssl-private-key", help="mutual TLS: this client's private key (PEM)")
+    classify.add_argument("--ssl-certificate-chain", help="mutual TLS: this client's certificate chain (PEM)")
+    classify.add_argument("--deadline-s", type=float, default=60.0,
+                          help="per request, retries included: a server that is restarting or rolling out is waited "
+                               "for and retried until then (default: %(default)s)")
+    rollout = commands.add_parser("rollout-status", help="wait until every server serves a model version")
+    rollout.add_argument("--url", required=True,
+                         help="a server, servers separated by commas, or dns:///name:port for every pod behind a headless Service")
+    rollout.add_argument("--model", required=True)
+    rollout.add_argument("--version", required=True, type=int)
+    rollout.add_argument("--timeout", type=float, default=900.0, help="seconds (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.command == "rollout-status":
+        return rollout_status(args)
+
+    paths = expand_paths(args.paths)
+    if not paths:
+        print("error: no image files found in the given paths", file=sys.stderr)
+        return 1
+    try:
+        tls = None
+        if args.ssl or args.ssl_root_certificates or args.ssl_private_key or args.ssl_certificate_chain:
+            tls = ClientTls(args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
+        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=tls)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output = open(args.output, "w") if args.output else sys.stdout  # closed below
+    progress = Progress(len(paths)) if sys.stderr.isatty() else None
+    failures = done = 0
+    try:
+        with classifier:
+            for result in classifier.classify_files(paths, args.top_k, args.concurrency, args.batch_size):
+                failures += not result.ok
+                done += 1
+                print(format_result(result, args.json), file=output, flush=True)
+                if progress:
+                    progress.update(done, failures)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {done} of {len(paths)} file(s) classified, results above"
+              + (f" and in {args.output}" if args.output else ""), file=sys.stderr)
+        return 130
+    finally:
+        if progress:
+            progress.close()
+        if args.output:
+            output.close()
+    if failures:
+        print(f"{failures} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def format_result(result: FileResult, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(asdict(result))
+    if result.ok:
+        return f"{result.path}\t" + ", ".join(f"{p.label} {p.score:.4f}" for p in result.predictions)
+    return f"{result.path}\terror: {result.error}"
+
+
+class Progress:
+    """One status line on stderr, redrawn at most every 0.2 s; only used when stderr is a terminal."""
+
+    def __init__(self, total: int):
+        self.total, self.started, self.shown = total, time.monotonic(), 0.0
+
+    def update(self, done: int, failures: int) -> None:
+        now = time.monotonic()
+        if now - self.shown < 0.2 and done < self.total:
+            return
+        self.shown = now
+        rate = done / max(now - self.started, 1e-9)
+        print(f"\r{done}/{self.total} files, {failures} failed, {rate:.1f} files/s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        print(file=sys.stderr, flush=True)
+
+
+def rollout_status(args: argparse.Namespace) -> int:
+    try:
+        states = wait_for_version(args.url, args.model, str(args.version), args.timeout)
+    except (OSError, ValueError) as error:
+        print(f"error: cannot resolve {args.url}: {error}", file=sys.stderr)
+        return 2
+    for state in states:
+        print(f"{state.server}\t{args.model} version {args.version}\t{state.state}"
+              + (f"\t{state.reason.splitlines()[0]}" if state.reason else ""), flush=True)
+    if any(s.state == "UNAVAILABLE" for s in states):
+        print(f"error: {args.model} version {args.version} failed to load on "
+              f"{sum(s.state == 'UNAVAILABLE' for s in states)} of {len(states)} server(s); they keep serving "
+              f"the versions they had. Roll back by moving the version folder out of the repository.", file=sys.stderr)
+        return 1
+    if not all(s.state == "READY" for s in states):
+        print(f"error: {args.model} version {args.version} is not READY on every server (states above; "
+              f"waited up to {args.timeout:.0f}s)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""A thin gRPC client for a histoserve model on Triton: reads the serving contract from the server,
+preprocesses files with the one shared implementation, sends uint8 batches, returns top-k labels
+through Triton's classification extension."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
+from tritonclient.utils import InferenceServerException
+
+from histoserve.client.contract import ContractError, ModelContract
+from histoserve.client.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
+
+
+class ClientError(RuntimeError):
+    """The server or model cannot be used at all (as opposed to one bad file)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: str
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def parse_classification(entry: bytes | str) -> Prediction:
+    """Triton's classification output is 'score:index:label' (label may be absent)."""
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    score, index, *label = text.split(":", 2)
+    return Prediction(label=label[0] if label else index, index=int(index), score=float(score))
+
+
+# Keepalive: ping every 20 s, also between calls, and give up on a connection after 10 s of silence,
+# so a call to a dead node fails fast instead of hanging until its deadline. Servers must accept
+# pings that often: k8s/base/deployment.yaml and `python -m serve` allow one every 10 s.
+KEEPALIVE_TIME_MS = 20_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+# After a server closes a connection (Triton's --grpc-max-connection-age on Kubernetes), re-resolve
+# the name at most this often, to find pods a scale-out added (gRPC's default is 30 s).
+DNS_MIN_RERESOLUTION_MS = 5_000
+# Reconnect to a server that went away within 2 s of its return (gRPC backs off up to 120 s).
+RECONNECT_BACKOFF_MS = (500, 2_000)
+# An inference call made while no server is reachable waits for one (up to its deadline) instead of
+# failing at once; only ModelInfer, so that reading the contract at start-up still fails fast.
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "inference.GRPCInferenceService", "method": "ModelInfer"}],
+    "waitForReady": True,
+}]})
+# What a rollout, a restart or an overloaded server answer for a while; anything else is final.
+# NOT_FOUND: "Request for unknown model ... has no available versions" while a server unloads its
+# models on the way down (measured with a real Triton stopped under load); the contract was read at
+# start-up, so the model exists.
+RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.NOT_FOUND")
+
+
+def channel_arguments(url: str) -> list[tuple[str, object]]:
+    """gRPC channel options: keepalive always; for `dns:///host:port` (or `ipv4:a:p1,b:p2`) targets,
+    round_robin over every address the target names.
+
+    A Kubernetes headless Service resolves to one address per ready pod. gRPC's default policy
+    (pick_first) sends everything over one long-lived HTTP/2 connection to one pod; round_robin keeps
+    a connection to each pod and spreads calls. tritonclient replaces all its channel options when
+    any are given, so its message-size defaults are restated here.
+    """
+    options: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        # Any unanswered ping ends the connection after the same time: gRPC's own bandwidth probe
+        # ping, sent with a request, otherwise holds keepalive back for a minute (measured).
+        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RERESOLUTION_MS),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
+        ("grpc.service_config", SERVICE_CONFIG),
+    ]
+    if url.startswith(("dns:", "ipv4:", "ipv6:")):
+        options.append(("grpc.lb_policy_name", "round_robin"))
+    return options
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """gRPC over TLS. `root_certificates`: the CA bundle that signed the server (default: the
+    system's); `private_key` + `certificate_chain`: this client's identity, for mutual TLS. PEM files."""
+
+    root_certificates: str | None = None
+    private_key: str | None = None
+    certificate_chain: str | None = None
+
+    def client_arguments(self) -> dict:
+        if bool(self.private_key) != bool(self.certificate_chain):
+            raise ClientError("mutual TLS needs both the client's private key and its certificate chain")
+        for path in filter(None, (self.root_certificates, self.private_key, self.certificate_chain)):
+            if not os.path.isfile(path):
+                raise ClientError(f"TLS file {path} does not exist")
+        return {"ssl": True, "root_certificates": self.root_certificates, "private_key": self.private_key,
+                "certificate_chain": self.certificate_chain}
+
+
+class InferenceFailed(RuntimeError):
+    """A request failed for good: a final error, or its deadline passed; the message says which."""
+
+
+def retryable(error: BaseException) -> bool:
+    return isinstance(error, InferenceServerException) and error.status() in RETRYABLE
+
+
+class ContractView:
+    """What both classifiers (this one and client.aio's) read off the contract they hold."""
+
+    contract: ModelContract
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.contract.preprocess
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.contract.max_batch_size
+
+
+class TritonClassifier(ContractView):
+    """Classify images with a model served by Triton, over gRPC.
+
+    Every request has a deadline (`deadline_s`) that covers its retries: answers a rollout or a
+    restart gives for a while (UNAVAILABLE, RESOURCE_EXHAUSTED, a model being unloaded) are retried
+    with exponential backoff and full jitter (tenacity), and while no server is reachable the call
+    waits for one (gRPC wait-for-ready) instead of failing, so a server that comes back within the
+    deadline loses no request.
+    """
+
+    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None):
+        self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
+        security = tls.client_arguments() if tls else {}
+        self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url), **security)
+        try:
+            self._read_contract()
+        except BaseException:
+            self.client.close()  # the channel would otherwise live on with nobody to close it
+            raise
+
+    def _read_contract(self) -> None:
+        try:
+            if not self.client.is_model_ready(self.model, self.version):
+                raise ClientError(not_ready_message(self))
+            config = self.client.get_model_config(self.model, self.version, as_json=True)["config"]
+        except InferenceServerException as error:
+            raise unreachable(self, error) from error
+        self.contract = contract_from(config)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> TritonClassifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
+        """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
+        return predictions_of(self._infer(images, top_k_output(self.contract, top_k)))
+
+    def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
+        """The full FP32 probability rows, for parity checks against PyTorch."""
+        return self._infer(images, grpcclient.InferRequestedOutput(self.contract.output_name))
+
+    def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> np.ndarray:
+        """Raises InferenceFailed when the request fails for good or its deadline passes."""
+        request = input_of(self.contract, images)
+        deadline = time.monotonic() + self.deadline_s
+        try:
+            for attempt in Retrying(**retry_policy(self.deadline_s)):
+                with attempt:
+                    result = self.client.infer(self.model, [request], self.version, outputs=[output],
+                                               client_timeout=max(0.001, deadline - time.monotonic()))
+        except (RetryError, InferenceServerException) as error:
+            raise failure(error, self.deadline_s) from None
+        return result.as_numpy(self.contract.output_name)
+
+    def classify_files(
+        self, paths: Iterable[str | os.PathLike], top_k: int = 1, concurrency: int = 4, batch_size: int | None = None
+    ) -> Iterator[FileResult]:
+        """One result per path, in input order; a bad file yields an error result and never stops the rest.
+
+        `concurrency` batches are worked on at once, each by its own thread that reads and
+        preprocesses its files (Pillow releases the GIL while decoding and resizing) and then sends
+        them as one request, so preprocessing overlaps inference and up to `concurrency` requests
+        are in flight. At most 2 × concurrency batches are held at a time and `paths` is read
+        lazily, so a folder of any size runs in bounded memory. Batches have `batch_size` files
+        (default and at most: the model's max batch size).
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        size = min(batch_size or self.max_batch_size, self.max_batch_size)
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix="classify")
+        window: deque[Future[list[FileResult]]] = deque()
+        try:
+            for group in batched(paths, size):
+                window.append(pool.submit(self._classify_batch, group, top_k))
+                if len(window) >= 2 * concurrency:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        finally:  # also on Ctrl-C or when the caller stops early: drop the batches not yet started
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _classify_batch(self, paths: list[str], top_k: int) -> list[FileResult]:
+        batch = PreparedBatch.of(paths, self.spec)
+        if not batch.images:
+            return batch.finish(None, "")
+        try:
+            return batch.finish(self.infer(np.stack(batch.images), top_k), "")
+        except InferenceFailed as error:
+            return batch.finish(None, f"inference failed: {error}")
+
+
+# What the sync classifier here and the asyncio one (client/aio.py) share.
+
+def not_ready_message(classifier) -> str:
+    return f"model {classifier.model!r} (version {classifier.version or 'latest'}) is not ready on {classifier.url}"
+
+
+def unreachable(classifier, error: InferenceServerException) -> ClientError:
+    hint = ("; if the server uses TLS, pass --ssl" if classifier.tls is None
+            else "; check that the server speaks TLS and that the certificates match")
+    return ClientError(f"cannot reach Triton at {classifier.url}: {error.message()}{hint}")
+
+
+def contract_from(config: dict) -> ModelContract:
+    try:
+        return ModelContract.from_config(config)
+    except ContractError as error:
+        raise ClientError(str(error)) from error
+
+
+def input_of(contract: ModelContract, images: np.ndarray) -> grpcclient.InferInput:
+    request = grpcclient.InferInput(contract.input_name, list(images.shape), "UINT8")
+    request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+    return request
+
+
+def top_k_output(contract: ModelContract, top_k: int) -> grpcclient.InferRequestedOutput:
+    return grpcclient.InferRequestedOutput(contract.output_name, class_count=min(top_k, contract.num_classes))
+
+
+def predictions_of(rows: np.ndarray) -> list[list[Prediction]]:
+    return [[parse_classification(entry) for entry in row] for row in rows]
+
+
+def retry_policy(deadline_s: float) -> dict:
+    """tenacity's arguments: retry what a restart or rollout answers, backoff with full jitter, and
+    no attempt that would start after the deadline."""
+    return {"retry": retry_if_exception(retryable), "wait": wait_random_exponential(multiplier=0.2, max=5),
+            "stop": stop_before_delay(deadline_s)}
+
+
+def failure(error: BaseException, deadline_s: float) -> InferenceFailed:
+    if isinstance(error, RetryError):
+        last = error.last_attempt
+        return InferenceFailed(f"gave up after {last.attempt_number} attempts in the {deadline_s:g} s deadline: "
+                               f"{_message(last.exception())}")
+    if isinstance(error, InferenceServerException) and error.status() == "StatusCode.DEADLINE_EXCEEDED":
+        return InferenceFailed(f"the {deadline_s:g} s deadline passed (no server answered: {_message(error)})")
+    return InferenceFailed(_message(error))
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of files read and preprocessed: the images, and a result slot per path (filled now for
+    a file that could not be read, by `finish` for the others)."""
+
+    paths: list[str]
+    images: list[np.ndarray]
+    slots: list[int]
+    results: list[FileResult | None]
+
+    @classmethod
+    def of(cls, paths: list[str], spec: PreprocessSpec) -> PreparedBatch:
+        batch = cls(paths, [], [], [])
+        for path in paths:
+            try:
+                batch.images.append(preprocess_file(path, spec))
+                batch.slots.append(len(batch.results))
+                batch.results.append(None)
+            except ImageLoadError as error:
+                batch.results.append(FileResult(path, error=error.reason))
+        return batch
+
+    def finish(self, rows: list[list[Prediction]] | None, error: str) -> list[FileResult]:
+        for index, slot in enumerate(self.slots):
+            path = self.paths[slot]
+            self.results[slot] = FileResult(path, predictions=rows[index]) if rows is not None else FileResult(path, error=error)
+        return self.results
+
+
+def _message(error: BaseException | None) -> str:
+    if isinstance(error, InferenceServerException):
+        return f"{error.status() or 'error'}: {(error.message() or '').strip()}"
+    return str(error)
+
+
+def batched(paths: Iterable[str | os.PathLike], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for path in paths:
+        batch.append(os.fspath(path))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,81 @@
+"""Has a published model version reached every Triton server? Asked of each server's repository index.
+
+Triton in poll mode loads a new version folder within its poll interval, and keeps serving the
+versions it had when the new one fails to load; nothing in its metrics says so. This check waits
+until every server reports the version READY, and fails as soon as every server has answered and
+one reports it UNAVAILABLE, naming the server and Triton's reason. Behind a Kubernetes headless
+Service, `dns:///name:port` expands to one server per ready pod.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+
+@dataclass(frozen=True)
+class VersionState:
+    server: str
+    state: str  # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE
+    reason: str = ""
+    model: str = ""
+    version: str = ""
+
+    @classmethod
+    def from_index_entry(cls, server: str, entry: dict) -> VersionState:
+        """Triton reports a version the policy unloaded as UNAVAILABLE with reason "unloaded"; only
+        the other UNAVAILABLE versions failed to load."""
+        state, reason = entry.get("state", "UNKNOWN"), entry.get("reason", "")
+        if (state, reason) == ("UNAVAILABLE", "unloaded"):
+            state = "UNLOADED"
+        return cls(server, state, reason, entry.get("name", ""), entry.get("version", ""))
+
+
+def expand_servers(url: str) -> list[str]:
+    """`dns:///host:port` → one `address:port` per address the name resolves to (every pod behind a
+    headless Service); `a:p1,b:p2` → both; anything else → itself."""
+    if url.startswith("dns:"):
+        host, _, port = url.split("/")[-1].rpartition(":")
+        addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)})
+        return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def repository_states(server: str, timeout_s: float = 10.0) -> list[VersionState]:
+    """Every model version one server knows, from its repository index (raises InferenceServerException)."""
+    with grpcclient.InferenceServerClient(server) as client:
+        index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s).get("models", [])
+    return [VersionState.from_index_entry(server, entry) for entry in index]
+
+
+def version_state(server: str, model: str, version: str, timeout_s: float = 10.0) -> VersionState:
+    try:
+        states = repository_states(server, timeout_s)
+    except InferenceServerException as error:
+        return VersionState(server, "UNREACHABLE", error.message() or str(error), model, version)
+    return next((s for s in states if (s.model, s.version) == (model, version)), VersionState(server, "UNKNOWN", "", model, version))
+
+
+def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_s: float = 2.0) -> list[VersionState]:
+    """Poll until every server has the version READY, or every server has settled with at least one
+    failure, or the timeout passes; returns the last states. A failure sticks until the version turns
+    READY: Triton in poll mode retries a broken version on every poll (LOADING, then UNAVAILABLE)."""
+    deadline = time.monotonic() + timeout_s
+    failed: dict[str, VersionState] = {}
+    while True:
+        states = []
+        for server in expand_servers(url):
+            state = version_state(server, model, version)
+            if state.state == "UNAVAILABLE":
+                failed[server] = state
+            elif state.state == "READY":
+                failed.pop(server, None)
+            states.append(failed.get(server, state))
+        settled = all(s.state in ("READY", "UNAVAILABLE", "UNLOADED") for s in states)
+        if states and (settled or time.monotonic() >= deadline):
+            return states
+        time.sleep(poll_s)

@@ -1,0 +1,158 @@
+"""python -m export CHECKPOINT --repository model_repository --name NAME [--precision fp32|fp16|int8]
+
+Checkpoint → ONNX (dynamic batch) → onnx.checker → parity gate on real images → [INT8 or FP16 variant
+→ accuracy gate against FP32 on the held-out split] → Triton repository. A variant is published as its
+own model, NAME-int8 or NAME-fp16, with the same contract, labels and warmup. Nothing is written to the
+repository unless every check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from histoserve.client.preprocessing import ImageLoadError, preprocess_file
+from histoserve.export import precision as variants
+from histoserve.export.onnx_model import ParityError, check_parity, export_onnx
+from histoserve.export.precision import CALIBRATION_METHODS, PRECISIONS, AccuracyGate, AccuracyGateError, QuantizationConfig
+from histoserve.export.repository import BatchingConfig, CpuTuning, RepositoryError, TensorRTConfig, build_config, config_to_text, publish
+
+
+def spread(items: list, count: int) -> list:
+    """Up to `count` items spread evenly over `items` (so several classes are covered)."""
+    if not items:
+        return []
+    return list(dict.fromkeys(items[int(i)] for i in np.linspace(0, len(items) - 1, num=min(count, len(items)))))
+
+
+def load_images(samples: list, spec, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed uint8 images (as the client sends them) and their labels; unreadable files are
+    skipped with a message naming them."""
+    arrays, labels = [], []
+    for sample in samples:
+        try:
+            arrays.append(preprocess_file(sample.path, spec))
+            labels.append(sample.label)
+        except ImageLoadError as error:
+            print(f"{purpose}: skipping {error}", file=sys.stderr)
+    if not arrays:
+        return np.zeros((0, 3, spec.crop_size, spec.crop_size), np.uint8), np.zeros(0, np.int64)
+    return np.stack(arrays), np.asarray(labels)
+
+
+def parity_images(paths: list[Path], spec, count: int) -> np.ndarray:
+    from histoserve.train.data import Sample
+
+    return load_images([Sample(path, -1) for path in spread(paths, count)], spec, "parity")[0]
+
+
+def make_variant(precision: str, fp32_file: Path, target: Path, splits, meta, args) -> None:
+    """Write the reduced-precision model and pass it through the accuracy gate (or raise)."""
+    if precision == "int8":
+        calibration = load_images(spread(splits["train"], args.calibration_count), meta.preprocess, "calibration")[0]
+        config = QuantizationConfig(len(calibration) or args.calibration_count, args.calibration_method, args.int8_reduce_range)
+        print(f"int8: calibrating on {len(calibration)} training images ({config.method}, U8S8 QDQ per-channel, "
+              f"reduce_range {'on' if config.reduce_range else 'off'}) ...", flush=True)
+        variants.quantize_int8(fp32_file, target, calibration, config)
+    else:
+        print("fp16: converting weights and arithmetic to float16 (uint8 input and fp32 output kept) ...", flush=True)
+        variants.convert_fp16(fp32_file, target)
+    held_out = splits.get(args.gate_split, [])
+    images, labels = load_images(held_out, meta.preprocess, "accuracy gate")
+    if len(images) == 0:
+        raise AccuracyGateError(f"the {args.gate_split!r} split has no readable images for the {precision} accuracy gate")
+    gate = AccuracyGate(args.min_agreement, args.max_accuracy_drop)
+    print(variants.check_accuracy_gate(precision, fp32_file, target, images, labels, gate), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `python -m train fit`")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--name", required=True, help="Triton model name")
+    parser.add_argument("--version", type=int, help="default: the next free version number")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--instance-count", type=int, default=1, help="model instances per GPU")
+    parser.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=[], help="GPU batcher's preferred sizes")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp16 and int8 are published as NAME-fp16 / NAME-int8 after the accuracy gate")
+    parser.add_argument("--calibration-count", type=int, default=QuantizationConfig.calibration_count,
+                        help="int8: training images to calibrate on (default: %(default)s)")
+    parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=QuantizationConfig.method)
+    parser.add_argument("--int8-reduce-range", action="store_true",
+                        help="int8: 7-bit weights, for CPU nodes without AVX-512 VNNI (see README)")
+    parser.add_argument("--gate-split", default="test", help="held-out split the accuracy gate runs on (default: %(default)s)")
+    parser.add_argument("--min-agreement", type=float, default=AccuracyGate.min_agreement,
+                        help="accuracy gate: top-1 agreement with fp32 (default: %(default)s)")
+    parser.add_argument("--max-accuracy-drop", type=float, default=AccuracyGate.max_accuracy_drop,
+                        help="accuracy gate: top-1 accuracy drop, as a fraction (default: %(default)s = 0.5 point)")
+    parser.add_argument("--tensorrt", choices=("fp32", "fp16", "int8"),
+                        help="GPU config: TensorRT execution accelerator at this precision (int8 needs --precision int8)")
+    parser.add_argument("--tensorrt-workspace-bytes", type=int, default=TensorRTConfig.workspace_bytes)
+    parser.add_argument("--tensorrt-cache-path", default=TensorRTConfig.cache_path,
+                        help="engine and timing cache folder in the serving container (default: %(default)s)")
+    parser.add_argument("--cpu-instances", type=int, default=CpuTuning.instance_count, help="configs/cpu.pbtxt: model instances")
+    parser.add_argument("--cpu-threads", type=int, default=CpuTuning.intra_op_threads,
+                        help="configs/cpu.pbtxt: ONNX Runtime intra-op threads per instance; the pod's CPU limit (default: %(default)s)")
+    parser.add_argument("--cpu-max-queue-delay-us", type=int, default=CpuTuning.max_queue_delay_us)
+    parser.add_argument("--cpu-preferred-batch-sizes", type=int, nargs="*", default=list(CpuTuning.preferred_batch_sizes))
+    parser.add_argument("--loaded-versions", type=int, default=2,
+                        help="newest versions Triton keeps loaded: 2 keeps the previous one serving during a "
+                             "rollout and warm for a rollback (default: %(default)s)")
+    parser.add_argument("--parity-images", type=Path,
+                        help="ImageFolder for the parity gate (default: the checkpoint's test split)")
+    parser.add_argument("--parity-count", type=int, default=32)
+    parser.add_argument("--atol", type=float, default=1e-4, help="max |Δprob| allowed by the parity gate")
+    parser.add_argument("--opset", type=int, default=18)
+    args = parser.parse_args(argv)
+
+    from histoserve.train.checkpoint import load_checkpoint, training_splits
+    from histoserve.train.data import list_image_folder
+    from histoserve.train.model import ServingModel
+
+    if args.tensorrt == "int8" and args.precision != "int8":
+        parser.error("--tensorrt int8 runs the quantized model: add --precision int8")
+    name = args.name if args.precision == "fp32" else f"{args.name}-{args.precision}"
+    try:
+        classifier, meta = load_checkpoint(args.checkpoint)
+        model = ServingModel(classifier, meta.temperature).eval()
+        splits = training_splits(meta).splits if (args.precision != "fp32" or not args.parity_images) else {}
+        samples = list_image_folder(args.parity_images)[1] if args.parity_images else splits["test"]
+        images = parity_images([s.path for s in samples], meta.preprocess, args.parity_count)
+        tensorrt = None
+        if args.tensorrt:
+            tensorrt = TensorRTConfig(args.tensorrt.upper(), args.tensorrt_workspace_bytes, args.tensorrt_cache_path)
+        config = build_config(
+            name, len(meta.class_names), meta.preprocess,
+            BatchingConfig(args.max_batch_size, args.max_queue_delay_us, args.instance_count, tuple(args.preferred_batch_sizes)),
+            loaded_versions=args.loaded_versions, precision=args.precision, tensorrt=tensorrt,
+        )
+        cpu = CpuTuning(args.cpu_instances, args.cpu_threads, CpuTuning.inter_op_threads, args.cpu_max_queue_delay_us,
+                        tuple(args.cpu_preferred_batch_sizes))
+        with tempfile.TemporaryDirectory(prefix="histoserve-export-") as workdir:
+            onnx_file = Path(workdir) / "model.onnx"
+            print(f"exporting {meta.arch} ({len(meta.class_names)} classes, input uint8 3×{meta.preprocess.crop_size}²) to ONNX "
+                  "...", flush=True)
+            export_onnx(model, onnx_file, meta.preprocess.crop_size, args.opset)
+            print(check_parity(model, onnx_file, images, args.atol), flush=True)
+            if args.precision != "fp32":
+                variant = Path(workdir) / f"model-{args.precision}.onnx"
+                make_variant(args.precision, onnx_file, variant, splits, meta, args)
+                onnx_file = variant
+            target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu)
+    except (ParityError, AccuracyGateError, RepositoryError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"published {target / 'model.onnx'} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
+    print(f"config: {target.parent / 'config.pbtxt'}\n" + config_to_text(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

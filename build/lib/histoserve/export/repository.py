@@ -1,0 +1,267 @@
+"""The Triton model repository, written with Triton's own protobuf types.
+
+Layout (what Triton, `serve/` and the k8s manifests read):
+
+    <repository>/<name>/config.pbtxt           (GPU: the default)
+    <repository>/<name>/configs/cpu.pbtxt      (the same on CPU: tritonserver --model-config-name=cpu)
+    <repository>/<name>/labels.txt
+    <repository>/<name>/<version>/model.onnx
+
+A new version is assembled in a hidden, non-numeric folder (Triton ignores those) and renamed into
+place, so a polling Triton never loads half a model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from histoserve.client.contract import CONTRACT_VERSION, INPUT_NAME, LABELS_FILE, OUTPUT_NAME, ContractError, ModelContract
+from histoserve.client.preprocessing import PreprocessSpec
+
+MODEL_FILE = "model.onnx"
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+
+class RepositoryError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """The production (GPU) instance and batcher settings."""
+
+    max_batch_size: int = 16
+    max_queue_delay_us: int = 500
+    instance_count: int = 1
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class CpuTuning:
+    """What configs/cpu.pbtxt runs with, in the onnxruntime backend's own terms (its model config
+    `parameters` intra_op_thread_count / inter_op_thread_count, the instance count and the batcher).
+    `python -m serve` applies the same values to its local ONNX Runtime sessions. The defaults are
+    what `benchmarks/serving.py --sweep` measured best on a 2-vCPU node (README, "Serving speed").
+    Set intra_op_threads to the pod's CPU limit: ONNX Runtime's default (0) is the node's core count,
+    which oversubscribes a pod that may use a few of them."""
+
+    instance_count: int = 1
+    intra_op_threads: int = 2
+    inter_op_threads: int = 1
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorRTConfig:
+    """ONNX Runtime's TensorRT execution provider, as Triton's onnxruntime backend configures it
+    (`optimization { execution_accelerators { gpu_execution_accelerator { name: "tensorrt" ... } } }`).
+    The optimisation profile spans batch 1 to max_batch_size, so one engine serves every batch; the
+    engine cache keeps the build (minutes for ResNet50) out of the next start on the same node, and
+    the config's warmup builds it before the model reports ready."""
+
+    precision: str = "FP16"  # FP32 | FP16 | INT8 (INT8 for the QDQ model: TensorRT reads its scales)
+    workspace_bytes: int = 1 << 30
+    cache_path: str = "/tmp/tensorrt-engines"
+
+    def parameters(self, spec: PreprocessSpec, max_batch_size: int) -> dict[str, str]:
+        if self.precision not in ("FP32", "FP16", "INT8"):
+            raise RepositoryError(f"TensorRT precision {self.precision!r} is not FP32, FP16 or INT8")
+        shape = f"3x{spec.crop_size}x{spec.crop_size}"
+        return {
+            "precision_mode": self.precision,
+            "max_workspace_size_bytes": str(self.workspace_bytes),
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": self.cache_path,
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": self.cache_path,
+            "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
+            "trt_profile_opt_shapes": f"{INPUT_NAME}:{max_batch_size}x{shape}",
+            "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch_size}x{shape}",
+        }
+
+
+def build_config(
+    name: str, num_classes: int, spec: PreprocessSpec, batching: BatchingConfig = BatchingConfig(),
+    loaded_versions: int = 2, precision: str = "fp32", tensorrt: TensorRTConfig | None = None,
+) -> mc.ModelConfig:
+    """The production config: ONNX Runtime on GPU with dynamic batching and the serving contract.
+
+    `precision` is recorded as a parameter (the contract does not change with it); `tensorrt` adds
+    TensorRT as the GPU execution accelerator.
+
+    `loaded_versions` newest versions stay loaded (Triton's version_policy latest N). With 2, the
+    previous version keeps serving while a new one loads and after it takes over, so no request
+    lands on a version being unloaded (with 1, a few requests during each rollout fail with
+    "version n is not at ready state", measured with tests/serve/test_rollout.py's setup), and
+    deleting the newest version folder rolls back to a version that is already warm. The cost is
+    the memory of one more model.
+    """
+    if loaded_versions < 1:
+        raise RepositoryError("loaded_versions must be at least 1")
+    if not NAME_PATTERN.match(name):
+        raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
+    if batching.max_batch_size < 1:
+        raise RepositoryError("max_batch_size must be at least 1 (the batch axis is dynamic)")
+    dims = [3, spec.crop_size, spec.crop_size]
+    config = mc.ModelConfig(
+        name=name,
+        backend="onnxruntime",
+        max_batch_size=batching.max_batch_size,
+        input=[mc.ModelInput(name=INPUT_NAME, data_type=mc.TYPE_UINT8, format=mc.ModelInput.FORMAT_NCHW, dims=dims)],
+        output=[mc.ModelOutput(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[num_classes], label_filename=LABELS_FILE)],
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_GPU, count=batching.instance_count)],
+        dynamic_batching=mc.ModelDynamicBatching(
+            max_queue_delay_microseconds=batching.max_queue_delay_us,
+            preferred_batch_size=_preferred_sizes(batching.preferred_batch_sizes, batching.max_batch_size),
+        ),
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=loaded_versions)),
+    )
+    sizes = sorted({1, batching.max_batch_size})
+    for batch_size in sizes:  # warm up before readiness, so the first real request is not the slow one
+        config.model_warmup.append(
+            mc.ModelWarmup(
+                name=f"zeros_batch_{batch_size}",
+                batch_size=batch_size,
+                inputs={INPUT_NAME: mc.ModelWarmup.Input(data_type=mc.TYPE_UINT8, dims=dims, zero_data=True)},
+            )
+        )
+    contract = ModelContract(name, INPUT_NAME, OUTPUT_NAME, num_classes, batching.max_batch_size, spec, CONTRACT_VERSION)
+    for key, value in contract.parameters().items():
+        config.parameters[key].string_value = value
+    config.parameters["precision"].string_value = precision
+    if tensorrt is not None:
+        config.optimization.execution_accelerators.gpu_execution_accelerator.append(
+            mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(
+                name="tensorrt", parameters=tensorrt.parameters(spec, batching.max_batch_size)
+            )
+        )
+    check_contract(config)
+    return config
+
+
+def _preferred_sizes(sizes: tuple[int, ...], max_batch_size: int) -> list[int]:
+    if any(size < 1 or size > max_batch_size for size in sizes):
+        raise RepositoryError(f"preferred batch sizes {list(sizes)} must lie within 1..max_batch_size {max_batch_size}")
+    return sorted(set(sizes))
+
+
+def contract_of(config: mc.ModelConfig) -> ModelContract:
+    """The serving contract a config carries, read exactly as the client reads it from the server."""
+    return ModelContract.from_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+
+def check_contract(config: mc.ModelConfig) -> None:
+    try:
+        contract_of(config)
+    except ContractError as error:
+        raise RepositoryError(f"the config export would write breaks the serving contract: {error}") from error
+
+
+def cpu_variant(config: mc.ModelConfig, tuning: CpuTuning = CpuTuning()) -> mc.ModelConfig:
+    """The same model on CPU nodes: Triton picks it with `--model-config-name=cpu` (k8s cpu overlay).
+    GPU accelerators are dropped; threads, instances and the batcher come from `tuning`."""
+    variant = mc.ModelConfig()
+    variant.CopyFrom(config)
+    del variant.instance_group[:]
+    variant.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=tuning.instance_count))
+    variant.optimization.execution_accelerators.ClearField("gpu_execution_accelerator")
+    if not variant.optimization.execution_accelerators.ListFields():
+        variant.optimization.ClearField("execution_accelerators")
+    if not variant.optimization.ListFields():
+        variant.ClearField("optimization")
+    variant.dynamic_batching.max_queue_delay_microseconds = tuning.max_queue_delay_us
+    variant.dynamic_batching.preferred_batch_size[:] = _preferred_sizes(tuning.preferred_batch_sizes, variant.max_batch_size)
+    variant.parameters["intra_op_thread_count"].string_value = str(tuning.intra_op_threads)
+    variant.parameters["inter_op_thread_count"].string_value = str(tuning.inter_op_threads)
+    variant.parameters["execution_mode"].string_value = "0"  # sequential: a ResNet has no branches to run in parallel
+    return variant
+
+
+def config_to_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except text_format.ParseError as error:
+        raise RepositoryError(f"{path}: not a valid Triton model config ({error})") from error
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+
+
+def publish(
+    repository: Path, config: mc.ModelConfig, labels: list[str], onnx_file: Path, version: int | None = None,
+    cpu_tuning: CpuTuning = CpuTuning(),
+) -> Path:
+    """Write config.pbtxt, labels.txt and `<version>/model.onnx`; returns the version folder.
+
+    A model that already exists keeps its contract: a new version with other labels, input
+    geometry or preprocessing is refused instead of silently breaking the versions being served.
+    """
+    model_dir = Path(repository) / config.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    if (model_dir / "config.pbtxt").exists():
+        _check_same_contract(model_dir, read_config(model_dir / "config.pbtxt"), config, labels)
+    version = version or (max(versions(model_dir), default=0) + 1)
+    target = model_dir / str(version)
+    if target.exists():
+        raise RepositoryError(f"{target} already exists: versions are immutable, pick another --version")
+
+    write_text_if_changed(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
+    write_text_if_changed(model_dir / "config.pbtxt", config_to_text(config))
+    (model_dir / "configs").mkdir(exist_ok=True)
+    write_text_if_changed(model_dir / "configs" / "cpu.pbtxt", config_to_text(cpu_variant(config, cpu_tuning)))
+    staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
+    try:
+        shutil.copyfile(onnx_file, staging / MODEL_FILE)
+        os.chmod(staging, 0o755)
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _check_same_contract(model_dir: Path, old: mc.ModelConfig, new: mc.ModelConfig, labels: list[str]) -> None:
+    old_labels = (model_dir / LABELS_FILE).read_text().splitlines() if (model_dir / LABELS_FILE).exists() else []
+    differences = []
+    if old_labels != labels:
+        differences.append(f"labels {old_labels} → {labels}")
+    old_contract, new_contract = contract_of(old), contract_of(new)
+    for field in ("input_name", "output_name", "num_classes", "preprocess", "version"):
+        if getattr(old_contract, field) != getattr(new_contract, field):
+            differences.append(f"{field} {getattr(old_contract, field)} → {getattr(new_contract, field)}")
+    if differences:
+        raise RepositoryError(
+            f"{model_dir} already serves another contract ({'; '.join(differences)}). "
+            f"Export under a new --name, or move the old model folder away yourself."
+        )
+
+
+def write_text_if_changed(path: Path, text: str) -> None:
+    """Rename into place, and only when the content changes: a polling Triton reloads a model whose
+    config.pbtxt or labels file was touched."""
+    if path.is_file() and path.read_text() == text:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,92 @@
+"""python -m loadtest.report PREFIX — summarize a headless Locust run written with --csv PREFIX.
+
+Prints requests, failures, throughput and latency percentiles (from PREFIX_summary.json), and plots throughput and p50/p99
+latency over time into PREFIX_latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LoadSummary:
+    requests: int
+    failures: int
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    average_ms: float
+
+    def table(self) -> str:
+        rows = [
+            ("requests", f"{self.requests}"),
+            ("failures", f"{self.failures}"),
+            ("throughput", f"{self.requests_per_second:.1f} req/s"),
+            ("latency p50", f"{self.p50_ms:.0f} ms"),
+            ("latency p99", f"{self.p99_ms:.0f} ms"),
+            ("latency mean", f"{self.average_ms:.1f} ms"),
+        ]
+        return "\n".join(f"  {name:<13} {value}" for name, value in rows)
+
+
+def read_summary(prefix: str | Path) -> LoadSummary:
+    """The final totals the locustfile writes to PREFIX_summary.json when the run ends."""
+    path = Path(f"{prefix}_summary.json")
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: run `locust -f loadtest/locustfile.py ... --csv {prefix}`")
+    return LoadSummary(**json.loads(path.read_text()))
+
+
+def plot_history(prefix: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(f"{prefix}_stats_history.csv", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["Name"] == "Aggregated" and r["50%"] not in ("N/A", "")]
+    if not rows:
+        raise ValueError(f"{prefix}_stats_history.csv has no samples with latencies")
+    start = int(rows[0]["Timestamp"])
+    seconds = [int(r["Timestamp"]) - start for r in rows]
+    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    top.plot(seconds, [float(r["Requests/s"]) for r in rows], label="requests/s")
+    top.plot(seconds, [float(r["Failures/s"]) for r in rows], label="failures/s", color="tab:red")
+    top.set_ylabel("per second")
+    top.legend(loc="lower right")
+    top.set_title(f"Locust: {rows[-1]['User Count']} users")
+    for column, style in (("50%", "-"), ("99%", "--")):
+        bottom.plot(seconds, [float(r[column]) for r in rows], style, label=f"p{column.rstrip('%')}")
+    bottom.set_ylabel("latency (ms)")
+    bottom.set_xlabel("seconds since start")
+    bottom.legend(loc="upper right")
+    figure.tight_layout()
+    out = Path(f"{prefix}_latency.png")
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__)
+    parser.add_argument("prefix", help="the --csv prefix given to locust, e.g. reports/locust")
+    args = parser.parse_args(argv)
+    try:
+        summary = read_summary(args.prefix)
+        plot = plot_history(args.prefix)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    print(f"  plot          {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

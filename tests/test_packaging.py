@@ -1,0 +1,30 @@
+"""The installed distribution claims one top-level name, histoserve; the repository keeps one folder
+per stage and its `python -m <stage>` commands."""
+
+import subprocess
+import sys
+import zipfile
+
+from tests.conftest import ROOT
+
+
+def test_the_wheel_installs_everything_under_histoserve_only(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    [wheel] = tmp_path.glob("histoserve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == {"histoserve"}
+    for stage in ("client", "train", "export", "serve", "loadtest"):
+        assert f"histoserve/{stage}/__init__.py" in names
+    for stage in ("client", "train", "export", "serve"):
+        assert f"histoserve/{stage}/__main__.py" in names
+    assert "histoserve/serve/onnxruntime_model.py" in names  # the python-backend model serve copies
+
+
+def test_stages_run_as_histoserve_modules_outside_the_repository(tmp_path):
+    for stage in ("client", "export", "serve", "train"):
+        result = subprocess.run([sys.executable, "-m", f"histoserve.{stage}", "--help"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "usage:" in result.stdout
