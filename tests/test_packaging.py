@@ -1,6 +1,7 @@
 """The installed distribution claims one top-level name, histoserve; the repository keeps one folder
 per stage and its `python -m <stage>` commands."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -9,7 +10,13 @@ from tests.conftest import ROOT
 
 
 def test_the_wheel_installs_everything_under_histoserve_only(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    for stage in ("client", "train", "export", "serve", "loadtest"):
+        shutil.copytree(ROOT / stage, source / stage, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
                    check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("histoserve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
