@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from histoserve.client.contract import INPUT_NAME, OUTPUT_NAME
+from histoserve.export.onnx_model import onnx_session
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -117,13 +118,6 @@ def convert_fp16(fp32_file: Path, target: Path) -> None:
     onnx.checker.check_model(str(target), full_check=True)
 
 
-def cpu_session(path: Path, threads: int = 0) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # the fp16 model warns about every Cast it keeps
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def predict(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Probability rows for `images`, run in batches (the held-out split does not fit one call)."""
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0] for chunk in _chunks(images, batch_size)])
@@ -182,7 +176,7 @@ def check_accuracy_gate(
     precision: str, fp32_file: Path, variant_file: Path, images: np.ndarray, labels: np.ndarray, gate: AccuracyGate = AccuracyGate()
 ) -> GateReport:
     """Run both models on the held-out images; raise AccuracyGateError (numbers in the message) on failure."""
-    report = gate_report(precision, predict(cpu_session(fp32_file), images), predict(cpu_session(variant_file), images), labels, gate)
+    report = gate_report(precision, predict(onnx_session(fp32_file), images), predict(onnx_session(variant_file), images), labels, gate)
     if not report.passed:
         raise AccuracyGateError(f"{report}; nothing was published")
     return report

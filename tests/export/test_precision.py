@@ -7,13 +7,13 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from histoserve.export.onnx_model import onnx_session
 from histoserve.export.precision import (
     AccuracyGate,
     AccuracyGateError,
     QuantizationConfig,
     check_accuracy_gate,
     convert_fp16,
-    cpu_session,
     gate_report,
     kept_in_fp32,
     predict,
@@ -131,7 +131,7 @@ def test_fp16_variant_keeps_uint8_in_and_fp32_out_and_passes_the_gate(repository
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     conv_weights = {node.input[1] for node in model.graph.node if node.op_type == "Conv"}
     assert {init.data_type for init in model.graph.initializer if init.name in conv_weights} == {onnx.TensorProto.FLOAT16}
-    difference = np.abs(predict(cpu_session(tmp_path / "fp16.onnx"), images[:32]) - predict(cpu_session(fp32_file), images[:32]))
+    difference = np.abs(predict(onnx_session(tmp_path / "fp16.onnx"), images[:32]) - predict(onnx_session(fp32_file), images[:32]))
     assert difference.max() < 1e-2
     assert check_accuracy_gate("fp16", fp32_file, tmp_path / "fp16.onnx", images, labels).passed
 
