@@ -15,8 +15,13 @@ One run, one machine, so the ratios mean something (these machines are noisy):
 3. the local real Triton (`python -m serve`'s TritonServer, the configs/cpu.pbtxt that export wrote),
    batch-1 gRPC requests at concurrency 1/2/4/8/16: throughput, p50/p95/p99, and from Triton's
    statistics extension the queue and compute time per request and the average batch size;
-4. `python -m client classify --concurrency 4` on the PNG folder (the whole command, process start
-   included), and its files/s ÷ the served capacity (best concurrency) of the same run.
+4. `python -m client classify --concurrency 4` on 256 PNGs (the test PNGs hard-linked): files/s over
+   the whole command (process start included) and in its steady state, the client's CPU ms per file,
+   and files/s ÷ the served capacity (best concurrency) of the same run;
+5. the same, served rows and client, with Triton pinned to most cores and the client (or the load
+   generator) to the rest (1 of 2 here), as when the client runs in another pod: does it keep the
+   server busy? On shared cores the client's decoding takes CPU from the server, so that ratio is
+   bounded by the client's CPU per file against the server's.
 
 Prints a table and the ratios (served at its best concurrency ≥ 4 ÷ in process at its best batch,
 measured before and after the served rows and averaged, since these machines drift; INT8 ÷ FP32), writes
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -49,6 +55,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 
 from histoserve.client.preprocessing import PreprocessSpec, find_images, preprocess_file  # noqa: E402
 from histoserve.export.repository import CpuTuning, config_to_text, cpu_variant, read_config, write_text_if_changed  # noqa: E402
+from histoserve.loadtest.triton_stats import STAGES, snapshot  # noqa: E402
 from histoserve.serve.server import TritonServer, free_ports  # noqa: E402
 
 MODEL = "resnet50"
@@ -171,19 +178,6 @@ def timed(call, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def statistics_of(client: grpcclient.InferenceServerClient, model: str) -> dict:
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"]
-    totals = {"requests": 0, "executions": 0, "inferences": 0, "queue_ns": 0, "compute_ns": 0}
-    for entry in stats:
-        inference = entry.get("inference_stats", {})
-        totals["requests"] += int(inference.get("success", {}).get("count", 0))
-        totals["executions"] += int(entry.get("execution_count", 0))
-        totals["inferences"] += int(entry.get("inference_count", 0))
-        totals["queue_ns"] += int(inference.get("queue", {}).get("ns", 0))
-        totals["compute_ns"] += sum(int(inference.get(k, {}).get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
-    return totals
-
-
 def served(variant: str, url: str, model: str, images: np.ndarray, concurrency: int, seconds: float) -> Row:
     """`concurrency` callers, each its own gRPC channel, sending batch-1 requests back to back."""
     latencies: list[float] = []
@@ -211,36 +205,101 @@ def served(variant: str, url: str, model: str, images: np.ndarray, concurrency: 
     for thread in threads:
         thread.start()
     time.sleep(min(1.0, seconds / 4))  # every caller connected and the batcher in its steady state
-    with grpcclient.InferenceServerClient(url) as client:
-        before = statistics_of(client, model)
-        measuring.set()
-        started = time.perf_counter()
-        time.sleep(seconds)
-        measuring.clear()
-        elapsed = time.perf_counter() - started
-        after = statistics_of(client, model)
+    before = snapshot(url, model)
+    measuring.set()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    measuring.clear()
+    elapsed = time.perf_counter() - started
+    delta = snapshot(url, model).since(before)
     stop.set()
     for thread in threads:
         thread.join()
-    delta = {key: after[key] - before[key] for key in after}
-    requests = max(1, delta["requests"])
     triton = {
-        "queue_ms_per_request": delta["queue_ns"] / requests / 1e6,
-        "compute_ms_per_request": delta["compute_ns"] / requests / 1e6,
-        "average_batch": delta["inferences"] / max(1, delta["executions"]),
+        "queue_ms_per_request": delta["queue_ms_per_request"],
+        "compute_ms_per_request": sum(delta[f"{stage}_ms_per_request"] or 0.0 for stage in STAGES if stage != "queue"),
+        "average_batch": delta["average_batch"],
     }
     p50, p95, p99 = (float(np.percentile(latencies, q) * 1000) for q in (50, 95, 99))
     return Row(variant, "triton gRPC", f"concurrency {concurrency}", len(latencies) / elapsed, p50, p95, p99, triton)
 
 
-def client_command(variant: str, url: str, model: str, folder: Path) -> Row:
+def client_folder(folder: Path, work: Path, files: int) -> Path:
+    """`files` PNGs for the client to classify: the test PNGs hard-linked over and over, so that the
+    command runs long enough for its start-up not to weigh on its rate."""
+    sources = find_images(folder)
+    target = work / "client_files"
+    for i in range(files):
+        path = target / f"copy_{i // len(sources):02d}" / sources[i % len(sources)].name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.link(sources[i % len(sources)], path)
+    return target
+
+
+def client_command(variant: str, url: str, model: str, folder: Path, note: str = "") -> list[Row]:
+    """`python -m client classify --concurrency 4` on `folder`: files/s over the whole command (process
+    start and reading the contract included) and in its steady state (from its first result line to
+    its last, each line time-stamped as it arrives), and the CPU time the client process used per file."""
     files = len(find_images(folder))
+    command = [sys.executable, "-m", "client", "classify", str(folder), "--url", url, "--model", model, "--concurrency", "4"]
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    result = run([sys.executable, "-m", "client", "classify", folder, "--url", url, "--model", model, "--concurrency", 4])
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stamps = [time.perf_counter() for _ in process.stdout]
+    stderr = process.stderr.read()
+    process.wait()
     elapsed = time.perf_counter() - started
-    if len(result.stdout.splitlines()) != files:
-        sys.exit(f"python -m client classify printed {len(result.stdout.splitlines())} results for {files} files")
-    return Row(variant, "python -m client classify", f"{files} PNGs 700×460, concurrency 4", files / elapsed)
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if process.returncode != 0 or len(stamps) != files:
+        sys.exit(f"python -m client classify exited {process.returncode} with {len(stamps)} results for {files} files:\n{stderr[-2000:]}")
+    cpu_ms = sum(getattr(cpu_after, k) - getattr(cpu_before, k) for k in ("ru_utime", "ru_stime")) * 1000 / files
+    first_burst = sum(stamp - stamps[0] < 0.005 for stamp in stamps)  # the first request's results arrive together
+    steady = (files - first_burst) / (stamps[-1] - stamps[0])
+    what = f"{files} PNGs{note}"
+    return [Row(variant, "python -m client classify", f"{what}, whole command", files / elapsed),
+            Row(variant, "python -m client classify", f"{what}, steady, {cpu_ms:.1f} CPU ms/file", steady)]
+
+
+def pin(cores: list[int]) -> None:
+    """Every thread of this process (and what it starts from now on) runs on `cores` only."""
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(thread), cores)
+        except ProcessLookupError:  # a thread that has just ended
+            pass
+
+
+def client_on_own_cores(repository: Path, images: np.ndarray, folder: Path, seconds: float) -> list[Row]:
+    """The server on most cores and the client (or the load generator) on the rest, as when the client
+    is another pod: does the client keep the server busy? Both measured under the same split."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return []
+    client_cores = cores[len(cores) - max(1, len(cores) // 4):]
+    server_cores = cores[:len(cores) - len(client_cores)]
+    note = f", cores: server {len(server_cores)}, client {len(client_cores)}"
+    apply_tuning(repository, CpuTuning(intra_op_threads=len(server_cores)))
+    rows = []
+    try:
+        pin(server_cores)  # Triton and its Python backend processes inherit this
+        server = TritonServer(repository, free_ports())
+        with server:
+            pin(client_cores)
+            for variant, name in VARIANTS.items():
+                for concurrency in (4, 8):
+                    print(f"{variant}{note}: served, concurrency {concurrency} ...", flush=True)
+                    row = served(variant, server.grpc_url, name, images, concurrency, seconds)
+                    row.path, row.setting = "triton gRPC, own cores", f"concurrency {concurrency}{note}"
+                    rows.append(row)
+                print(f"{variant}{note}: python -m client classify ...", flush=True)
+                for row in client_command(variant, server.grpc_url, name, folder, note):
+                    row.path = "python -m client classify, own cores"
+                    rows.append(row)
+    finally:
+        pin(cores)
+        apply_tuning(repository, CpuTuning())
+    return rows
 
 
 def apply_tuning(repository: Path, tuning: CpuTuning) -> None:
@@ -257,7 +316,8 @@ def describe(tuning: CpuTuning) -> str:
 
 def table(rows: list[Row]) -> str:
     wide = max(28, *(len(r.path) for r in rows))
-    lines = [f"{'variant':7} {'path':{wide}} {'setting':40} {'img/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+    setting = max(40, *(len(r.setting) for r in rows))
+    lines = [f"{'variant':7} {'path':{wide}} {'setting':{setting}} {'img/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
              f"{'queue ms':>8} {'compute ms':>10} {'avg batch':>9}"]
 
     def number(value, width, digits=1):
@@ -265,8 +325,9 @@ def table(rows: list[Row]) -> str:
 
     for r in rows:
         t = r.triton
-        lines.append(f"{r.variant:7} {r.path:{wide}} {r.setting:40} {r.images_per_s:7.1f} {number(r.p50_ms, 7)} {number(r.p95_ms, 7)} "
-                     f"{number(r.p99_ms, 7)} {number(t.get('queue_ms_per_request'), 8)} {number(t.get('compute_ms_per_request'), 10)} "
+        lines.append(f"{r.variant:7} {r.path:{wide}} {r.setting:{setting}} {r.images_per_s:7.1f} "
+                     f"{number(r.p50_ms, 7)} {number(r.p95_ms, 7)} {number(r.p99_ms, 7)} "
+                     f"{number(t.get('queue_ms_per_request'), 8)} {number(t.get('compute_ms_per_request'), 10)} "
                      f"{number(t.get('average_batch'), 9, 2)}")
     return "\n".join(lines)
 
@@ -287,10 +348,18 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         result[f"{variant} served (concurrency ≥ 4) ÷ in-process"] = best(variant, "triton gRPC", 4) / in_process_mean(variant)
     result["int8 ÷ fp32, in process"] = in_process_mean("int8") / in_process_mean("fp32")
     result["int8 ÷ fp32, served"] = best("int8", "triton gRPC", 1) / best("fp32", "triton gRPC", 1)
-    result["int8 ÷ fp32, client command"] = best("int8", "python -m client classify") / best("fp32", "python -m client classify")
+    def client(variant: str, kind: str, path: str = "python -m client classify") -> float:
+        return max((r.images_per_s for r in rows if r.variant == variant and r.path == path and kind in r.setting),
+                   default=float("nan"))
+
+    result["int8 ÷ fp32, client command (steady)"] = client("int8", "steady") / client("fp32", "steady")
     for variant in VARIANTS:
-        result[f"{variant} client command ÷ served (best concurrency)"] = (
-            best(variant, "python -m client classify") / best(variant, "triton gRPC", 1))
+        for kind in ("whole command", "steady"):
+            result[f"{variant} client ({kind}) ÷ served (best concurrency), shared cores"] = (
+                client(variant, kind) / best(variant, "triton gRPC", 1))
+        if any(r.path == "triton gRPC, own cores" for r in rows):
+            result[f"{variant} client (steady) ÷ served (best concurrency), client on its own core"] = (
+                client(variant, "steady", "python -m client classify, own cores") / best(variant, "triton gRPC, own cores"))
     if any(r.path == "openvino in process" for r in rows):
         for variant in VARIANTS:
             for precision in sorted({r.setting.split(", ")[-1] for r in rows if r.path == "openvino in process"}):
@@ -332,6 +401,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement time per row (default: %(default)s)")
     parser.add_argument("--images", type=int, default=128, help="synthetic 700×460 PNGs written (default: %(default)s)")
+    parser.add_argument("--client-files", type=int, default=256,
+                        help="PNGs the client command classifies (the test PNGs, hard-linked; default: %(default)s)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "serving")
     parser.add_argument("--sweep", action="store_true", help="sweep the CPU config instead (concurrency 4 and 16)")
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it (default: a temporary one)")
@@ -355,6 +426,7 @@ def main() -> int:
         folder = work / "data"
         images = np.stack([preprocess_file(p, PreprocessSpec(256, 224)) for p in find_images(folder / "test")[:16]])
         images = np.concatenate([images] * (16 // len(images) + 1))[:16]
+        client_files = client_folder(folder / "test", work, args.client_files)
         rows: list[Row] = []
         if args.sweep:
             rows = sweep(repository, images, args.seconds)
@@ -374,7 +446,9 @@ def main() -> int:
                     for concurrency in CONCURRENCY:
                         print(f"{variant}: served, concurrency {concurrency} ...", flush=True)
                         rows.append(served(variant, server.grpc_url, name, images, concurrency, args.seconds))
-                    rows.append(client_command(variant, server.grpc_url, name, folder))
+                    print(f"{variant}: python -m client classify ...", flush=True)
+                    rows += client_command(variant, server.grpc_url, name, client_files)
+            rows += client_on_own_cores(repository, images, client_files, args.seconds)
             for variant, name in VARIANTS.items():  # the machine drifts: measure the best batch again, after
                 best = max((r for r in rows if r.variant == variant and r.path == "onnxruntime in process"), key=lambda r: r.images_per_s)
                 batch = int(best.setting.split()[1].rstrip(","))

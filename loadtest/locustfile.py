@@ -1,16 +1,34 @@
-"""Locust load test for a histoserve model on Triton over gRPC.
+"""Locust load test for a histoserve model on Triton over gRPC, closed or open loop.
 
+    # closed loop: 8 users, each sends its next request when the last one returns
     locust -f loadtest/locustfile.py --headless --users 8 --spawn-rate 8 --run-time 30s \
         --triton-url localhost:8001 --model digits --images data/digits/test \
         --csv reports/locust --html reports/locust.html
+    # open loop: 40 requests/s (Poisson arrivals) shared by every user and worker process
+    locust -f loadtest/locustfile.py --headless --users 32 --spawn-rate 32 --run-time 60s --processes 2 \
+        --arrival-rate 40 --triton-url localhost:8001 --model digits --summary-json reports/open.json
 
 Each simulated user holds its own gRPC channel and sends real images, preprocessed once per process
-with the client's preprocessing (the server's contract), as uint8 batches of --batch-size.
+with the client's preprocessing (the server's contract), as uint8 batches of --batch-size; with
+--decode-per-request each request reads and preprocesses its files instead (what a calling service
+pays). Every answer's top-1 is checked against the prediction made for that image before the run
+(--expected, or computed at start); a wrong one is a failure: dynamic batching must never return
+another request's row.
+
+Open loop (--arrival-rate): send times are fixed in advance (loadtest/arrivals.py); each request has
+a *service* latency (from when it was sent) and a *response* latency (from when it was meant to be
+sent, corrected for coordinated omission); Locust's statistics and --fail-p99-ms use the response
+latency. Latencies are kept in HDR histograms per --window-s window (loadtest/windows.py), merged
+from every worker on the master; --stop-when-stable ends the run once the last --stable-windows
+windows agree within --stable-tolerance (perf_analyzer's rule). --summary-json writes every window
+and the totals.
 
 Exit codes: 0 passed; 1 Locust's own failure (any failed request without --fail-ratio, or workers
 missing after --expect-workers-max-wait); 2 nothing can be measured (model missing, no readable
 image); 3 a threshold failed (--fail-p99-ms, --fail-ratio); 4 the run is not valid: no request was
-sent, or a worker was lost during the run (fewer than --expect-workers were still there at the end).
+sent, a worker was lost during the run (fewer than --expect-workers were still there at the end), or
+in open loop the generator could not keep the offered rate (more than --max-late-share of requests
+sent over --late-ms after their intended time, or a Locust process at ≥ 90 % CPU).
 """
 
 # grpc must be patched for gevent before anything imports it; without this only one request is ever
@@ -25,18 +43,22 @@ import os  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from functools import lru_cache  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import gevent  # noqa: E402
 import numpy as np  # noqa: E402
 from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from histoserve.client.classifier import ClientError, TritonClassifier  # noqa: E402
-from histoserve.client.preprocessing import ImageLoadError, PreprocessSpec, find_images, preprocess_file  # noqa: E402
+from histoserve.client.classifier import ClientError, ClientTls, TritonClassifier  # noqa: E402
+from histoserve.client.preprocessing import preprocess_file  # noqa: E402
+from histoserve.loadtest.arrivals import DISTRIBUTIONS, ArrivalSchedule  # noqa: E402
+from histoserve.loadtest.expectations import expected_predictions, load_images, read_expected  # noqa: E402
+from histoserve.loadtest.windows import Window, WindowClock, merged, stable  # noqa: E402
 
-MAX_IMAGES = 512
+GENERATOR_CPU_LIMIT = 90.0  # percent of one core: Locust's own warning level
 
 
 @events.init_command_line_parser.add_listener
@@ -45,30 +67,185 @@ def add_arguments(parser):
     group.add_argument("--triton-url", default="localhost:8001", env_var="HISTOSERVE_TRITON_URL",
                        help="Triton gRPC address")
     group.add_argument("--model", default="digits", env_var="HISTOSERVE_MODEL", help="model name")
+    group.add_argument("--ssl", action="store_true", env_var="HISTOSERVE_SSL", help="gRPC over TLS")
+    group.add_argument("--ssl-root-certificates", default="", env_var="HISTOSERVE_SSL_ROOT_CERTIFICATES",
+                       help="CA bundle (PEM) that signed the server; default: the system's")
+    group.add_argument("--ssl-private-key", default="", env_var="HISTOSERVE_SSL_PRIVATE_KEY",
+                       help="mutual TLS: the client's private key (PEM)")
+    group.add_argument("--ssl-certificate-chain", default="", env_var="HISTOSERVE_SSL_CERTIFICATE_CHAIN",
+                       help="mutual TLS: the client's certificate chain (PEM)")
     group.add_argument("--images", default="data/digits/test", env_var="HISTOSERVE_IMAGES",
                        help="folder of images to send (searched recursively)")
+    group.add_argument("--max-images", type=int, default=512, env_var="HISTOSERVE_MAX_IMAGES",
+                       help="use the first N images of the folder")
     group.add_argument("--batch-size", type=int, default=1, env_var="HISTOSERVE_BATCH_SIZE",
                        help="images per request")
+    group.add_argument("--decode-per-request", action="store_true", env_var="HISTOSERVE_DECODE_PER_REQUEST",
+                       help="each request reads and preprocesses its files (default: preprocessed once per process)")
+    group.add_argument("--expected", default="", env_var="HISTOSERVE_EXPECTED",
+                       help="JSON {path: [accepted top-1 indices]} made before the run (default: computed at start)")
     group.add_argument("--fail-p99-ms", type=float, default=0.0, env_var="HISTOSERVE_FAIL_P99_MS",
                        help="exit with code 3 when the p99 latency is above this (0: no limit)")
     group.add_argument("--fail-ratio", type=float, default=-1.0, env_var="HISTOSERVE_FAIL_RATIO",
                        help="exit with code 3 when the failed share of requests is above this (-1: Locust's "
                             "own rule, any failure exits 1)")
+    group.add_argument("--arrival-rate", type=float, default=0.0, env_var="HISTOSERVE_ARRIVAL_RATE",
+                       help="open loop: requests/s offered by all users and workers together (0: closed loop)")
+    group.add_argument("--arrival-distribution", choices=DISTRIBUTIONS, default="poisson",
+                       env_var="HISTOSERVE_ARRIVAL_DISTRIBUTION", help="open loop: gaps between sends")
+    group.add_argument("--late-ms", type=float, default=5.0, env_var="HISTOSERVE_LATE_MS",
+                       help="open loop: a request sent more than this after its intended time is late")
+    group.add_argument("--max-late-share", type=float, default=0.01, env_var="HISTOSERVE_MAX_LATE_SHARE",
+                       help="open loop: a larger share of late requests makes the run invalid (exit 4)")
+    group.add_argument("--window-s", type=float, default=5.0, env_var="HISTOSERVE_WINDOW_S",
+                       help="measurement window (perf_analyzer's is 5 s)")
+    group.add_argument("--stable-windows", type=int, default=3, env_var="HISTOSERVE_STABLE_WINDOWS",
+                       help="windows that must agree to call the load stable")
+    group.add_argument("--stable-tolerance", type=float, default=0.1, env_var="HISTOSERVE_STABLE_TOLERANCE",
+                       help="how closely they must agree (fraction of their mean)")
+    group.add_argument("--stop-when-stable", action="store_true", env_var="HISTOSERVE_STOP_WHEN_STABLE",
+                       help="end the run as soon as the load is stable (--run-time still caps it)")
+    group.add_argument("--summary-json", default="", env_var="HISTOSERVE_SUMMARY_JSON",
+                       help="write the windows and totals here (also PREFIX_summary.json with --csv)")
 
 
-@lru_cache(maxsize=4)
-def load_images(folder: str, spec: PreprocessSpec) -> np.ndarray:
-    """Preprocess up to MAX_IMAGES images once per process; bad files are skipped, not fatal."""
-    paths = find_images(folder)
-    arrays = []
-    for path in paths[:MAX_IMAGES]:
-        try:
-            arrays.append(preprocess_file(path, spec))
-        except ImageLoadError as error:
-            print(f"loadtest: skipping {error}")
-    if not arrays:
-        raise ValueError(f"--images {folder}: no readable images")
-    return np.stack(arrays)
+@dataclass
+class Inputs:
+    """One process's images: paths, preprocessed arrays, and the top-1 indices accepted for each."""
+
+    paths: list[str]
+    arrays: np.ndarray
+    accepted: list[frozenset[int]]
+
+
+_inputs: dict[tuple, Inputs] = {}
+
+
+def load_inputs(options, classifier: TritonClassifier) -> Inputs:
+    """Preprocess up to --max-images images once per process and know the right answer for each
+    before the first timed request."""
+    key = (options.images, options.max_images, classifier.spec, options.expected)
+    if key not in _inputs:
+        paths, images = load_images(options.images, classifier.spec, options.max_images)
+        accepted = read_expected(options.expected, paths) if options.expected else expected_predictions(classifier, images)
+        _inputs[key] = Inputs(paths, images, accepted)
+    return _inputs[key]
+
+
+def client_tls(options) -> ClientTls | None:
+    files = (options.ssl_root_certificates, options.ssl_private_key, options.ssl_certificate_chain)
+    return ClientTls(*(f or None for f in files)) if options.ssl or any(files) else None
+
+
+class WrongPrediction(AssertionError):
+    """The server answered with another image's class: counted as a failed request."""
+
+
+class OpenLoop:
+    """This process's share of the offered rate, its arrival schedule and its measurement windows."""
+
+    def __init__(self):
+        self.schedule: ArrivalSchedule | None = None
+        self.clock: WindowClock | None = None
+        self.flusher = None
+
+    def start(self, environment) -> None:
+        options = environment.parsed_options
+        self.clock = WindowClock(options.window_s)
+        if options.arrival_rate > 0:
+            index = getattr(environment.runner, "worker_index", 0)
+            self.schedule = ArrivalSchedule(options.arrival_rate, options.arrival_distribution, seed=index if index >= 0 else 0)
+        if not isinstance(environment.runner, MasterRunner):
+            self.flusher = gevent.spawn(self.flush_forever, environment)
+
+    def share(self, environment) -> float:
+        """The part of the offered rate this process sends: its users ÷ all users."""
+        total = max(1, environment.parsed_options.num_users or 1)
+        return min(1.0, max(1, environment.runner.user_count) / total)
+
+    def next_send(self, environment) -> float:
+        self.schedule.share = self.share(environment)
+        self.schedule.offset = max(0, getattr(environment.runner, "worker_index", 0)) * self.schedule.share % 1.0
+        return self.schedule.take(time.perf_counter())
+
+    def flush_forever(self, environment) -> None:
+        while True:
+            gevent.sleep(0.25)
+            self.flush(environment, time.time())
+
+    def flush(self, environment, now: float) -> None:
+        for window in self.clock.closed(now):
+            window.generator_cpu = environment.runner.current_cpu_usage
+            if isinstance(environment.runner, WorkerRunner):
+                environment.runner.send_message("histoserve_window", window.to_message())
+            else:
+                BOOK.add(environment, window)
+
+    def stop(self, environment) -> None:
+        if self.flusher is not None:
+            self.flusher.kill()
+            self.flusher = None
+        if self.clock is not None:
+            self.flush(environment, time.time())  # windows that ended; the one under way is partial: dropped
+
+
+class WindowBook:
+    """On the master (or the only process): every process's windows merged, in order, and whether the
+    load is stable. Windows that began before every user was running are warm-up."""
+
+    def __init__(self):
+        self.pending: dict[float, Window] = {}
+        self.windows: list[Window] = []
+        self.measuring_from: float | None = None
+        self.stable_at: int | None = None
+
+    def add(self, environment, window: Window) -> None:
+        runner = environment.runner
+        expected = max(1, runner.worker_count) if isinstance(runner, MasterRunner) else 1
+        if window.start in self.pending:
+            window = self.pending.pop(window.start).merge(window)
+        if window.reporters < expected:
+            self.pending[window.start] = window
+            return
+        if self.measuring_from is None or window.start < self.measuring_from:
+            return
+        self.windows.append(window)
+        options = environment.parsed_options
+        if self.stable_at is None and stable(self.windows, options.stable_windows, options.stable_tolerance,
+                                                 open_loop=options.arrival_rate > 0):
+            self.stable_at = len(self.windows)
+            if options.stop_when_stable:
+                print(f"loadtest: stable after {len(self.windows)} window(s) of {options.window_s:g} s", flush=True)
+                gevent.spawn_later(0, runner.quit)
+
+    def measured(self, count: int) -> list[Window]:
+        """The stable windows, or every measured window when the load never settled."""
+        if self.stable_at is not None:
+            return self.windows[self.stable_at - count:self.stable_at]
+        return self.windows
+
+
+LOOP = OpenLoop()
+BOOK = WindowBook()
+
+
+@events.init.add_listener
+def receive_windows(environment, **_kwargs):
+    if isinstance(environment.runner, MasterRunner):
+        environment.runner.register_message(
+            "histoserve_window", lambda msg, **_: BOOK.add(environment, Window.from_message(msg.data)))
+
+
+@events.test_start.add_listener
+def start_measuring(environment, **_kwargs):
+    LOOP.start(environment)
+
+
+@events.spawning_complete.add_listener
+def warm_up_over(user_count, **_kwargs):
+    """Measure from the first window that begins once every user is running."""
+    if BOOK.measuring_from is None:
+        BOOK.measuring_from = time.time()
 
 
 @events.test_stop.add_listener
@@ -76,33 +253,80 @@ def count_workers_at_the_end(environment, **_kwargs):
     """On the master, before workers are told to quit: how many of the expected ones are still there
     (a worker that quit, crashed or stopped sending heartbeats is gone or marked missing)."""
     runner = environment.runner
+    LOOP.stop(environment)
     if isinstance(runner, MasterRunner):
         present = len(runner.clients.all) - len(runner.clients.missing)
         environment.histoserve_lost_workers = max(0, environment.parsed_options.expect_workers - present)
 
 
-@events.quitting.add_listener
-def summarize_and_judge(environment, **_kwargs):
-    """Write the final totals to PREFIX_summary.json (Locust's --csv files are rewritten once a
-    second and miss the last second of a run) and apply the pass/fail thresholds."""
-    if isinstance(environment.runner, WorkerRunner):
-        return
+def run_summary(environment) -> dict:
+    """Locust's totals, and from the HDR windows the latencies at µs resolution, late share and
+    wrong answers of the measured windows (every window, for the record)."""
     options, total = environment.parsed_options, environment.stats.total
     summary = {
+        "mode": "open loop" if options.arrival_rate > 0 else "closed loop",
+        "offered_per_s": options.arrival_rate or None,
+        "users": options.num_users,
         "requests": total.num_requests,
         "failures": total.num_failures,
         "requests_per_second": total.total_rps,
         "p50_ms": total.get_response_time_percentile(0.5) if total.num_requests else 0.0,
         "p99_ms": total.get_response_time_percentile(0.99) if total.num_requests else 0.0,
         "average_ms": total.avg_response_time,
+        "stable": BOOK.stable_at is not None,
+        "windows": [w.summary() for w in BOOK.windows],
     }
-    if getattr(options, "csv_prefix", None):
-        Path(f"{options.csv_prefix}_summary.json").write_text(json.dumps(summary, indent=2))
-    invalid = []
-    if total.num_requests == 0:
-        invalid.append("no request was sent")
+    measured = BOOK.measured(options.stable_windows)
+    if measured:
+        totals = merged(measured)
+        summary["measured"] = totals.summary()
+        summary["p50_ms"] = summary["measured"]["response_p50_ms"] or 0.0
+        summary["p99_ms"] = summary["measured"]["response_p99_ms"] or 0.0
+    return summary
+
+
+def invalid_reasons(environment, summary: dict) -> list[str]:
+    options = environment.parsed_options
+    reasons = []
+    if environment.stats.total.num_requests == 0:
+        reasons.append("no request was sent")
     if lost := getattr(environment, "histoserve_lost_workers", 0):
-        invalid.append(f"{lost} of {options.expect_workers} worker(s) lost during the run")
+        reasons.append(f"{lost} of {options.expect_workers} worker(s) lost during the run")
+    measured = summary.get("measured")
+    if options.arrival_rate > 0 and environment.stats.total.num_requests and not measured:
+        reasons.append(f"no {options.window_s:g} s measurement window completed after every user was running "
+                       f"(run for longer, or shorten --window-s)")
+    if options.arrival_rate > 0 and measured:
+        if measured["late_share"] > options.max_late_share:
+            reasons.append(
+                f"the generator could not keep the offered {options.arrival_rate:g} req/s: "
+                f"{measured['late_share']:.1%} of requests were sent over {options.late_ms:g} ms after their "
+                f"intended time (every user busy: the server is past capacity or --users is too low; or the "
+                f"generator's CPU is saturated). Response latency, from the intended times, still tells the truth")
+        if measured["generator_cpu"] >= GENERATOR_CPU_LIMIT:
+            reasons.append(f"a Locust process ran at {measured['generator_cpu']:.0f}% CPU: the generator, not the "
+                           f"server, limits the load (add --processes or workers)")
+    return reasons
+
+
+@events.quitting.add_listener
+def summarize_and_judge(environment, **_kwargs):
+    """Write the final totals to PREFIX_summary.json (Locust's --csv files are rewritten once a
+    second and miss the last second of a run) and --summary-json, and apply the thresholds."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    options = environment.parsed_options
+    summary = run_summary(environment)
+    invalid = invalid_reasons(environment, summary)
+    summary["invalid"] = invalid
+    for target in (f"{options.csv_prefix}_summary.json" if getattr(options, "csv_prefix", None) else "", options.summary_json):
+        if target:
+            Path(target).write_text(json.dumps(summary, indent=2))
+    if (measured := summary.get("measured")) and options.arrival_rate > 0:
+        print(f"loadtest: offered {options.arrival_rate:g} req/s, completed {measured['completed_per_s']:.1f}/s; "
+              f"response p50 {measured['response_p50_ms']:.1f} ms p99 {measured['response_p99_ms']:.1f} ms; "
+              f"service p50 {measured['service_p50_ms']:.1f} ms p99 {measured['service_p99_ms']:.1f} ms; "
+              f"late {measured['late_share']:.1%}; {'stable' if summary['stable'] else 'NOT stable'}", flush=True)
     if invalid:
         print(f"loadtest: INVALID RUN: {'; '.join(invalid)}", flush=True)
         if environment.process_exit_code != 2:  # "nothing can be measured" already says more
@@ -111,8 +335,8 @@ def summarize_and_judge(environment, **_kwargs):
     verdicts = []
     if options.fail_p99_ms > 0 and summary["p99_ms"] > options.fail_p99_ms:
         verdicts.append(f"p99 {summary['p99_ms']:.0f} ms > --fail-p99-ms {options.fail_p99_ms:.0f}")
-    if options.fail_ratio >= 0 and total.fail_ratio > options.fail_ratio:
-        verdicts.append(f"failure ratio {total.fail_ratio:.4f} > --fail-ratio {options.fail_ratio}")
+    if options.fail_ratio >= 0 and environment.stats.total.fail_ratio > options.fail_ratio:
+        verdicts.append(f"failure ratio {environment.stats.total.fail_ratio:.4f} > --fail-ratio {options.fail_ratio}")
     if verdicts:
         print(f"loadtest: FAILED: {'; '.join(verdicts)}", flush=True)
         environment.process_exit_code = 3
@@ -138,14 +362,14 @@ def exit_without_finalizers(exit_code, **_kwargs):
 
 
 class TritonGrpcUser(User):
-    wait_time = constant(0)  # closed loop: each user sends its next request as soon as one returns
+    wait_time = constant(0)  # closed loop: the next request as soon as one returns; open loop: the schedule's
 
     def on_start(self):
         options = self.environment.parsed_options
         try:
-            self.classifier = TritonClassifier(options.triton_url, options.model)
-            self.images = load_images(options.images, self.classifier.spec)
-        except (ClientError, ValueError) as error:
+            self.classifier = TritonClassifier(options.triton_url, options.model, tls=client_tls(options))
+            self.inputs = load_inputs(options, self.classifier)
+        except (ClientError, ValueError, OSError) as error:
             # Nothing can be measured: end the whole run with a non-zero exit code, not a green report.
             print(f"loadtest: error: {error}", flush=True)
             self.environment.process_exit_code = 2
@@ -159,21 +383,47 @@ class TritonGrpcUser(User):
         if hasattr(self, "classifier"):
             self.classifier.close()
 
+    def batch(self, indices: list[int]) -> np.ndarray:
+        if not self.environment.parsed_options.decode_per_request:
+            return self.inputs.arrays[indices]
+        pool = gevent.get_hub().threadpool  # Pillow releases the GIL: decoding does not stall the other users
+        return np.stack([pool.apply(preprocess_file, (self.inputs.paths[i], self.classifier.spec)) for i in indices])
+
     @task
     def infer(self):
-        indices = random.sample(range(len(self.images)), k=min(self.batch_size, len(self.images)))
-        batch = self.images[indices]
-        started = time.perf_counter()
-        exception = None
+        intended = LOOP.next_send(self.environment) if LOOP.schedule else None
+        if intended is not None and (wait := intended - time.perf_counter()) > 0:
+            gevent.sleep(wait)
+        indices = random.sample(range(len(self.inputs.paths)), k=min(self.batch_size, len(self.inputs.paths)))
+        started, started_wall = time.perf_counter(), time.time()
+        first = intended if intended is not None else started  # response latency counts from here
+        sending = LOOP.clock.at(started_wall)
+        sending.sent += 1
+        sending.late += (started - first) * 1000.0 > self.environment.parsed_options.late_ms
+        exception, sent = None, started
         try:
-            self.classifier.infer(batch, top_k=1)
+            batch = self.batch(indices)
+            sent = time.perf_counter()  # service latency counts from here (after decoding, when per request)
+            answers = self.classifier.infer(batch, top_k=1)
+            wrong = [(i, row[0]) for i, row in zip(indices, answers, strict=True) if row[0].index not in self.inputs.accepted[i]]
+            if wrong:
+                i, answer = wrong[0]
+                raise WrongPrediction(f"{len(wrong)} wrong answer(s): {self.inputs.paths[i]} got class {answer.index}, "
+                                      f"expected {sorted(self.inputs.accepted[i])}")
         except Exception as error:  # every failure must reach Locust's statistics, whatever its type
             exception = error
+        done = time.perf_counter()
+        completing = LOOP.clock.at(time.time())
+        if exception is None:
+            completing.record(done - sent, done - first)
+        else:
+            completing.failures += 1
+            completing.mismatches += isinstance(exception, WrongPrediction)
         self.environment.events.request.fire(
             request_type="grpc",
             name=self.name,
-            response_time=(time.perf_counter() - started) * 1000.0,
-            response_length=batch.nbytes,
+            response_time=(done - first) * 1000.0,
+            response_length=len(indices),
             exception=exception,
-            context={"batch_size": len(batch)},
+            context={"batch_size": len(indices)},
         )

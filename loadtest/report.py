@@ -10,7 +10,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -22,16 +22,26 @@ class LoadSummary:
     p50_ms: float
     p99_ms: float
     average_ms: float
+    mode: str = "closed loop"
+    measured: dict | None = None  # the HDR windows' totals (see loadtest/windows.py), when any completed
+    invalid: tuple[str, ...] = ()
 
     def table(self) -> str:
         rows = [
+            ("mode", self.mode),
             ("requests", f"{self.requests}"),
             ("failures", f"{self.failures}"),
             ("throughput", f"{self.requests_per_second:.1f} req/s"),
-            ("latency p50", f"{self.p50_ms:.0f} ms"),
-            ("latency p99", f"{self.p99_ms:.0f} ms"),
+            ("latency p50", f"{self.p50_ms:.1f} ms"),
+            ("latency p99", f"{self.p99_ms:.1f} ms"),
             ("latency mean", f"{self.average_ms:.1f} ms"),
         ]
+        if self.measured and self.mode == "open loop":
+            m = self.measured
+            rows += [("service p50", f"{m['service_p50_ms']:.1f} ms (from the actual send)"),
+                     ("service p99", f"{m['service_p99_ms']:.1f} ms"),
+                     ("late sends", f"{m['late_share']:.1%}")]
+        rows += [("INVALID", reason) for reason in self.invalid]
         return "\n".join(f"  {name:<13} {value}" for name, value in rows)
 
 
@@ -40,7 +50,9 @@ def read_summary(prefix: str | Path) -> LoadSummary:
     path = Path(f"{prefix}_summary.json")
     if not path.is_file():
         raise ValueError(f"{path} is missing: run `locust -f loadtest/locustfile.py ... --csv {prefix}`")
-    return LoadSummary(**json.loads(path.read_text()))
+    data = json.loads(path.read_text())
+    known = {f.name for f in fields(LoadSummary)}
+    return LoadSummary(**{k: tuple(v) if k == "invalid" else v for k, v in data.items() if k in known})
 
 
 def plot_history(prefix: str | Path) -> Path:

@@ -81,3 +81,16 @@ def test_half_a_client_identity_is_refused_before_connecting(tls_server, pki, te
     key, _ = pki["client"]
     result, _ = classify(tls_server.grpc_url, test_files[:1], "--ssl", "--ssl-private-key", key)
     assert result.returncode == 2 and "both the client's private key and its certificate chain" in result.stderr
+
+
+def test_the_load_test_speaks_mutual_tls_too(mtls_server, pki, digits_root):
+    """The Locust user takes the same TLS options; without a client certificate it cannot measure (exit 2)."""
+    key, certificate = pki["client"]
+    common = ["locust", "-f", "loadtest/locustfile.py", "--headless", "--only-summary", "--users", 2, "--spawn-rate", 2,
+              "--run-time", "3s", "--triton-url", mtls_server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
+              "--max-images", 32, "--ssl", "--ssl-root-certificates", pki["ca"]]
+    admitted = run_cli(*common, "--ssl-private-key", key, "--ssl-certificate-chain", certificate, "--fail-ratio", 0,
+                       check=False, timeout=120)
+    assert admitted.returncode == 0, admitted.stdout[-2000:] + admitted.stderr[-2000:]
+    anonymous = run_cli(*common, check=False, timeout=120)
+    assert anonymous.returncode == 2 and "cannot reach Triton" in anonymous.stdout + anonymous.stderr
