@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from histoserve.client.classifier import ClientError, ClientTls, FileResult, TritonClassifier
+from histoserve.client.monitoring import MonitorSender
 from histoserve.client.preprocessing import find_images
 from histoserve.client.rollout import wait_for_version
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--ssl-root-certificates", help="CA bundle (PEM) that signed the server; default: the system's")
     classify.add_argument("--ssl-private-key", help="mutual TLS: this client's private key (PEM)")
     classify.add_argument("--ssl-certificate-chain", help="mutual TLS: this client's certificate chain (PEM)")
+    classify.add_argument("--monitor-url",
+                          help="also send a prediction record per file to this monitor (python -m monitor serve), in the "
+                               "background: a monitor that is down never slows or fails classification")
     classify.add_argument("--deadline-s", type=float, default=60.0,
                           help="per request, retries included: a server that is restarting or rolling out is waited "
                                "for and retried until then (default: %(default)s)")
@@ -82,13 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
+    monitor = None
     try:
         tls = None
         if args.ssl or args.ssl_root_certificates or args.ssl_private_key or args.ssl_certificate_chain:
             tls = ClientTls(args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
-        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=tls)
+        monitor = MonitorSender(args.monitor_url) if args.monitor_url else None
+        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=tls,
+                                      monitor=monitor)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
+        if monitor is not None:
+            monitor.close(0)
         return 2
     output = open(args.output, "w") if args.output else sys.stdout  # closed below
     progress = Progress(len(paths)) if sys.stderr.isatty() else None
@@ -110,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             progress.close()
         if args.output:
             output.close()
+        if monitor is not None:
+            monitor.close(wait_s=2.0)
+            if monitor.dropped:
+                reason = monitor.last_error or "no answer from the monitor in time"
+                print(f"monitor: {monitor.dropped} record(s) dropped, {monitor.sent} sent ({reason})", file=sys.stderr)
     if failures:
         print(f"{failures} of {len(paths)} file(s) failed", file=sys.stderr)
     return 1 if failures else 0

@@ -18,7 +18,9 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay
 from tritonclient.utils import InferenceServerException
 
 from histoserve.client.contract import ContractError, ModelContract
+from histoserve.client.monitoring import MonitorSender
 from histoserve.client.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
+from histoserve.monitor.records import records_for
 
 
 class ClientError(RuntimeError):
@@ -154,8 +156,10 @@ class TritonClassifier(ContractView):
     deadline loses no request.
     """
 
-    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None):
+    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None,
+                 monitor: MonitorSender | None = None):
         self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
+        self.monitor = monitor  # classify_files sends a record per classified file to it (client.monitoring)
         security = tls.client_arguments() if tls else {}
         self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url), **security)
         try:
@@ -184,13 +188,13 @@ class TritonClassifier(ContractView):
 
     def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
         """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
-        return predictions_of(self._infer(images, top_k_output(self.contract, top_k)))
+        return predictions_of(self._infer(images, top_k_output(self.contract, top_k)).as_numpy(self.contract.output_name))
 
     def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
         """The full FP32 probability rows, for parity checks against PyTorch."""
-        return self._infer(images, grpcclient.InferRequestedOutput(self.contract.output_name))
+        return self._infer(images, grpcclient.InferRequestedOutput(self.contract.output_name)).as_numpy(self.contract.output_name)
 
-    def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> np.ndarray:
+    def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> grpcclient.InferResult:
         """Raises InferenceFailed when the request fails for good or its deadline passes."""
         request = input_of(self.contract, images)
         deadline = time.monotonic() + self.deadline_s
@@ -201,7 +205,7 @@ class TritonClassifier(ContractView):
                                                client_timeout=max(0.001, deadline - time.monotonic()))
         except (RetryError, InferenceServerException) as error:
             raise failure(error, self.deadline_s) from None
-        return result.as_numpy(self.contract.output_name)
+        return result
 
     def classify_files(
         self, paths: Iterable[str | os.PathLike], top_k: int = 1, concurrency: int = 4, batch_size: int | None = None
@@ -234,10 +238,16 @@ class TritonClassifier(ContractView):
         batch = PreparedBatch.of(paths, self.spec)
         if not batch.images:
             return batch.finish(None, "")
+        images = np.stack(batch.images)
         try:
-            return batch.finish(self.infer(np.stack(batch.images), top_k), "")
+            result = self._infer(images, top_k_output(self.contract, top_k))
         except InferenceFailed as error:
             return batch.finish(None, f"inference failed: {error}")
+        rows = predictions_of(result.as_numpy(self.contract.output_name))
+        if self.monitor is not None:
+            self.monitor.submit(records_for(self.model, result.get_response().model_version, images,
+                                            [row[0].index for row in rows], [row[0].score for row in rows]))
+        return batch.finish(rows, "")
 
 
 # What the sync classifier here and the asyncio one (client/aio.py) share.

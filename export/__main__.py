@@ -1,7 +1,8 @@
 """python -m export CHECKPOINT --repository model_repository --name NAME [--precision fp32|fp16|int8]
 
 Checkpoint → ONNX (dynamic batch) → onnx.checker → parity gate on real images → [INT8 or FP16 variant
-→ accuracy gate against FP32 on the held-out split] → Triton repository. A variant is published as its
+→ accuracy gate against FP32 on the held-out split] → drift baseline (the published model on the
+held-out split, for the monitor) → Triton repository. A variant is published as its
 own model, NAME-int8 or NAME-fp16, with the same contract, labels and warmup. Nothing is written to the
 repository unless every check passes.
 """
@@ -17,9 +18,10 @@ import numpy as np
 
 from histoserve.client.preprocessing import ImageLoadError, preprocess_file
 from histoserve.export import precision as variants
-from histoserve.export.onnx_model import ParityError, check_parity, export_onnx
+from histoserve.export.onnx_model import ParityError, check_parity, export_onnx, onnx_session
 from histoserve.export.precision import CALIBRATION_METHODS, PRECISIONS, AccuracyGate, AccuracyGateError, QuantizationConfig
 from histoserve.export.repository import BatchingConfig, CpuTuning, RepositoryError, TensorRTConfig, build_config, config_to_text, publish
+from histoserve.monitor.baseline import BASELINE_FILE, BaselineError, DriftBaseline, build_baseline
 
 
 def spread(items: list, count: int) -> list:
@@ -69,6 +71,18 @@ def make_variant(precision: str, fp32_file: Path, target: Path, splits, meta, ar
     print(variants.check_accuracy_gate(precision, fp32_file, target, images, labels, gate), flush=True)
 
 
+def measure_baseline(name: str, onnx_file: Path, splits, meta, args) -> DriftBaseline:
+    """The published model's predictions and inputs on the held-out split: the monitor's reference."""
+    images, labels = load_images(splits.get(args.baseline_split, []), meta.preprocess, "drift baseline")
+    if len(images) == 0:
+        raise BaselineError(f"the {args.baseline_split!r} split has no readable images for the drift baseline")
+    probabilities = variants.predict(onnx_session(onnx_file), images)
+    baseline = build_baseline(name, args.precision, args.baseline_split, meta.class_names, probabilities, images, labels)
+    print(f"drift baseline: {baseline.sample_size} {args.baseline_split} images, accuracy {baseline.accuracy:.4f}, "
+          f"mean top-1 probability {baseline.expected_accuracy:.4f}", flush=True)
+    return baseline
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8-reduce-range", action="store_true",
                         help="int8: 7-bit weights, for CPU nodes without AVX-512 VNNI (see README)")
     parser.add_argument("--gate-split", default="test", help="held-out split the accuracy gate runs on (default: %(default)s)")
+    parser.add_argument("--baseline-split", default="test",
+                        help="held-out split the drift baseline (drift_baseline.json, read by the monitor) is measured on "
+                             "(default: %(default)s)")
     parser.add_argument("--min-agreement", type=float, default=AccuracyGate.min_agreement,
                         help="accuracy gate: top-1 agreement with fp32 (default: %(default)s)")
     parser.add_argument("--max-accuracy-drop", type=float, default=AccuracyGate.max_accuracy_drop,
@@ -122,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         classifier, meta = load_checkpoint(args.checkpoint)
         model = ServingModel(classifier, meta.temperature).eval()
-        splits = training_splits(meta).splits if (args.precision != "fp32" or not args.parity_images) else {}
+        splits = training_splits(meta).splits
         samples = list_image_folder(args.parity_images)[1] if args.parity_images else splits["test"]
         images = parity_images([s.path for s in samples], meta.preprocess, args.parity_count)
         tensorrt = None
@@ -145,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 variant = Path(workdir) / f"model-{args.precision}.onnx"
                 make_variant(args.precision, onnx_file, variant, splits, meta, args)
                 onnx_file = variant
-            target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu)
-    except (ParityError, AccuracyGateError, RepositoryError, FileNotFoundError, ValueError) as error:
+            baseline = measure_baseline(name, onnx_file, splits, meta, args)
+            target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu,
+                             version_files={BASELINE_FILE: lambda version: baseline.with_version(version).to_json()})
+    except (ParityError, AccuracyGateError, RepositoryError, FileNotFoundError, ValueError) as error:  # BaselineError too
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"published {target / 'model.onnx'} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB)")

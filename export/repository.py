@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,9 +206,12 @@ def versions(model_dir: Path) -> list[int]:
 
 def publish(
     repository: Path, config: mc.ModelConfig, labels: list[str], onnx_file: Path, version: int | None = None,
-    cpu_tuning: CpuTuning = CpuTuning(),
+    cpu_tuning: CpuTuning = CpuTuning(), version_files: dict[str, Callable[[int], str]] | None = None,
 ) -> Path:
     """Write config.pbtxt, labels.txt and `<version>/model.onnx`; returns the version folder.
+
+    `version_files` {name: render(version) → text} are written beside model.onnx (the drift baseline)
+    and appear with it in one rename: a version folder is complete or absent.
 
     A model that already exists keeps its contract: a new version with other labels, input
     geometry or preprocessing is refused instead of silently breaking the versions being served.
@@ -228,6 +232,8 @@ def publish(
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
     try:
         shutil.copyfile(onnx_file, staging / MODEL_FILE)
+        for name, render in (version_files or {}).items():
+            (staging / name).write_text(render(version))
         os.chmod(staging, 0o755)
         os.rename(staging, target)
     finally:

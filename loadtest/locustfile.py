@@ -93,7 +93,7 @@ def add_arguments(parser):
                        help="open loop: requests/s offered by all users and workers together (0: closed loop)")
     group.add_argument("--arrival-distribution", choices=DISTRIBUTIONS, default="poisson",
                        env_var="HISTOSERVE_ARRIVAL_DISTRIBUTION", help="open loop: gaps between sends")
-    group.add_argument("--late-ms", type=float, default=5.0, env_var="HISTOSERVE_LATE_MS",
+    group.add_argument("--late-ms", type=float, default=10.0, env_var="HISTOSERVE_LATE_MS",
                        help="open loop: a request sent more than this after its intended time is late")
     group.add_argument("--max-late-share", type=float, default=0.01, env_var="HISTOSERVE_MAX_LATE_SHARE",
                        help="open loop: a larger share of late requests makes the run invalid (exit 4)")

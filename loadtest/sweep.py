@@ -101,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-windows", type=int, default=8, help="windows per step at most (default: %(default)s)")
     parser.add_argument("--late-ms", type=float,
                         help="a request sent later than this after its intended time is late; over 1 %% late makes a step "
-                             "invalid (default: SLO ÷ 20, at least 5 ms: lateness that cannot move the verdict is not counted)")
+                             "invalid (default: SLO ÷ 20, at least 10 ms: lateness that cannot move the verdict is not counted)")
     parser.add_argument("--metrics-url", help="Triton's Prometheus metrics (default: http://HOST:8002/metrics)")
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
     args = parser.parse_args(argv)
     if args.late_ms is None:
-        args.late_ms = max(5.0, args.slo_p99_ms / 20)
+        args.late_ms = max(10.0, args.slo_p99_ms / 20)
     if args.metrics_url is None:
         args.metrics_url = f"http://{args.url.rsplit(':', 1)[0]}:8002/metrics"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """The main job, end to end on the bundled digits: `make demo` (or `.venv/bin/python scripts/demo.py`).
 
 prepare data → train ResNet50 → test report → export ONNX to model_repository/ (fp32, and int8 through
-its accuracy gate) → real Triton → classify the test split over gRPC with both → 30 s Locust run on
-fp32, 15 s on int8 → stop Triton → summary.
+its accuracy gate) → real Triton and the drift monitor → classify the test split over gRPC with both,
+fp32's predictions recorded by the monitor (no drift), then the test split with inverted contrast (drift
+flagged) → 30 s Locust run on fp32, 15 s on int8 → stop Triton and the monitor → summary.
 Every step is the documented command line, printed before it runs, so each can be rerun by hand.
 """
 
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,11 +55,55 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait(timeout=60)
 
 
-def classify(data: Path, ports, model: str, title: str, show: int) -> tuple[list[dict], float]:
+def start_monitor(repository: Path, port: int) -> subprocess.Popen:
+    command = [PYTHON, "-m", "monitor", "serve", "--repository", repository, "--port", port, "--window", 300]
+    print(f"\n=== monitor (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
+    monitor = subprocess.Popen([str(c) for c in command], cwd=ROOT)
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+            return monitor
+        except OSError:
+            if monitor.poll() is not None:
+                break
+            time.sleep(0.2)
+    stop_server(monitor)
+    sys.exit(f"demo: the monitor did not start (exit code {monitor.poll()})")
+
+
+def monitor_verdict(port: int, model: str) -> str:
+    """One line from the monitor's report on `model`'s newest version."""
+    entries = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/report", timeout=30).read())
+    entry = max((e for e in entries if e["model"] == model), key=lambda e: int(e["version"]), default=None)
+    if entry is None or "tests" not in entry:
+        return f"no verdict ({entry and entry.get('status')})"
+    drifted = [t["name"] for t in entry["tests"] if t["drifted"]]
+    accuracy = (f"estimated accuracy {entry['estimated_accuracy']:.3f} "
+                f"({entry['estimated_accuracy_low']:.3f}–{entry['estimated_accuracy_high']:.3f}) "
+                f"vs {entry['baseline_expected_accuracy']:.3f} at export")
+    if not entry["drift"]:
+        return f"no drift over the last {entry['window_size']} predictions (version {entry['version']}); {accuracy}"
+    return (f"DRIFT over the last {entry['window_size']} predictions (version {entry['version']}): "
+            f"{', '.join(drifted) or 'accuracy drop'}; {accuracy}")
+
+
+def inverted_copy(folder: Path, target: Path) -> Path:
+    """The test split with inverted contrast: a shift the monitor must flag."""
+    from PIL import Image, ImageOps
+
+    for path in sorted(folder.rglob("*.png")):
+        out = target / path.relative_to(folder)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.invert(Image.open(path).convert("RGB")).save(out)
+    return target
+
+
+def classify(data: Path, ports, model: str, title: str, show: int, monitor_url: str | None = None,
+             folder: Path | None = None) -> tuple[list[dict], float]:
     """Classify the test split with `python -m client classify`; the rows and the top-1 accuracy."""
     result = step(title, [
-        PYTHON, "-m", "client", "classify", data / "test", "--url", f"127.0.0.1:{ports.grpc}",
-        "--model", model, "--top-k", 3, "--json",
+        PYTHON, "-m", "client", "classify", folder or data / "test", "--url", f"127.0.0.1:{ports.grpc}",
+        "--model", model, "--top-k", 3, "--json", *(["--monitor-url", monitor_url] if monitor_url else []),
     ], stdout=subprocess.PIPE, text=True)
     served = [json.loads(line) for line in result.stdout.splitlines()]
     correct = 0
@@ -109,9 +155,19 @@ def main() -> int:
 
     ports = free_ports()
     server = start_server(repository, ports)
+    monitor_port = free_ports().http
+    monitor = start_monitor(repository, monitor_port)
+    monitor_url = f"http://127.0.0.1:{monitor_port}"
     try:
-        served, served_accuracy = classify(data, ports, model, "4. classify the test split over gRPC (first lines shown)", show=8)
+        served, served_accuracy = classify(data, ports, model, "4. classify the test split over gRPC, records to the monitor "
+                                           "(first lines shown)", show=8, monitor_url=monitor_url)
+        unshifted = monitor_verdict(monitor_port, model)
+        print(f"  monitor: {unshifted}")
         _, int8_accuracy = classify(data, ports, f"{model}-int8", "4b. the same with the int8 model", show=0)
+        _, shifted_accuracy = classify(data, ports, model, "4c. a shifted batch: the test split with inverted contrast",
+                                       show=0, monitor_url=monitor_url, folder=inverted_copy(data / "test", run / "inverted"))
+        shifted = monitor_verdict(monitor_port, model)
+        print(f"  monitor: {shifted}")
 
         reports.mkdir(exist_ok=True)
         load_test(f"5. load test: {args.users} gRPC users for {args.load_seconds}s", ports, model, data, args.users,
@@ -119,8 +175,9 @@ def main() -> int:
         load_test(f"5b. load test on the int8 model: {args.users} users for {args.load_seconds // 2}s", ports, f"{model}-int8",
                   data, args.users, args.load_seconds // 2, reports / "locust-int8")
     finally:
-        print("\n=== 6. stop the server", flush=True)
+        print("\n=== 6. stop the server and the monitor", flush=True)
         stop_server(server)
+        stop_server(monitor)
 
     metrics = json.loads((ROOT / run / "test_metrics.json").read_text())
     load = read_summary(ROOT / reports / "locust")
@@ -132,6 +189,9 @@ def main() -> int:
   test accuracy (PyTorch, {metrics['images']} images)   {metrics['accuracy']:.4f}
   served accuracy (Triton, {len(served)} images)  {served_accuracy:.4f}
   served accuracy, int8 model          {int8_accuracy:.4f}  ({100 * (int8_accuracy - served_accuracy):+.2f} points)
+  monitor, the test split              {unshifted}
+  monitor, inverted contrast           {shifted}
+      (served accuracy on the inverted images {shifted_accuracy:.4f}; python -m monitor serve, {monitor_url}/metrics)
   load test ({args.users} users, {args.load_seconds}s, batch 1, 3×32² uint8)
 {load.table()}
   int8 ÷ fp32 served throughput        {load_int8.requests_per_second / load.requests_per_second:.2f}×  \

@@ -8,13 +8,15 @@ import zipfile
 
 from tests.conftest import ROOT
 
+STAGES = ("client", "train", "export", "serve", "loadtest", "monitor")
+
 
 def test_the_wheel_installs_everything_under_histoserve_only(tmp_path):
     source = tmp_path / "source"  # a copy: building in the checkout would leave build/ there
     for name in ("pyproject.toml", "README.md"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, source / name)
-    for stage in ("client", "train", "export", "serve", "loadtest"):
+    for stage in STAGES:
         shutil.copytree(ROOT / stage, source / stage, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
                    check=True, capture_output=True, timeout=300)
@@ -22,15 +24,14 @@ def test_the_wheel_installs_everything_under_histoserve_only(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"histoserve"}
-    for stage in ("client", "train", "export", "serve", "loadtest"):
+    for stage in STAGES:
         assert f"histoserve/{stage}/__init__.py" in names
-    for stage in ("client", "train", "export", "serve"):
         assert f"histoserve/{stage}/__main__.py" in names
     assert "histoserve/serve/onnxruntime_model.py" in names  # the python-backend model serve copies
 
 
 def test_stages_run_as_histoserve_modules_outside_the_repository(tmp_path):
-    for stage in ("client", "export", "serve", "train"):
+    for stage in ("client", "export", "serve", "train", "monitor"):
         result = subprocess.run([sys.executable, "-m", f"histoserve.{stage}", "--help"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr

@@ -25,9 +25,11 @@ def locust_args(server, images, summary, *extra):
 
 
 def test_open_loop_run_offers_the_rate_and_reports_both_latencies(server, digits_root, tmp_path):
+    """--late-ms 50: on 2 shared cores the gevent loop wakes a few ms late now and then; punctuality is
+    not what this test is about (the stalled-server test below is)."""
     summary_file = tmp_path / "open.json"
     result = subprocess.run(locust_args(server, digits_root / "test", summary_file, "--users", 8, "--spawn-rate", 8,
-                                        "--run-time", "7s", "--arrival-rate", 30, "--fail-ratio", 0),
+                                        "--run-time", "7s", "--arrival-rate", 30, "--fail-ratio", 0, "--late-ms", 50),
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(summary_file.read_text())
@@ -97,7 +99,7 @@ def test_open_loop_rate_is_shared_by_worker_processes(server, digits_root, tmp_p
     summary_file = tmp_path / "processes.json"
     result = subprocess.run(locust_args(server, digits_root / "test", summary_file, "--users", 8, "--spawn-rate", 8,
                                         "--run-time", "8s", "--arrival-rate", 30, "--processes", 2, "--expect-workers", 2,
-                                        "--fail-ratio", 0),
+                                        "--fail-ratio", 0, "--late-ms", 50),
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(summary_file.read_text())

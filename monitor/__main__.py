@@ -1,0 +1,142 @@
+"""python -m monitor serve --repository model_repository [--port 8010] [--window 500]
+python -m monitor report RECORDS.jsonl --repository model_repository [--window 200] [--out reports/monitor]
+
+serve: the HTTP service clients send prediction records to (`python -m client classify
+--monitor-url http://HOST:8010`), exposing drift and label-free accuracy as Prometheus metrics
+(monitor/service.py). report: the same tests over a records file, in consecutive windows of
+--window records per model and version; prints a table, writes report.json and report.png (p-values
+per test against the corrected level; the accuracy estimate with its interval). Exit codes: 0 no
+drift, 1 drift in some window (report), 2 the records or baseline cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from histoserve.monitor.baseline import BaselineError, baseline_path, read_baseline
+from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, drift_report
+from histoserve.monitor.records import PredictionRecord, RecordError, read_records
+from histoserve.monitor.service import Monitor, make_server, report_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m monitor", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="receive prediction records, expose drift metrics")
+    report = commands.add_parser("report", help="drift over a records file (JSON lines)")
+    report.add_argument("records", type=Path)
+    for command in (serve, report):
+        command.add_argument("--repository", type=Path, default=Path("model_repository"),
+                             help="model repository with each version's drift_baseline.json (default: %(default)s)")
+        command.add_argument("--alpha", type=float, default=ALPHA, help="family-wise false-alarm rate per window")
+        command.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP,
+                             help="flag an estimated accuracy this far under the baseline's (default: %(default)s)")
+    serve.add_argument("--address", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8010)
+    serve.add_argument("--window", type=int, default=500, help="records per model version in the sliding window")
+    serve.add_argument("--min-window", type=int, default=100, help="records before drift is judged")
+    report.add_argument("--window", type=int, default=200, help="records per window (default: %(default)s)")
+    report.add_argument("--out", type=Path, default=Path("reports/monitor"))
+    args = parser.parse_args(argv)
+    return run_server(args) if args.command == "serve" else run_report(args)
+
+
+def run_server(args) -> int:
+    monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop)
+    server = make_server(monitor, args.address, args.port)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    print(f"monitor: listening on http://{args.address}:{server.server_address[1]} (POST /v1/records, GET /metrics), "
+          f"baselines from {args.repository}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def run_report(args) -> int:
+    try:
+        records = read_records(args.records)
+    except (OSError, RecordError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    groups: dict[tuple[str, str], list[PredictionRecord]] = {}
+    for record in records:
+        groups.setdefault((record.model, record.version), []).append(record)
+    rows: list[tuple[str, str, int, DriftReport]] = []
+    for (model, version), mine in groups.items():
+        try:
+            baseline = read_baseline(baseline_path(args.repository, model, version))
+        except BaselineError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        for start in range(0, len(mine) - args.window + 1, args.window):
+            window = mine[start:start + args.window]
+            rows.append((model, version, start, drift_report(
+                baseline, np.array([r.predicted for r in window]), np.array([r.max_probability for r in window]),
+                {name: np.array([r.statistics[name] for r in window]) for name in window[0].statistics},
+                args.alpha, args.max_accuracy_drop)))
+    if not rows:
+        print(f"error: no model version has {args.window} records in {args.records} (use a smaller --window)", file=sys.stderr)
+        return 2
+    print(f"{'model':12} {'version':>7} {'records':>11} {'prediction':>10} {'input':>6} {'est. acc':>8} {'95% interval':>15} "
+          f"{'baseline':>8}  drifted tests")
+    for model, version, start, report in rows:
+        drifted = ", ".join(t.name for t in report.tests if t.drifted) or "-"
+        print(f"{model:12} {version:>7} {start:>5}–{start + report.window_size:<5} {yes(report.prediction_drift):>10} "
+              f"{yes(report.input_drift):>6} {report.estimated_accuracy:8.3f} "
+              f"{report.estimated_accuracy_low:7.3f}–{report.estimated_accuracy_high:<7.3f} {report.baseline_expected_accuracy:8.3f}"
+              f"  {drifted}{' (accuracy drop)' if report.accuracy_dropped else ''}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    entries = [{"first_record": s, **report_json({(m, v): r})[0]} for m, v, s, r in rows]
+    (args.out / "report.json").write_text(json.dumps(entries, indent=2))
+    plot(rows, args.out / "report.png")
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}")
+    return 1 if any(r.drift for *_, r in rows) else 0
+
+
+def yes(flag: bool) -> str:
+    return "DRIFT" if flag else "no"
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (tests, accuracy) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+    index = list(range(len(rows)))
+    for name in [t.name for t in rows[0][3].tests]:
+        values = [max(1e-12, next(t.p_value for t in r.tests if t.name == name)) for *_, r in rows]
+        tests.plot(index, values, marker="o", markersize=3, label=name)
+    tests.axhline(rows[0][3].corrected_alpha, color="red", linewidth=1, label="α ÷ tests (Bonferroni)")
+    tests.set_yscale("log")
+    tests.set_ylabel("p-value (window vs baseline)")
+    tests.legend(fontsize=7, ncol=3)
+    estimate = [r.estimated_accuracy for *_, r in rows]
+    accuracy.fill_between(index, [r.estimated_accuracy_low for *_, r in rows], [r.estimated_accuracy_high for *_, r in rows],
+                          alpha=0.3, label="95% interval")
+    accuracy.plot(index, estimate, marker="o", markersize=3, label="estimated accuracy (label-free)")
+    accuracy.plot(index, [r.baseline_expected_accuracy for *_, r in rows], linestyle="--", label="baseline")
+    accuracy.set_xlabel("window (in record order; model/version as in report.json)")
+    accuracy.set_ylabel("accuracy")
+    accuracy.legend(fontsize=8)
+    for axes in (tests, accuracy):
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Prediction records: what a client sends the monitor about each classified image (numpy only: the
+thin client builds them). One JSON object per prediction:
+
+    {"model": "digits", "version": "3", "predicted": 7, "max_probability": 0.981,
+     "statistics": {"mean_red": 41.2, ..., "blue_ratio": 0.33}}
+
+`version` is the one Triton answered with (its response names it). Records travel as a JSON array
+(POST /v1/records) or as JSON lines in a file (`python -m monitor report`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from histoserve.monitor.image_statistics import INPUT_STATISTICS, input_statistics
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    model: str
+    version: str
+    predicted: int
+    max_probability: float
+    statistics: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PredictionRecord:
+        if not isinstance(data, dict):
+            raise RecordError(f"a record is a JSON object, got {type(data).__name__}")
+        for field, kind in (("model", str), ("version", str), ("predicted", int), ("max_probability", (int, float))):
+            if not isinstance(data.get(field), kind) or isinstance(data.get(field), bool):
+                raise RecordError(f"record field {field!r}: expected {getattr(kind, '__name__', 'a number')}, got {data.get(field)!r}")
+        if not 0.0 <= data["max_probability"] <= 1.0:
+            raise RecordError(f"record field 'max_probability': {data['max_probability']} is not in [0, 1]")
+        statistics = data.get("statistics", {})
+        if not isinstance(statistics, dict):
+            raise RecordError("record field 'statistics': expected an object")
+        values = {}
+        for name in INPUT_STATISTICS:
+            value = statistics.get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise RecordError(f"record field 'statistics.{name}': expected a number, got {value!r}")
+            values[name] = float(value)
+        return cls(data["model"], data["version"], data["predicted"], float(data["max_probability"]), values)
+
+
+def records_for(model: str, version: str, images: np.ndarray, predicted: Iterable[int],
+                max_probability: Iterable[float]) -> list[PredictionRecord]:
+    """One record per image of a uint8 (N, 3, H, W) batch and its top-1 answers."""
+    statistics = input_statistics(images)
+    return [PredictionRecord(model, version, int(p), round(float(m), 6),
+                             {name: round(float(values[i]), 4) for name, values in statistics.items()})
+            for i, (p, m) in enumerate(zip(predicted, max_probability, strict=True))]
+
+
+def read_records(path) -> list[PredictionRecord]:
+    """JSON lines; a bad line is an error naming the file and line."""
+    records = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(PredictionRecord.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, RecordError) as error:
+                raise RecordError(f"{path}:{number}: {error}") from error
+    return records
