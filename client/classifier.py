@@ -188,7 +188,13 @@ class TritonClassifier(ContractView):
 
     def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
         """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
-        return predictions_of(self._infer(images, top_k_output(self.contract, top_k)).as_numpy(self.contract.output_name))
+        return self.infer_versioned(images, top_k)[0]
+
+    def infer_versioned(self, images: np.ndarray, top_k: int = 1) -> tuple[list[list[Prediction]], str]:
+        """`infer`, and the model version that answered (Triton's response names it): what a monitor
+        record needs, since the latest version changes during a rollout."""
+        result = self._infer(images, top_k_output(self.contract, top_k))
+        return predictions_of(result.as_numpy(self.contract.output_name)), result.get_response().model_version
 
     def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
         """The full FP32 probability rows, for parity checks against PyTorch."""
@@ -240,13 +246,12 @@ class TritonClassifier(ContractView):
             return batch.finish(None, "")
         images = np.stack(batch.images)
         try:
-            result = self._infer(images, top_k_output(self.contract, top_k))
+            rows, version = self.infer_versioned(images, top_k)
         except InferenceFailed as error:
             return batch.finish(None, f"inference failed: {error}")
-        rows = predictions_of(result.as_numpy(self.contract.output_name))
         if self.monitor is not None:
-            self.monitor.submit(records_for(self.model, result.get_response().model_version, images,
-                                            [row[0].index for row in rows], [row[0].score for row in rows]))
+            self.monitor.submit(records_for(self.model, version, images, [row[0].index for row in rows],
+                                            [row[0].score for row in rows]))
         return batch.finish(rows, "")
 
 

@@ -21,7 +21,7 @@ sent, corrected for coordinated omission); Locust's statistics and --fail-p99-ms
 latency. Latencies are kept in HDR histograms per --window-s window (loadtest/windows.py), merged
 from every worker on the master; --stop-when-stable ends the run once the last --stable-windows
 windows agree within --stable-tolerance (perf_analyzer's rule). --summary-json writes every window
-and the totals.
+and the totals (of the stable windows with --stop-when-stable, else of every window after warm-up).
 
 Exit codes: 0 passed; 1 Locust's own failure (any failed request without --fail-ratio, or workers
 missing after --expect-workers-max-wait); 2 nothing can be measured (model missing, no readable
@@ -53,10 +53,12 @@ from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 from histoserve.client.classifier import ClientError, ClientTls, TritonClassifier  # noqa: E402
+from histoserve.client.monitoring import MonitorSender  # noqa: E402
 from histoserve.client.preprocessing import preprocess_file  # noqa: E402
 from histoserve.loadtest.arrivals import DISTRIBUTIONS, ArrivalSchedule  # noqa: E402
 from histoserve.loadtest.expectations import expected_predictions, load_images, read_expected  # noqa: E402
 from histoserve.loadtest.windows import Window, WindowClock, merged, stable  # noqa: E402
+from histoserve.monitor.records import records_for  # noqa: E402
 
 GENERATOR_CPU_LIMIT = 90.0  # percent of one core: Locust's own warning level
 
@@ -105,6 +107,8 @@ def add_arguments(parser):
                        help="how closely they must agree (fraction of their mean)")
     group.add_argument("--stop-when-stable", action="store_true", env_var="HISTOSERVE_STOP_WHEN_STABLE",
                        help="end the run as soon as the load is stable (--run-time still caps it)")
+    group.add_argument("--monitor-url", default="", env_var="HISTOSERVE_MONITOR_URL",
+                       help="also send a prediction record per image to this drift monitor (python -m monitor serve)")
     group.add_argument("--summary-json", default="", env_var="HISTOSERVE_SUMMARY_JSON",
                        help="write the windows and totals here (also PREFIX_summary.json with --csv)")
 
@@ -218,15 +222,32 @@ class WindowBook:
                 print(f"loadtest: stable after {len(self.windows)} window(s) of {options.window_s:g} s", flush=True)
                 gevent.spawn_later(0, runner.quit)
 
-    def measured(self, count: int) -> list[Window]:
-        """The stable windows, or every measured window when the load never settled."""
-        if self.stable_at is not None:
+    def measured(self, count: int, stop_when_stable: bool) -> list[Window]:
+        """With --stop-when-stable, the windows that were found stable (or every window, when the load
+        never settled); otherwise every window after the warm-up: a run of fixed length reports all of
+        it, a stall after a stable start included."""
+        if stop_when_stable and self.stable_at is not None:
             return self.windows[self.stable_at - count:self.stable_at]
         return self.windows
 
 
 LOOP = OpenLoop()
 BOOK = WindowBook()
+MONITOR: list[MonitorSender] = []  # one per process, started with the first user that needs it
+
+
+def monitor_sender(options) -> MonitorSender | None:
+    if options.monitor_url and not MONITOR:
+        MONITOR.append(MonitorSender(options.monitor_url))
+    return MONITOR[0] if MONITOR else None
+
+
+@events.quitting.add_listener
+def close_monitor(environment, **_kwargs):
+    for sender in MONITOR:
+        sender.close(wait_s=2.0)
+        if sender.dropped:
+            print(f"loadtest: monitor: {sender.dropped} record(s) dropped, {sender.sent} sent", flush=True)
 
 
 @events.init.add_listener
@@ -276,7 +297,7 @@ def run_summary(environment) -> dict:
         "stable": BOOK.stable_at is not None,
         "windows": [w.summary() for w in BOOK.windows],
     }
-    measured = BOOK.measured(options.stable_windows)
+    measured = BOOK.measured(options.stable_windows, options.stop_when_stable)
     if measured:
         totals = merged(measured)
         summary["measured"] = totals.summary()
@@ -404,7 +425,7 @@ class TritonGrpcUser(User):
         try:
             batch = self.batch(indices)
             sent = time.perf_counter()  # service latency counts from here (after decoding, when per request)
-            answers = self.classifier.infer(batch, top_k=1)
+            answers, version = self.classifier.infer_versioned(batch, top_k=1)
             wrong = [(i, row[0]) for i, row in zip(indices, answers, strict=True) if row[0].index not in self.inputs.accepted[i]]
             if wrong:
                 i, answer = wrong[0]
@@ -413,6 +434,9 @@ class TritonGrpcUser(User):
         except Exception as error:  # every failure must reach Locust's statistics, whatever its type
             exception = error
         done = time.perf_counter()
+        if exception is None and (monitor := monitor_sender(self.environment.parsed_options)) is not None:
+            monitor.submit(records_for(self.classifier.model, version, batch, [row[0].index for row in answers],
+                                       [row[0].score for row in answers]))
         completing = LOOP.clock.at(time.time())
         if exception is None:
             completing.record(done - sent, done - first)

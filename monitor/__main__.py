@@ -1,4 +1,4 @@
-"""python -m monitor serve --repository model_repository [--port 8010] [--window 500]
+"""python -m monitor serve --repository model_repository [--port 8010] [--window 500] [--record-file records.jsonl]
 python -m monitor report RECORDS.jsonl --repository model_repository [--window 200] [--out reports/monitor]
 
 serve: the HTTP service clients send prediction records to (`python -m client classify
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8010)
     serve.add_argument("--window", type=int, default=500, help="records per model version in the sliding window")
     serve.add_argument("--min-window", type=int, default=100, help="records before drift is judged")
+    serve.add_argument("--record-file", type=Path, help="append every accepted record here (JSON lines), for `report`")
     report.add_argument("--window", type=int, default=200, help="records per window (default: %(default)s)")
     report.add_argument("--out", type=Path, default=Path("reports/monitor"))
     args = parser.parse_args(argv)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_server(args) -> int:
-    monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop)
+    monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop, args.record_file)
     server = make_server(monitor, args.address, args.port)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(f"monitor: listening on http://{args.address}:{server.server_address[1]} (POST /v1/records, GET /metrics), "

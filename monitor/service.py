@@ -7,6 +7,9 @@
     GET  /v1/report    the same evaluation as JSON
     GET  /healthz      200 while the process runs
 
+With a record file, every accepted record is also appended to it as a JSON line, for
+`python -m monitor report` (windows over the whole history, with plots).
+
 Metrics, labelled by model and version (drift ones only once a window holds `min_window` records):
 histoserve_monitor_records_total, histoserve_monitor_records_rejected_total, histoserve_monitor_window_records,
 histoserve_monitor_baseline_missing (1: no readable drift_baseline.json for that version),
@@ -39,7 +42,7 @@ class Monitor:
     """Windows, baselines and metrics; safe to call from the HTTP server's threads."""
 
     def __init__(self, repository: str | Path, window: int = 500, min_window: int = 100, alpha: float = ALPHA,
-                 max_accuracy_drop: float = MAX_ACCURACY_DROP):
+                 max_accuracy_drop: float = MAX_ACCURACY_DROP, record_file: str | Path | None = None):
         if not 0 < min_window <= window:
             raise ValueError(f"need 0 < min_window <= window, got {min_window} and {window}")
         self.repository, self.window, self.min_window = Path(repository), window, min_window
@@ -47,6 +50,8 @@ class Monitor:
         self.windows: dict[tuple[str, str], deque[PredictionRecord]] = {}
         self.baselines: dict[tuple[str, str], DriftBaseline | BaselineError] = {}
         self.lock = threading.Lock()
+        # Every accepted record, appended as a JSON line: what `python -m monitor report` reads later.
+        self.record_file = open(record_file, "a") if record_file else None  # noqa: SIM115 (lives as long as the monitor)
         self.registry = CollectorRegistry()
         labels = ["model", "version"]
         self.records = Counter("histoserve_monitor_records", "Prediction records received", labels, registry=self.registry)
@@ -78,6 +83,9 @@ class Monitor:
                 key = (record.model, record.version)
                 self.windows.setdefault(key, deque(maxlen=self.window)).append(record)
                 self.records.labels(*key).inc()
+            if self.record_file is not None and records:
+                self.record_file.write("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+                self.record_file.flush()
 
     def baseline(self, model: str, version: str) -> DriftBaseline | BaselineError:
         key = (model, version)

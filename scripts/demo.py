@@ -55,8 +55,10 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait(timeout=60)
 
 
-def start_monitor(repository: Path, port: int) -> subprocess.Popen:
-    command = [PYTHON, "-m", "monitor", "serve", "--repository", repository, "--port", port, "--window", 300]
+def start_monitor(repository: Path, port: int, records: Path) -> subprocess.Popen:
+    records.unlink(missing_ok=True)
+    command = [PYTHON, "-m", "monitor", "serve", "--repository", repository, "--port", port, "--window", 300,
+               "--record-file", records]
     print(f"\n=== monitor (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
     monitor = subprocess.Popen([str(c) for c in command], cwd=ROOT)
     for _ in range(100):
@@ -156,7 +158,8 @@ def main() -> int:
     ports = free_ports()
     server = start_server(repository, ports)
     monitor_port = free_ports().http
-    monitor = start_monitor(repository, monitor_port)
+    records = run / "monitor-records.jsonl"
+    monitor = start_monitor(repository, monitor_port, records)
     monitor_url = f"http://127.0.0.1:{monitor_port}"
     try:
         served, served_accuracy = classify(data, ports, model, "4. classify the test split over gRPC, records to the monitor "
@@ -191,7 +194,8 @@ def main() -> int:
   served accuracy, int8 model          {int8_accuracy:.4f}  ({100 * (int8_accuracy - served_accuracy):+.2f} points)
   monitor, the test split              {unshifted}
   monitor, inverted contrast           {shifted}
-      (served accuracy on the inverted images {shifted_accuracy:.4f}; python -m monitor serve, {monitor_url}/metrics)
+      (served accuracy on the inverted images {shifted_accuracy:.4f}; offline, with plots:
+       python -m monitor report {records} --window 270 --out reports/monitor)
   load test ({args.users} users, {args.load_seconds}s, batch 1, 3×32² uint8)
 {load.table()}
   int8 ÷ fp32 served throughput        {load_int8.requests_per_second / load.requests_per_second:.2f}×  \

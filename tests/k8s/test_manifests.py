@@ -161,7 +161,7 @@ def break_untagged(objects):
 
 
 def break_service_monitor(objects):
-    find(objects, "ServiceMonitor")["spec"]["endpoints"][0]["port"] = "metric"
+    find(objects, "ServiceMonitor", "triton")["spec"]["endpoints"][0]["port"] = "metric"
 
 
 def break_guaranteed_qos(objects):

@@ -47,7 +47,7 @@ def adapter_queries() -> list[str]:
 
 
 def test_alert_rules_pass_promtool_unit_tests(tmp_path):
-    rule = next(o for o in render("overlays/gpu") if o["kind"] == "PrometheusRule")
+    rule = next(o for o in render("overlays/gpu") if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == "triton")
     assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule) == {"apiVersion", "kind", "metadata", "spec"}
     (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
     shutil.copy(Path(__file__).parent / "promtool" / "alerts-test.yaml", tmp_path)
@@ -68,7 +68,7 @@ def test_promtool_check_fails_on_a_broken_expression(tmp_path):
 
 def test_service_monitor_scrapes_the_metrics_port():
     objects = render("overlays/gpu")
-    monitor = next(o for o in objects if o["kind"] == "ServiceMonitor")
+    monitor = next(o for o in objects if o["kind"] == "ServiceMonitor" and o["metadata"]["name"] == "triton")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     [endpoint] = monitor["spec"]["endpoints"]
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
@@ -92,7 +92,7 @@ def test_adapter_and_dashboard_queries_parse(tmp_path):
 
 def deployment_args(overlay: str) -> tuple[list[str], dict]:
     """tritonserver's arguments in the overlay's Deployment (without the program name), and its container."""
-    deployment = next(o for o in render(overlay) if o["kind"] == "Deployment")
+    deployment = next(o for o in render(overlay) if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     return triton_command(container), container
 
@@ -188,3 +188,53 @@ def test_real_prometheus_evaluates_the_autoscaler_metric_to_a_number_under_load(
     finally:
         prometheus.terminate()
         prometheus.wait(10)
+
+
+DRIFT = K8S / "components" / "drift-monitor"
+
+
+def test_drift_alerts_pass_promtool_unit_tests(tmp_path):
+    rule = next(o for o in render("overlays/gpu") if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == "histoserve-drift")
+    (tmp_path / "drift.rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    shutil.copy(Path(__file__).parent / "promtool" / "drift-alerts-test.yaml", tmp_path)
+    check = subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", "drift.rules.yaml"], cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tested = subprocess.run([PROMTOOL, "test", "rules", "drift-alerts-test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    tested_alerts = set(re.findall(r"alertname: (\w+)", (tmp_path / "drift-alerts-test.yaml").read_text()))
+    assert alerts == tested_alerts == {"HistoserveInputDrift", "HistoservePredictionDrift", "HistoserveEstimatedAccuracyDrop",
+                                       "HistoserveDriftBaselineMissing", "HistoserveDriftMonitorAbsent"}
+
+
+def test_drift_alerts_and_panels_use_metrics_the_monitor_exports(tmp_path):
+    """Every histoserve_* name in the alerts and the dashboard is one the real monitor serves."""
+    from histoserve.monitor.service import Monitor
+
+    exported = {metric.name for metric in Monitor(tmp_path).registry.collect()}
+    exported |= {f"{name}_total" for name in exported}
+    rule = next(o for o in render("overlays/gpu") if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == "histoserve-drift")
+    dashboard = json.loads((DRIFT / "drift-dashboard.json").read_text())
+    expressions = [r["expr"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    expressions += [t["expr"].replace("$namespace", "test") for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for e in expressions for name in re.findall(r"histoserve_\w+", e)}
+    assert used and used <= exported, used - exported
+    result = promtool_accepts(expressions, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_drift_monitor_is_scraped_and_reads_the_model_store():
+    objects = render("overlays/gpu")
+    monitor = next(o for o in objects if o["kind"] == "ServiceMonitor" and o["metadata"]["name"] == "histoserve-monitor")
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "histoserve-monitor")
+    spec = deployment["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    repository = container["command"][container["command"].index("--repository") + 1]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == repository)
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    assert volume["persistentVolumeClaim"]["claimName"] in claims and mount["readOnly"]
+    assert deployment["spec"]["replicas"] == 1  # the windows live in one process

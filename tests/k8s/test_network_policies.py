@@ -60,6 +60,19 @@ def expectations(overlay: str, pods: dict) -> list[tuple[Pod, Pod, object, bool]
         (GATEWAY_PROXY, triton, "grpc", overlay == "overlays/gpu-gateway"),
         (GATEWAY_PROXY, triton, "metrics", False),
     ]
+    if "histoserve-monitor" in pods:  # the drift monitor (components/drift-monitor): records in, metrics out
+        monitor = pods["histoserve-monitor"]
+        cases += [
+            (CLIENT, monitor, "http", True),         # a classifying service posts its records
+            (locust, monitor, "http", True),
+            (PROMETHEUS, monitor, "http", True),     # scrapes /metrics
+            (CLIENT_WRONG_VALUE, monitor, "http", False),
+            (STRANGER, monitor, "http", False),
+            (FAKE_PROMETHEUS, monitor, "http", False),
+            (GRAFANA, monitor, "http", False),
+            (neighbour, monitor, "http", False),
+            (monitor, triton, "grpc", False),        # the monitor calls nobody
+        ]
     return cases
 
 
@@ -148,3 +161,11 @@ def test_a_peer_with_only_a_pod_selector_means_the_policy_namespace():
     target = Pod("t", "a", {}, {"web": 80})
     assert allowed([policy], Pod("c", "a", {"role": "c"}), target, "web")
     assert not allowed([policy], Pod("c", "b", {"role": "c"}), target, "web")
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
+def test_the_drift_monitor_is_deployed_and_guarded_where_models_live_on_a_claim(overlay):
+    pods = pods_of(objects(overlay))
+    assert "histoserve-monitor" in pods
+    without_policy = [o for o in objects(overlay) if not (o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "histoserve-monitor")]
+    assert allowed(without_policy, STRANGER, pods["histoserve-monitor"], "http")  # the policy is what keeps strangers out

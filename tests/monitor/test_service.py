@@ -20,8 +20,8 @@ from tests.conftest import MODEL, run_cli
 
 
 @pytest.fixture
-def monitor(repository):
-    monitor = Monitor(repository, window=500, min_window=50)
+def monitor(repository, tmp_path):
+    monitor = Monitor(repository, window=500, min_window=50, record_file=tmp_path / "records.jsonl")
     server = make_server(monitor, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -49,7 +49,7 @@ def inverted_copies(folder, target):
     return target
 
 
-def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(server, monitor, digits_root, tmp_path):
+def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(server, repository, monitor, digits_root, tmp_path):
     test_split = digits_root / "test"
     files = len(find_images(test_split))
     first = run_cli("-m", "client", "classify", test_split, "--url", server.grpc_url, "--model", MODEL,
@@ -73,6 +73,14 @@ def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(serve
     assert seen[key("histoserve_drift_detected", test="brightness", kind="input")] == 1
     report = json.loads(urllib.request.urlopen(f"{monitor}/v1/report", timeout=10).read())
     assert any(entry["model"] == MODEL and entry["drift"] for entry in report)
+    # the record file holds both folders' records in order, for the offline report
+    recorded = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(recorded) == 2 * files and {r["version"] for r in recorded} == {"1"}
+    offline = run_cli("-m", "monitor", "report", tmp_path / "records.jsonl", "--repository", repository,
+                      "--window", files, "--out", tmp_path / "report", check=False, timeout=120)
+    verdicts = [line for line in offline.stdout.splitlines() if line.startswith(MODEL)]
+    assert offline.returncode == 1 and len(verdicts) == 2, offline.stdout + offline.stderr
+    assert "DRIFT" not in verdicts[0] and "DRIFT" in verdicts[1]
 
 
 def test_malformed_records_are_refused_naming_the_field(monitor):
@@ -134,3 +142,13 @@ def test_offline_report_flags_the_windows_after_a_shift(server, repository, digi
     entries = json.loads((out / "report.json").read_text())
     assert [e["drift"] for e in entries] == [False, False, True, True]
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_load_test_feeds_the_monitor_too(server, monitor, digits_root):
+    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--only-summary", "--users", 2, "--spawn-rate", 2,
+                     "--run-time", "4s", "--triton-url", server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
+                     "--max-images", 64, "--monitor-url", monitor, "--fail-ratio", 0, check=False, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    seen = metrics(monitor)
+    assert seen[key("histoserve_monitor_records_total")] > 20
+    assert seen[key("histoserve_monitor_baseline_missing")] == 0
