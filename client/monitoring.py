@@ -34,7 +34,8 @@ class MonitorSender:
             try:
                 self.queue.put_nowait(record)
             except queue.Full:
-                self.dropped += 1
+                with self.lock:  # submit runs on the classifier's threads
+                    self.dropped += 1
 
     def close(self, wait_s: float = 5.0) -> None:
         """Send what is queued, for up to `wait_s`; what is left is dropped and counted."""
