@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from histoserve.client.preprocessing import find_images, load_image, preprocess_image  # noqa: E402
+from histoserve.export.onnx_model import onnx_session  # noqa: E402
+from histoserve.export.precision import predict  # noqa: E402
 from histoserve.monitor.baseline import build_baseline  # noqa: E402
 from histoserve.monitor.drift import drift_report  # noqa: E402
 from histoserve.monitor.image_statistics import input_statistics  # noqa: E402
@@ -74,14 +76,10 @@ def model_and_data(work: Path, checkpoint: Path | None, epochs: int) -> tuple[Pa
     return work / "repository" / "digits" / "1" / "model.onnx", data
 
 
-def outputs(onnx_file: Path, paths: list[Path], spec, shift) -> tuple[np.ndarray, np.ndarray]:
+def outputs(session, paths: list[Path], spec, shift) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images after the shift and the model's probabilities for them."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     images = np.stack([preprocess_image(shift(load_image(path)), spec) for path in paths])
-    probabilities = np.concatenate([session.run(None, {"image": images[i:i + 64]})[0] for i in range(0, len(images), 64)])
-    return images, probabilities
+    return images, predict(session, images, batch_size=64)
 
 
 def main() -> int:
@@ -101,7 +99,8 @@ def main() -> int:
         paths = find_images(data / "val") + find_images(data / "test")
         labels = np.array([int(meta.class_names.index(p.parent.name)) for p in paths])
         print(f"{len(paths)} held-out images through the model, unshifted and under {len(SHIFTS) - 1} shifts ...", flush=True)
-        conditions = {name: outputs(onnx_file, paths, meta.preprocess, shift) for name, shift in SHIFTS.items()}
+        session = onnx_session(onnx_file)
+        conditions = {name: outputs(session, paths, meta.preprocess, shift) for name, shift in SHIFTS.items()}
 
     rng = np.random.default_rng(0)
     reference_images, reference_probabilities = conditions["none"]

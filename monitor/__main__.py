@@ -17,10 +17,8 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from histoserve.monitor.baseline import BaselineError, baseline_path, read_baseline
-from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, drift_report
+from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
 from histoserve.monitor.records import PredictionRecord, RecordError, read_records
 from histoserve.monitor.service import Monitor, make_server, report_json
 
@@ -52,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_server(args) -> int:
     monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop, args.record_file)
     server = make_server(monitor, args.address, args.port)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     print(f"monitor: listening on http://{args.address}:{server.server_address[1]} (POST /v1/records, GET /metrics), "
           f"baselines from {args.repository}", flush=True)
     try:
@@ -62,6 +60,10 @@ def run_server(args) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def stop_on_sigterm(*_) -> None:
+    raise KeyboardInterrupt  # serve_forever returns through the same path as Ctrl-C
 
 
 def run_report(args) -> int:
@@ -82,10 +84,7 @@ def run_report(args) -> int:
             return 2
         for start in range(0, len(mine) - args.window + 1, args.window):
             window = mine[start:start + args.window]
-            rows.append((model, version, start, drift_report(
-                baseline, np.array([r.predicted for r in window]), np.array([r.max_probability for r in window]),
-                {name: np.array([r.statistics[name] for r in window]) for name in window[0].statistics},
-                args.alpha, args.max_accuracy_drop)))
+            rows.append((model, version, start, records_report(baseline, window, args.alpha, args.max_accuracy_drop)))
     if not rows:
         print(f"error: no model version has {args.window} records in {args.records} (use a smaller --window)", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from scipy import stats
 
 from histoserve.monitor.baseline import DriftBaseline
 from histoserve.monitor.image_statistics import INPUT_STATISTICS
+from histoserve.monitor.records import PredictionRecord
 
 ALPHA = 0.05
 MAX_ACCURACY_DROP = 0.05
@@ -91,6 +92,14 @@ def drift_report(baseline: DriftBaseline, predicted: np.ndarray, max_probability
         baseline_expected_accuracy=baseline.expected_accuracy,
         accuracy_dropped=bool(estimate < baseline.expected_accuracy - max_accuracy_drop),
     )
+
+
+def records_report(baseline: DriftBaseline, records: list[PredictionRecord], alpha: float = ALPHA,
+                   max_accuracy_drop: float = MAX_ACCURACY_DROP) -> DriftReport:
+    """`drift_report` of a window of prediction records (what the service and the offline report hold)."""
+    return drift_report(baseline, np.array([r.predicted for r in records]), np.array([r.max_probability for r in records]),
+                        {name: np.array([r.statistics[name] for r in records]) for name in INPUT_STATISTICS},
+                        alpha, max_accuracy_drop)
 
 
 def class_test(baseline: DriftBaseline, predicted: np.ndarray, corrected_alpha: float) -> DriftTest:

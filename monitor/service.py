@@ -28,11 +28,10 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from histoserve.monitor.baseline import BaselineError, DriftBaseline, baseline_path, read_baseline
-from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, drift_report
+from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
 from histoserve.monitor.records import PredictionRecord, RecordError
 
 MAX_BODY_BYTES = 16 * 2**20
@@ -111,10 +110,7 @@ class Monitor:
             if len(records) < self.min_window:
                 results[key] = f"{len(records)} records, drift is judged from {self.min_window}"
                 continue
-            report = drift_report(baseline, np.array([r.predicted for r in records]),
-                                  np.array([r.max_probability for r in records]),
-                                  {name: np.array([r.statistics[name] for r in records]) for name in records[0].statistics},
-                                  self.alpha, self.max_accuracy_drop)
+            report = records_report(baseline, records, self.alpha, self.max_accuracy_drop)
             for test in report.tests:
                 self.p_value.labels(*key, test.name, test.kind).set(test.p_value)
                 self.detected.labels(*key, test.name, test.kind).set(test.drifted)
