@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +30,22 @@ def run_cli(*args, check: bool = True, timeout: float = 600, **kwargs) -> subpro
         raise AssertionError(f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
     return result
 
+
+
+def triton_requests(server) -> int:
+    """How many requests of the test model this Triton has answered so far."""
+    from histoserve.loadtest.triton_stats import snapshot
+
+    return snapshot(server.grpc_url, MODEL).requests
+
+
+def wait_for_requests(server, count: int, since: int = 0, timeout_s: float = 90.0) -> None:
+    """Until Triton has answered `count` more requests than `since`: a test that acts mid-run waits for
+    the run itself, not for a fixed time (a busy machine starts Locust seconds late)."""
+    deadline = time.monotonic() + timeout_s
+    while triton_requests(server) - since < count:
+        assert time.monotonic() < deadline, f"Triton did not see {count} requests in {timeout_s:g} s"
+        time.sleep(0.1)
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:

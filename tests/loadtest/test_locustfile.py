@@ -1,12 +1,12 @@
 import csv
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from histoserve.loadtest.report import plot_history, read_summary
 from histoserve.serve.server import free_ports
-from tests.conftest import MODEL, ROOT, run_cli
+from tests.conftest import MODEL, ROOT, run_cli, triton_requests, wait_for_requests
 
 
 def test_headless_locust_run_against_triton_has_no_failures(server, digits_root, tmp_path):
@@ -43,9 +43,9 @@ def test_latency_threshold_turns_a_slow_run_into_exit_code_3(server, digits_root
     assert "loadtest: FAILED: p99" in result.stdout + result.stderr
 
 
-def run_distributed(*master_args, workers: int = 1, kill_a_worker_after_s: float | None = None) -> tuple[int, str]:
+def run_distributed(*master_args, workers: int = 1, kill_a_worker_mid_run: Callable[[], None] | None = None) -> tuple[int, str]:
     """A headless Locust master and its worker processes on this machine; returns the master's exit
-    code and output."""
+    code and output. `kill_a_worker_mid_run` returns once the run is under way; then a worker dies."""
     port = free_ports().http
     locust = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py")]
     master = subprocess.Popen([*locust, "--master", "--headless", "--master-bind-port", str(port), *map(str, master_args)],
@@ -53,8 +53,8 @@ def run_distributed(*master_args, workers: int = 1, kill_a_worker_after_s: float
     started = [subprocess.Popen([*locust, "--worker", "--master-port", str(port)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
     try:
-        if kill_a_worker_after_s is not None:
-            time.sleep(kill_a_worker_after_s)
+        if kill_a_worker_mid_run is not None:
+            kill_a_worker_mid_run()
             started[0].kill()  # SIGKILL: no goodbye, only missing heartbeats
         output = master.communicate(timeout=120)[0]
     finally:
@@ -75,10 +75,11 @@ def test_a_distributed_run_that_sends_nothing_fails(server):
 
 
 def test_a_worker_lost_during_the_run_fails_it(server, digits_root):
+    before = triton_requests(server)
     code, output = run_distributed("--expect-workers", 2, "--users", 2, "--spawn-rate", 2, "--run-time", "12s",
                                    "--only-summary", "--triton-url", server.grpc_url, "--model", MODEL,
                                    "--images", digits_root / "test", "--fail-ratio", 0.01,
-                                   workers=2, kill_a_worker_after_s=6)
+                                   workers=2, kill_a_worker_mid_run=lambda: wait_for_requests(server, 50, before))
     assert code == 4, output[-3000:]
     assert "loadtest: INVALID RUN: 1 of 2 worker(s) lost during the run" in output
 

@@ -13,7 +13,7 @@ import pytest
 from histoserve.client.classifier import TritonClassifier
 from histoserve.loadtest.expectations import expected_predictions, load_images, write_expected
 from histoserve.serve.server import TritonServer, free_ports
-from tests.conftest import MODEL, ROOT, run_cli
+from tests.conftest import MODEL, ROOT, run_cli, wait_for_requests
 
 LOCUST = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py")]
 
@@ -51,7 +51,7 @@ def test_a_stalled_server_shows_in_response_latency_not_in_service_latency(repos
         process = subprocess.Popen(locust_args(server, digits_root / "test", summary_file, "--users", 4, "--spawn-rate", 4,
                                                "--run-time", "9s", "--arrival-rate", 25),
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(4)
+        wait_for_requests(server, 40)  # about 1.5 s into the run, past the warm-up: a busy machine starts Locust late
         os.killpg(server.process.pid, signal.SIGSTOP)
         time.sleep(2)
         os.killpg(server.process.pid, signal.SIGCONT)
