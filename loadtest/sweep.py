@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoserve.client.classifier import ClientError, TritonClassifier
+from histoserve.client.classifier import ClientError, ClientTls, TritonClassifier
 from histoserve.loadtest.expectations import expected_predictions, load_images, write_expected
 from histoserve.loadtest.triton_stats import snapshot
 
@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                              "invalid (default: SLO ÷ 20, at least 10 ms: lateness that cannot move the verdict is not counted)")
     parser.add_argument("--metrics-url", help="Triton's Prometheus metrics (default: http://HOST:8002/metrics)")
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
+    parser.add_argument("--ssl", action="store_true", help="gRPC over TLS (every call: expectations, Locust, direct loop, statistics)")
+    parser.add_argument("--ssl-root-certificates", help="CA bundle (PEM) that signed the server; default: the system's")
+    parser.add_argument("--ssl-private-key", help="mutual TLS: this client's private key (PEM)")
+    parser.add_argument("--ssl-certificate-chain", help="mutual TLS: this client's certificate chain (PEM)")
     args = parser.parse_args(argv)
+    files = (args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
+    args.tls = ClientTls(*files) if args.ssl or any(files) else None
     if args.late_ms is None:
         args.late_ms = max(10.0, args.slo_p99_ms / 20)
     if args.metrics_url is None:
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def expectations(args) -> Path:
     """Each image's accepted top-1 indices, asked of the server once before any step."""
-    with TritonClassifier(args.url, args.model) as classifier:
+    with TritonClassifier(args.url, args.model, tls=args.tls) as classifier:
         paths, images = load_images(args.images, classifier.spec, args.max_images)
         target = args.out / "expected.json"
         write_expected(target, paths, expected_predictions(classifier, images))
@@ -181,9 +187,14 @@ def run_step(args, expected: Path, rate: float, users: int) -> Step:
         command.append("--decode-per-request")
     if args.processes:
         command += ["--processes", str(args.processes), "--expect-workers", str(args.processes)]
-    before = snapshot(args.url, args.model, args.metrics_url)
+    if args.tls:
+        command.append("--ssl")
+        for option, path in zip(("--ssl-root-certificates", "--ssl-private-key", "--ssl-certificate-chain"),
+                                (args.tls.root_certificates, args.tls.private_key, args.tls.certificate_chain), strict=True):
+            command += [option, path] if path else []
+    before = snapshot(args.url, args.model, args.metrics_url, tls=args.tls)
     result = subprocess.run(command, capture_output=True, text=True)
-    after = snapshot(args.url, args.model, args.metrics_url)
+    after = snapshot(args.url, args.model, args.metrics_url, tls=args.tls)
     step = Step(rate, users, result.returncode, triton=after.since(before))
     if result.returncode == 2 or not summary_file.exists():
         print(f"error: the Locust run exited {result.returncode}:\n{(result.stdout + result.stderr)[-2000:]}", file=sys.stderr)
@@ -203,14 +214,14 @@ def run_step(args, expected: Path, rate: float, users: int) -> Step:
 def direct_throughput(args, seconds: float) -> float:
     """Requests/s of `--concurrency` threads, each with its own TritonClassifier, sending
     preprocessed batches back to back: what the server gives without Locust in the way."""
-    with TritonClassifier(args.url, args.model) as probe:
+    with TritonClassifier(args.url, args.model, tls=args.tls) as probe:
         images = load_images(args.images, probe.spec, args.max_images)[1]
     size = max(1, min(args.batch_size, probe.max_batch_size))
     counts = [0] * args.concurrency
     stop, measuring = threading.Event(), threading.Event()
 
     def caller(index: int) -> None:
-        with TritonClassifier(args.url, args.model) as classifier:
+        with TritonClassifier(args.url, args.model, tls=args.tls) as classifier:
             rng = np.random.default_rng(index)
             while not stop.is_set():
                 classifier.infer(images[rng.choice(len(images), size)], top_k=1)

@@ -11,6 +11,8 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from histoserve.client.classifier import ClientTls
+
 STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
 # Counters that add up over a step; their labels name the model and version.
 METRIC_COUNTERS = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
@@ -47,10 +49,12 @@ class TritonSnapshot:
         return result
 
 
-def snapshot(url: str, model: str, metrics_url: str | None = None, timeout_s: float = 10.0) -> TritonSnapshot:
-    """The model's statistics over gRPC and, when `metrics_url` is given, its nv_inference_* metrics
-    (an unreachable metrics endpoint gives no metrics rather than an error: they are extra)."""
-    with grpcclient.InferenceServerClient(url) as client:
+def snapshot(url: str, model: str, metrics_url: str | None = None, timeout_s: float = 10.0,
+             tls: ClientTls | None = None) -> TritonSnapshot:
+    """The model's statistics over gRPC (over TLS with `tls`) and, when `metrics_url` is given, its
+    nv_inference_* metrics (an unreachable metrics endpoint gives no metrics rather than an error: they
+    are extra)."""
+    with grpcclient.InferenceServerClient(url, **(tls.client_arguments() if tls else {})) as client:
         stats = client.get_inference_statistics(model, as_json=True, client_timeout=timeout_s).get("model_stats", [])
     requests = executions = inferences = 0
     stage_ns = dict.fromkeys(STAGES, 0)

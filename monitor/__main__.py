@@ -1,12 +1,14 @@
 """python -m monitor serve --repository model_repository [--port 8010] [--window 500] [--record-file records.jsonl]
-python -m monitor report RECORDS.jsonl --repository model_repository [--window 200] [--out reports/monitor]
+python -m monitor report [records.jsonl.1] records.jsonl --repository model_repository [--window 200] [--out reports/monitor]
 
 serve: the HTTP service clients send prediction records to (`python -m client classify
 --monitor-url http://HOST:8010`), exposing drift and label-free accuracy as Prometheus metrics
-(monitor/service.py). report: the same tests over a records file, in consecutive windows of
---window records per model and version; prints a table, writes report.json and report.png (p-values
-per test against the corrected level; the accuracy estimate with its interval). Exit codes: 0 no
-drift, 1 drift in some window (report), 2 the records or baseline cannot be read.
+(monitor/service.py); with --record-file it keeps every record, and a restart takes up the windows
+from it. report: the same tests over record files (oldest first; lines that cannot be read are
+skipped with a warning), in consecutive windows of --window records per model and version; prints
+a table, writes report.json and report.png (p-values per test against the corrected level; the
+accuracy estimate with its interval). Exit codes: 0 no drift, 1 drift in some window (report), 2 the
+records or baseline cannot be read.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from histoserve.monitor.baseline import BaselineError, baseline_path, read_baseline
 from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
-from histoserve.monitor.records import PredictionRecord, RecordError, read_records
+from histoserve.monitor.records import PredictionRecord, read_records
 from histoserve.monitor.service import Monitor, make_server, report_json
 
 
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="receive prediction records, expose drift metrics")
     report = commands.add_parser("report", help="drift over a records file (JSON lines)")
-    report.add_argument("records", type=Path)
+    report.add_argument("records", type=Path, nargs="+", help="record files, oldest first (a rotated records.jsonl.1 first)")
     for command in (serve, report):
         command.add_argument("--repository", type=Path, default=Path("model_repository"),
                              help="model repository with each version's drift_baseline.json (default: %(default)s)")
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8010)
     serve.add_argument("--window", type=int, default=500, help="records per model version in the sliding window")
     serve.add_argument("--min-window", type=int, default=100, help="records before drift is judged")
-    serve.add_argument("--record-file", type=Path, help="append every accepted record here (JSON lines), for `report`")
+    serve.add_argument("--record-file", type=Path,
+                       help="append every accepted record here (JSON lines); replayed on start, read by `report`")
+    serve.add_argument("--record-file-max-mb", type=float, default=64,
+                       help="past this size the file becomes FILE.1 (replacing the last one) and a new one starts "
+                            "(default: %(default)s)")
     report.add_argument("--window", type=int, default=200, help="records per window (default: %(default)s)")
     report.add_argument("--out", type=Path, default=Path("reports/monitor"))
     args = parser.parse_args(argv)
@@ -48,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_server(args) -> int:
-    monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop, args.record_file)
+    try:
+        monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop, args.record_file,
+                          int(args.record_file_max_mb * 2**20))
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if monitor.record_log is not None:
+        print(f"monitor: {monitor.restored} record(s) replayed from {args.record_file}", flush=True)
+        warn_skipped(monitor.record_log.skipped)
     server = make_server(monitor, args.address, args.port)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     print(f"monitor: listening on http://{args.address}:{server.server_address[1]} (POST /v1/records, GET /metrics), "
@@ -59,6 +73,8 @@ def run_server(args) -> int:
         pass
     finally:
         server.server_close()
+        if monitor.record_log is not None:
+            monitor.record_log.close()
     return 0
 
 
@@ -67,11 +83,14 @@ def stop_on_sigterm(*_) -> None:
 
 
 def run_report(args) -> int:
+    records, skipped = [], []
     try:
-        records = read_records(args.records)
-    except (OSError, RecordError) as error:
+        for path in args.records:
+            records.extend(read_records(path, skipped))
+    except OSError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    warn_skipped(skipped)
     groups: dict[tuple[str, str], list[PredictionRecord]] = {}
     for record in records:
         groups.setdefault((record.model, record.version), []).append(record)
@@ -102,6 +121,13 @@ def run_report(args) -> int:
     plot(rows, args.out / "report.png")
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.png'}")
     return 1 if any(r.drift for *_, r in rows) else 0
+
+
+def warn_skipped(skipped: list[str]) -> None:
+    for line in skipped[:5]:
+        print(f"warning: skipped {line}", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"warning: skipped {len(skipped) - 5} more unreadable line(s)", file=sys.stderr)
 
 
 def yes(flag: bool) -> str:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -65,15 +66,14 @@ def records_for(model: str, version: str, images: np.ndarray, predicted: Iterabl
             for i, (p, m) in enumerate(zip(predicted, max_probability, strict=True))]
 
 
-def read_records(path) -> list[PredictionRecord]:
-    """JSON lines; a bad line is an error naming the file and line."""
-    records = []
-    with open(path) as handle:
+def read_records(path: str | Path, skipped: list[str]) -> Iterator[PredictionRecord]:
+    """The records of a JSON-lines file, oldest first. A line that cannot be read (cut short by a
+    crash, edited by hand) is skipped, never fatal, and described in `skipped` as "file:line: why"."""
+    with open(path, "rb") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                records.append(PredictionRecord.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, RecordError) as error:
-                raise RecordError(f"{path}:{number}: {error}") from error
-    return records
+                yield PredictionRecord.from_dict(json.loads(line))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecordError) as error:
+                skipped.append(f"{path}:{number}: {error}")

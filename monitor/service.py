@@ -7,8 +7,9 @@
     GET  /v1/report    the same evaluation as JSON
     GET  /healthz      200 while the process runs
 
-With a record file, every accepted record is also appended to it as a JSON line, for
-`python -m monitor report` (windows over the whole history, with plots).
+With a record file (record_log.py), every accepted record is also appended to it as a JSON line: a
+restarted monitor replays it and takes up its windows where it left them, and `python -m monitor
+report` reads it for windows over the history, with plots.
 
 Metrics, labelled by model and version (drift ones only once a window holds `min_window` records):
 histoserve_monitor_records_total, histoserve_monitor_records_rejected_total, histoserve_monitor_window_records,
@@ -32,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from histoserve.monitor.baseline import BaselineError, DriftBaseline, baseline_path, read_baseline
 from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
+from histoserve.monitor.record_log import RecordLog
 from histoserve.monitor.records import PredictionRecord, RecordError
 
 MAX_BODY_BYTES = 16 * 2**20
@@ -41,7 +43,8 @@ class Monitor:
     """Windows, baselines and metrics; safe to call from the HTTP server's threads."""
 
     def __init__(self, repository: str | Path, window: int = 500, min_window: int = 100, alpha: float = ALPHA,
-                 max_accuracy_drop: float = MAX_ACCURACY_DROP, record_file: str | Path | None = None):
+                 max_accuracy_drop: float = MAX_ACCURACY_DROP, record_file: str | Path | None = None,
+                 record_file_max_bytes: int = 64 * 2**20):
         if not 0 < min_window <= window:
             raise ValueError(f"need 0 < min_window <= window, got {min_window} and {window}")
         self.repository, self.window, self.min_window = Path(repository), window, min_window
@@ -49,8 +52,14 @@ class Monitor:
         self.windows: dict[tuple[str, str], deque[PredictionRecord]] = {}
         self.baselines: dict[tuple[str, str], DriftBaseline | BaselineError] = {}
         self.lock = threading.Lock()
-        # Every accepted record, appended as a JSON line: what `python -m monitor report` reads later.
-        self.record_file = open(record_file, "a") if record_file else None  # noqa: SIM115 (lives as long as the monitor)
+        # Every accepted record, appended as a JSON line: a restart replays it into the windows, and
+        # `python -m monitor report` reads it later.
+        self.record_log = RecordLog(record_file, record_file_max_bytes) if record_file else None
+        self.restored = 0
+        if self.record_log is not None:
+            for record in self.record_log.replay():
+                self.windows.setdefault((record.model, record.version), deque(maxlen=self.window)).append(record)
+                self.restored += 1
         self.registry = CollectorRegistry()
         labels = ["model", "version"]
         self.records = Counter("histoserve_monitor_records", "Prediction records received", labels, registry=self.registry)
@@ -82,9 +91,8 @@ class Monitor:
                 key = (record.model, record.version)
                 self.windows.setdefault(key, deque(maxlen=self.window)).append(record)
                 self.records.labels(*key).inc()
-            if self.record_file is not None and records:
-                self.record_file.write("".join(json.dumps(r.to_dict()) + "\n" for r in records))
-                self.record_file.flush()
+            if self.record_log is not None:
+                self.record_log.append(records)
 
     def baseline(self, model: str, version: str) -> DriftBaseline | BaselineError:
         key = (model, version)

@@ -94,3 +94,21 @@ def test_the_load_test_speaks_mutual_tls_too(mtls_server, pki, digits_root):
     assert admitted.returncode == 0, admitted.stdout[-2000:] + admitted.stderr[-2000:]
     anonymous = run_cli(*common, check=False, timeout=120)
     assert anonymous.returncode == 2 and "cannot reach Triton" in anonymous.stdout + anonymous.stderr
+
+
+def test_the_sweep_speaks_mutual_tls_too(mtls_server, pki, digits_root, tmp_path):
+    """Every call of the sweep (expectations, Locust steps, the direct loop, Triton's statistics) goes
+    over mutual TLS; without a client certificate nothing can be measured (exit 2)."""
+    key, certificate = pki["client"]
+    common = ["-m", "loadtest", "sweep", "--url", mtls_server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
+              "--max-images", 32, "--slo-p99-ms", 1000, "--rates", 10, "--refine", 0, "--window-s", 1,
+              "--stable-windows", 2, "--max-windows", 3, "--concurrency", 2, "--out", tmp_path / "sweep",
+              "--ssl", "--ssl-root-certificates", pki["ca"]]
+    admitted = run_cli(*common, "--ssl-private-key", key, "--ssl-certificate-chain", certificate, check=False, timeout=300)
+    assert admitted.returncode == 0, admitted.stdout[-3000:] + admitted.stderr[-3000:]
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert report["capacity_per_s"] == 10 and report["steps"][0]["triton"]["requests"] > 0
+    assert report["cross_checks"]["direct_closed_loop_per_s"] > 0
+    anonymous = run_cli(*common, check=False, timeout=120)
+    assert anonymous.returncode == 2, anonymous.stdout[-2000:] + anonymous.stderr[-2000:]
+    assert "error:" in anonymous.stderr

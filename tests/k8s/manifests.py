@@ -274,13 +274,28 @@ def check_scheduling_and_rollout(objects: list[dict]) -> list[str]:
 
 
 def check_storage(objects: list[dict]) -> list[str]:
-    """Shared claims name a class that can share; disk emptyDirs fit the pod's ephemeral-storage limit."""
+    """Shared claims name a class that can share; a Deployment mounts only claims its kustomization
+    creates (Jobs mount an overlay's); a ReadWriteOnce claim passes from the old pod to the new one
+    only with Recreate; disk emptyDirs fit the pod's ephemeral-storage limit."""
     problems = []
-    for claim in (o for o in objects if o["kind"] == "PersistentVolumeClaim"):
+    claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    for claim in claims.values():
         shared = {"ReadWriteMany", "ReadOnlyMany"} & set(claim["spec"].get("accessModes", []))
         if shared and not claim["spec"].get("storageClassName"):
             problems.append(f"PVC/{claim['metadata']['name']}: {sorted(shared)} without storageClassName: the default classes of "
                             "EKS/GKE/AKS are ReadWriteOnce, it would stay Pending")
+    for deployment in (o for o in objects if o["kind"] == "Deployment"):
+        for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
+            name = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if name is None:
+                continue
+            if name not in claims:
+                problems.append(f"Deployment/{deployment['metadata']['name']}: volume {volume['name']} claims PVC {name}, "
+                                "which this kustomization does not create: the pod would stay Pending")
+            elif claims[name]["spec"].get("accessModes") == ["ReadWriteOnce"] and \
+                    deployment["spec"].get("strategy", {}).get("type") != "Recreate":
+                problems.append(f"Deployment/{deployment['metadata']['name']}: ReadWriteOnce PVC {name} with a rolling update: "
+                                "the new pod waits for a volume the old one holds")
     for workload, template in pod_templates(objects):
         limits = [c.get("resources", {}).get("limits", {}).get("ephemeral-storage") for c in template["spec"]["containers"]]
         if None in limits:

@@ -186,7 +186,16 @@ def break_replicas_beside_hpa(objects):
 
 
 def break_storage_class(objects):
-    del find(objects, "PersistentVolumeClaim")["spec"]["storageClassName"]
+    del find(objects, "PersistentVolumeClaim", "triton-model-repository")["spec"]["storageClassName"]
+
+
+def break_claim_reference(objects):  # what overlays/gpu-s3 did before it dropped the drift monitor
+    volumes = find(objects, "Deployment", "histoserve-monitor")["spec"]["template"]["spec"]["volumes"]
+    next(v for v in volumes if "persistentVolumeClaim" in v)["persistentVolumeClaim"]["claimName"] = "absent"
+
+
+def break_records_rollout(objects):
+    find(objects, "Deployment", "histoserve-monitor")["spec"]["strategy"] = {"type": "RollingUpdate"}
 
 
 def break_model_volume_size(objects):  # gpu-s3: the downloaded models outgrow the pod's ephemeral storage
@@ -233,6 +242,7 @@ BROKEN = {  # breakage: (the check that must notice it, the kustomization it bre
     break_guaranteed_qos: ("rollout", "overlays/gpu"), break_probe_timeout: ("rollout", "overlays/gpu"),
     break_entrypoint: ("rollout", "overlays/gpu"), break_progress_deadline: ("rollout", "overlays/gpu"),
     break_replicas_beside_hpa: ("rollout", "overlays/gpu"), break_storage_class: ("storage", "overlays/gpu"),
+    break_claim_reference: ("storage", "overlays/cpu"), break_records_rollout: ("storage", "overlays/gpu"),
     break_model_volume_size: ("storage", "overlays/gpu-s3"), break_hpa_metric: ("wiring", "overlays/gpu"),
     break_route_backend: ("wiring", "overlays/gpu-gateway"), break_route_listener: ("wiring", "overlays/gpu-gateway"),
     break_rendezvous_host: ("wiring", "jobs/training"), break_nnodes: ("wiring", "jobs/training"),

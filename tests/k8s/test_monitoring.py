@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import MODEL
-from tests.k8s.manifests import K8S, render, triton_command
+from tests.k8s.manifests import K8S, quantity, render, triton_command
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -238,3 +238,22 @@ def test_the_drift_monitor_is_scraped_and_reads_the_model_store():
     claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
     assert volume["persistentVolumeClaim"]["claimName"] in claims and mount["readOnly"]
     assert deployment["spec"]["replicas"] == 1  # the windows live in one process
+
+
+def test_the_drift_monitor_keeps_its_records_over_restarts():
+    """The record file (replayed on start) lies on a claim the monitor can write, not in the pod; an
+    RWO claim is only handed from the old pod to the new one with Recreate."""
+    objects = render("overlays/gpu")
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "histoserve-monitor")
+    spec = deployment["spec"]["template"]["spec"]
+    [container] = spec["containers"]
+    record_file = Path(container["command"][container["command"].index("--record-file") + 1])
+    mount = next(m for m in container["volumeMounts"] if record_file.is_relative_to(m["mountPath"]))
+    assert not mount.get("readOnly") and spec["securityContext"]["fsGroup"] == container.get("securityContext", {}).get(
+        "runAsGroup", spec["securityContext"]["runAsGroup"])
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    claim = next(o for o in objects if o["kind"] == "PersistentVolumeClaim"
+                 and o["metadata"]["name"] == volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] != ["ReadWriteOnce"] or deployment["spec"]["strategy"]["type"] == "Recreate"
+    kept = 2 * float(container["command"][container["command"].index("--record-file-max-mb") + 1]) * 2**20
+    assert kept < quantity(claim["spec"]["resources"]["requests"]["storage"])  # the file and its .1 fit

@@ -130,12 +130,16 @@ def test_offline_report_flags_the_windows_after_a_shift(server, repository, digi
         for batch in (images, 255 - images):  # as taken, then with inverted contrast
             rows = [row for start in range(0, len(batch), 16) for row in classifier.infer(batch[start:start + 16], top_k=1)]
             records += records_for(MODEL, "1", batch, [r[0].index for r in rows], [r[0].score for r in rows])
-    records_file = tmp_path / "records.jsonl"
-    records_file.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records))
+    # as the monitor leaves them: a rotated file with the older half, the current one with the rest,
+    # and a line cut short by a crash in between (skipped with a warning, not fatal)
+    older, current = tmp_path / "records.jsonl.1", tmp_path / "records.jsonl"
+    older.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records[:200]) + '{"model": "dig')
+    current.write_text("\n" + "".join(json.dumps(r.to_dict()) + "\n" for r in records[200:]))
     out = tmp_path / "report"
-    result = run_cli("-m", "monitor", "report", records_file, "--repository", repository, "--window", 100, "--out", out,
+    result = run_cli("-m", "monitor", "report", older, current, "--repository", repository, "--window", 100, "--out", out,
                      check=False, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
+    assert f"warning: skipped {older}:201:" in result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith(MODEL)]
     assert len(lines) == 4
     assert all(" no " in line.split("DRIFT")[0] for line in lines[:2]) and all("DRIFT" in line for line in lines[2:])

@@ -1,0 +1,117 @@
+"""The monitor's record file: a restart takes up the windows where they were, a line cut short by a
+crash is skipped, and rotation bounds the disk."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from histoserve.monitor.record_log import RecordLog
+from histoserve.monitor.records import records_for
+from histoserve.monitor.service import Monitor
+from histoserve.serve.server import free_ports
+from tests.conftest import ROOT
+
+
+def records(count: int, model: str = "digits", version: str = "1", seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count, 3, 8, 8), dtype=np.uint8)
+    return records_for(model, version, images, rng.integers(0, 10, count), rng.uniform(0.1, 1.0, count).round(6))
+
+
+def test_a_restarted_monitor_takes_up_each_window_where_it_was(tmp_path):
+    first, other = records(150), records(30, version="2", seed=1)
+    monitor = Monitor(tmp_path, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
+    monitor.add(first[:70])
+    monitor.add(other)
+    monitor.add(first[70:])
+    monitor.record_log.close()
+    restarted = Monitor(tmp_path, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
+    assert restarted.restored == 180
+    assert list(restarted.windows[("digits", "1")]) == first[-100:]
+    assert list(restarted.windows[("digits", "2")]) == other
+
+
+def test_without_a_record_file_a_restart_starts_empty(tmp_path):
+    monitor = Monitor(tmp_path, window=100, min_window=10)
+    monitor.add(records(50))
+    assert Monitor(tmp_path, window=100, min_window=10).windows == {}
+
+
+def test_a_line_cut_short_is_skipped_and_the_next_append_starts_a_new_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    before, after = records(5), records(3, seed=1)
+    path.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in before) + '{"model": "digits", "vers')
+    log = RecordLog(path)
+    log.append(after)
+    log.close()
+    replayed = RecordLog(path)
+    assert list(replayed.replay()) == before + after
+    [skipped] = replayed.skipped
+    assert skipped.startswith(f"{path}:6: ")
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_rotation_bounds_the_disk_and_replay_reads_both_files_in_order(tmp_path, batch):
+    path = tmp_path / "records.jsonl"
+    written = records(200)
+    line_bytes = max(len(json.dumps(r.to_dict())) + 1 for r in written)
+    max_bytes = 40 * line_bytes
+    log = RecordLog(path, max_bytes=max_bytes)
+    previous = path.with_name("records.jsonl.1")
+    for start in range(0, len(written), batch):
+        log.append(written[start:start + batch])
+        assert path.stat().st_size < max_bytes
+        assert not previous.exists() or previous.stat().st_size < max_bytes + batch * line_bytes
+    log.close()
+    assert previous.exists()
+    replayed = list(RecordLog(path).replay())
+    assert 30 <= len(replayed) < 100
+    assert replayed == written[-len(replayed):]  # the newest records, oldest first
+
+
+def get_json(url: str):
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+def start_monitor(port: int, record_file, repository) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "--repository", str(repository), "--port", str(port),
+                                "--window", "100", "--min-window", "10", "--record-file", str(record_file)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            get_json(f"http://127.0.0.1:{port}/healthz")
+            return process
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+            time.sleep(0.2)
+
+
+def test_the_monitor_process_keeps_its_window_over_a_restart(tmp_path):
+    """python -m monitor serve, stopped by SIGTERM (as Kubernetes does) and started again on the same
+    record file: its window metric says the records are still there."""
+    port, record_file = free_ports().http, tmp_path / "records.jsonl"
+    sent = [r.to_dict() for r in records(60)]
+    process = start_monitor(port, record_file, tmp_path)
+    try:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/records", json.dumps(sent).encode(),
+                                         {"Content-Type": "application/json"}, method="POST")
+        assert json.loads(urllib.request.urlopen(request, timeout=10).read())["accepted"] == 60
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert process.returncode == 0
+    process = start_monitor(port, record_file, tmp_path)
+    try:
+        metrics = get_json(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert 'histoserve_monitor_window_records{model="digits",version="1"} 60.0' in metrics
+    assert "monitor: 60 record(s) replayed" in output
