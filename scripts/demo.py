@@ -56,7 +56,8 @@ def stop_server(server: subprocess.Popen) -> None:
 
 
 def start_monitor(repository: Path, port: int, records: Path) -> subprocess.Popen:
-    records.unlink(missing_ok=True)
+    for stale in (records, records.with_name(records.name + ".1")):  # a new monitor would replay them
+        stale.unlink(missing_ok=True)
     command = [PYTHON, "-m", "monitor", "serve", "--repository", repository, "--port", port, "--window", 300,
                "--record-file", records]
     print(f"\n=== monitor (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
