@@ -5,7 +5,8 @@ A file that outgrows `max_bytes` is renamed to `<name>.1` (replacing the previou
 started, so the disk holds at most about twice `max_bytes`. On start the monitor replays `<name>.1`
 then `<name>`: each model version's window is refilled with its last records. A line cut short by a
 crash (or any unreadable line) is skipped and counted, never fatal; the next append starts on a fresh
-line so it cannot glue a new record onto the broken one.
+line so it cannot glue a new record onto the broken one. A write that fails (disk full) raises, and
+the next append starts on a fresh line too.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class RecordLog:
             raise ValueError(f"max_bytes must be positive, got {max_bytes}")
         self.path, self.max_bytes = Path(path), max_bytes
         self.skipped: list[str] = []  # "file:line: why", for lines replay could not read
+        self.cut_short = False  # the last append failed part-way
         self.handle = self.open()
 
     @property
@@ -31,19 +33,25 @@ class RecordLog:
         return self.path.with_name(self.path.name + ".1")
 
     def open(self):
-        handle = open(self.path, "a+b")  # noqa: SIM115 (lives as long as the log)
-        if handle.tell() > 0:
+        # Unbuffered: a failed write leaves nothing in a buffer to be written again later.
+        handle = open(self.path, "a+b", buffering=0)  # noqa: SIM115 (lives as long as the log)
+        if handle.seek(0, os.SEEK_END) > 0:
             handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":  # the last write was cut short: never append onto it
-                handle.write(b"\n")
-                handle.flush()
+            self.cut_short = handle.read(1) != b"\n"  # a crash mid-write: never append onto that line
         return handle
 
     def append(self, records: list[PredictionRecord]) -> None:
+        """Appends the records; an OSError (disk full, file too large) propagates."""
         if not records:
             return
-        self.handle.write("".join(json.dumps(r.to_dict()) + "\n" for r in records).encode())
-        self.handle.flush()
+        data = memoryview((b"\n" if self.cut_short else b"") + "".join(json.dumps(r.to_dict()) + "\n" for r in records).encode())
+        try:
+            while data:
+                data = data[self.handle.write(data):]
+        except OSError:
+            self.cut_short = True
+            raise
+        self.cut_short = False
         if self.handle.tell() >= self.max_bytes:
             self.handle.close()
             os.replace(self.path, self.previous)

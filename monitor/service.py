@@ -12,7 +12,8 @@ restarted monitor replays it and takes up its windows where it left them, and `p
 report` reads it for windows over the history, with plots.
 
 Metrics, labelled by model and version (drift ones only once a window holds `min_window` records):
-histoserve_monitor_records_total, histoserve_monitor_records_rejected_total, histoserve_monitor_window_records,
+histoserve_monitor_records_total, histoserve_monitor_records_rejected_total,
+histoserve_monitor_records_unwritten_total (the record file failed), histoserve_monitor_window_records,
 histoserve_monitor_baseline_missing (1: no readable drift_baseline.json for that version),
 histoserve_drift_p_value{test,kind} and histoserve_drift_detected{test,kind} per test,
 histoserve_prediction_drift, histoserve_input_drift (0/1, after the Bonferroni correction),
@@ -23,6 +24,7 @@ histoserve_accuracy_drop (0/1).
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from collections import deque
 from dataclasses import asdict
@@ -64,6 +66,9 @@ class Monitor:
         labels = ["model", "version"]
         self.records = Counter("histoserve_monitor_records", "Prediction records received", labels, registry=self.registry)
         self.rejected = Counter("histoserve_monitor_records_rejected", "Records refused as malformed", registry=self.registry)
+        self.unwritten = Counter("histoserve_monitor_records_unwritten", "Records the windows took but the record file "
+                                 "could not keep (disk full?)", registry=self.registry)
+        self.record_file_failing = False
         self.window_records = Gauge("histoserve_monitor_window_records", "Records in the sliding window", labels,
                                     registry=self.registry)
         self.missing = Gauge("histoserve_monitor_baseline_missing", "1: no readable drift baseline for this version", labels,
@@ -92,7 +97,17 @@ class Monitor:
                 self.windows.setdefault(key, deque(maxlen=self.window)).append(record)
                 self.records.labels(*key).inc()
             if self.record_log is not None:
-                self.record_log.append(records)
+                try:
+                    self.record_log.append(records)
+                except OSError as error:  # the windows have them; only the history (and a restart) lose them
+                    self.unwritten.inc(len(records))
+                    if not self.record_file_failing:
+                        print(f"monitor: cannot write the record file: {error}", file=sys.stderr, flush=True)
+                    self.record_file_failing = True
+                else:
+                    if self.record_file_failing:
+                        print("monitor: the record file is writable again", file=sys.stderr, flush=True)
+                    self.record_file_failing = False
 
     def baseline(self, model: str, version: str) -> DriftBaseline | BaselineError:
         key = (model, version)

@@ -205,7 +205,8 @@ def test_drift_alerts_pass_promtool_unit_tests(tmp_path):
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     tested_alerts = set(re.findall(r"alertname: (\w+)", (tmp_path / "drift-alerts-test.yaml").read_text()))
     assert alerts == tested_alerts == {"HistoserveInputDrift", "HistoservePredictionDrift", "HistoserveEstimatedAccuracyDrop",
-                                       "HistoserveDriftBaselineMissing", "HistoserveDriftMonitorAbsent"}
+                                       "HistoserveDriftBaselineMissing", "HistoserveDriftMonitorAbsent",
+                                       "HistoserveDriftRecordFileFailing"}
 
 
 def test_drift_alerts_and_panels_use_metrics_the_monitor_exports(tmp_path):

@@ -2,6 +2,8 @@
 crash is skipped, and rotation bounds the disk."""
 
 import json
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from histoserve.monitor.record_log import RecordLog
-from histoserve.monitor.records import records_for
+from histoserve.monitor.records import read_records, records_for
 from histoserve.monitor.service import Monitor
 from histoserve.serve.server import free_ports
 from tests.conftest import ROOT
@@ -83,11 +85,16 @@ def start_monitor(port: int, record_file, repository) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "--repository", str(repository), "--port", str(port),
                                 "--window", "100", "--min-window", "10", "--record-file", str(record_file)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_health(process, port)
+    return process
+
+
+def wait_for_health(process: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + 60
     while True:
         try:
             get_json(f"http://127.0.0.1:{port}/healthz")
-            return process
+            return
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
             time.sleep(0.2)
@@ -115,3 +122,41 @@ def test_the_monitor_process_keeps_its_window_over_a_restart(tmp_path):
         output = process.communicate(timeout=30)[0]
     assert 'histoserve_monitor_window_records{model="digits",version="1"} 60.0' in metrics
     assert "monitor: 60 record(s) replayed" in output
+
+
+def limit_file_size(max_bytes: int):
+    """For the child: files may not grow past `max_bytes` (a write past it fails with EFBIG, as on a
+    full disk it fails with ENOSPC) instead of killing the process with SIGXFSZ."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+    return apply
+
+
+def test_a_record_file_that_cannot_grow_costs_the_history_not_the_windows(tmp_path):
+    """The record file hits a real limit of the OS part-way: every POST is still accepted and judged,
+    the records it could not keep are counted, and the file holds only whole lines."""
+    port, record_file = free_ports().http, tmp_path / "records.jsonl"
+    batches = [[r.to_dict() for r in records(20, seed=seed)] for seed in range(10)]
+    limit = 4 * len("".join(json.dumps(r) + "\n" for r in batches[0]))  # room for about 4 of the 10 batches
+    process = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "--repository", str(tmp_path), "--port", str(port),
+                                "--window", "500", "--min-window", "10", "--record-file", str(record_file)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=limit_file_size(limit))
+    try:
+        wait_for_health(process, port)
+        for batch in batches:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/records", json.dumps(batch).encode(),
+                                             {"Content-Type": "application/json"}, method="POST")
+            assert json.loads(urllib.request.urlopen(request, timeout=10).read())["accepted"] == 20
+        metrics = get_json(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0]
+    assert 'histoserve_monitor_window_records{model="digits",version="1"} 200.0' in metrics
+    kept = [line for line in record_file.read_text().splitlines() if line]
+    unwritten = float(re.search(r"^histoserve_monitor_records_unwritten_total (\S+)$", metrics, re.M).group(1))
+    assert 0 < unwritten < 200 and len(kept) + unwritten >= 200
+    skipped = []
+    assert len(list(read_records(record_file, skipped))) == len(kept) - len(skipped) and len(skipped) <= 1
+    assert "monitor: cannot write the record file" in output
