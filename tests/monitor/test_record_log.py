@@ -81,20 +81,16 @@ def get_json(url: str):
     return urllib.request.urlopen(url, timeout=10).read().decode()
 
 
-def start_monitor(port: int, record_file, repository) -> subprocess.Popen:
+def start_monitor(port: int, record_file, repository, window: int = 100, preexec_fn=None) -> subprocess.Popen:
+    """python -m monitor serve on `port`, returned once /healthz answers."""
     process = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "--repository", str(repository), "--port", str(port),
-                                "--window", "100", "--min-window", "10", "--record-file", str(record_file)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_health(process, port)
-    return process
-
-
-def wait_for_health(process: subprocess.Popen, port: int) -> None:
+                                "--window", str(window), "--min-window", "10", "--record-file", str(record_file)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 60
     while True:
         try:
             get_json(f"http://127.0.0.1:{port}/healthz")
-            return
+            return process
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
             time.sleep(0.2)
@@ -139,12 +135,8 @@ def test_a_record_file_that_cannot_grow_costs_the_history_not_the_windows(tmp_pa
     port, record_file = free_ports().http, tmp_path / "records.jsonl"
     batches = [[r.to_dict() for r in records(20, seed=seed)] for seed in range(10)]
     limit = 4 * len("".join(json.dumps(r) + "\n" for r in batches[0]))  # room for about 4 of the 10 batches
-    process = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "--repository", str(tmp_path), "--port", str(port),
-                                "--window", "500", "--min-window", "10", "--record-file", str(record_file)],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=limit_file_size(limit))
+    process = start_monitor(port, record_file, tmp_path, window=500, preexec_fn=limit_file_size(limit))
     try:
-        wait_for_health(process, port)
         for batch in batches:
             request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/records", json.dumps(batch).encode(),
                                              {"Content-Type": "application/json"}, method="POST")
