@@ -178,8 +178,9 @@ def timed(call, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def served(variant: str, url: str, model: str, images: np.ndarray, concurrency: int, seconds: float) -> Row:
+def served(variant: str, server: TritonServer, model: str, images: np.ndarray, concurrency: int, seconds: float) -> Row:
     """`concurrency` callers, each its own gRPC channel, sending batch-1 requests back to back."""
+    url = server.grpc_url
     latencies: list[float] = []
     lock = threading.Lock()
     stop = threading.Event()
@@ -205,13 +206,13 @@ def served(variant: str, url: str, model: str, images: np.ndarray, concurrency: 
     for thread in threads:
         thread.start()
     time.sleep(min(1.0, seconds / 4))  # every caller connected and the batcher in its steady state
-    before = snapshot(url, model)
+    before = snapshot(url, model, admin_key=server.admin_key)  # statistics: an admin API
     measuring.set()
     started = time.perf_counter()
     time.sleep(seconds)
     measuring.clear()
     elapsed = time.perf_counter() - started
-    delta = snapshot(url, model).since(before)
+    delta = snapshot(url, model, admin_key=server.admin_key).since(before)
     stop.set()
     for thread in threads:
         thread.join()
@@ -289,7 +290,7 @@ def client_on_own_cores(repository: Path, images: np.ndarray, folder: Path, seco
             for variant, name in VARIANTS.items():
                 for concurrency in (4, 8):
                     print(f"{variant}{note}: served, concurrency {concurrency} ...", flush=True)
-                    row = served(variant, server.grpc_url, name, images, concurrency, seconds)
+                    row = served(variant, server, name, images, concurrency, seconds)
                     row.path, row.setting = "triton gRPC, own cores", f"concurrency {concurrency}{note}"
                     rows.append(row)
                 print(f"{variant}{note}: python -m client classify ...", flush=True)
@@ -445,7 +446,7 @@ def main() -> int:
                 for variant, name in VARIANTS.items():
                     for concurrency in CONCURRENCY:
                         print(f"{variant}: served, concurrency {concurrency} ...", flush=True)
-                        rows.append(served(variant, server.grpc_url, name, images, concurrency, args.seconds))
+                        rows.append(served(variant, server, name, images, concurrency, args.seconds))
                     print(f"{variant}: python -m client classify ...", flush=True)
                     rows += client_command(variant, server.grpc_url, name, client_files)
             rows += client_on_own_cores(repository, images, client_files, args.seconds)
@@ -496,7 +497,7 @@ def sweep(repository: Path, images: np.ndarray, seconds: float) -> list[Row]:
             for variant, name in VARIANTS.items():
                 for concurrency in SWEEP_CONCURRENCY:
                     print(f"{describe(tuning)}: {variant}, concurrency {concurrency} ...", flush=True)
-                    row = served(variant, server.grpc_url, name, images, concurrency, seconds)
+                    row = served(variant, server, name, images, concurrency, seconds)
                     row.path, row.setting = describe(tuning), f"concurrency {concurrency}"
                     rows.append(row)
     apply_tuning(repository, CpuTuning())

@@ -1,5 +1,6 @@
 """python -m client classify PATH... --url HOST:PORT --model NAME [--top-k K] [--json]
-python -m client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N
+python -m client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N \
+    --admin-key-file KEY
 
 classify: PATH may be a file, a folder (searched recursively for images) or a glob. One line per
 file, in input order; a file that cannot be read gets an error line and the rest are still
@@ -8,10 +9,11 @@ through restarts and rollouts until its --deadline-s. Exit code: 0 all files
 classified, 1 some files failed, 2 the server or model could not be used, 130 interrupted (Ctrl-C;
 the lines printed so far are complete).
 
-rollout-status: waits until every server (every pod behind a headless Service) serves version N.
-Exit code: 0 every server has it READY, 1 a server failed to load it (its reason is printed),
-2 not every server has it READY (still loading after --timeout, unreachable, or unloaded by the
-version policy because newer versions exist).
+rollout-status: waits until every server (every pod behind a headless Service) serves version N. It
+reads each server's repository index, an admin API: pass the servers' admin key (--admin-key-file,
+or HISTOSERVE_ADMIN_KEY). Exit code: 0 every server has it READY, 1 a server failed to load it (its
+reason is printed), 2 not every server has it READY (still loading after --timeout, unreachable,
+the admin key refused, or unloaded by the version policy because newer versions exist).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from histoserve.client.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
 from histoserve.client.classifier import ClientError, ClientTls, FileResult, TritonClassifier
-from histoserve.client.monitoring import MonitorSender
+from histoserve.client.monitoring import TOKEN_VARIABLE, MonitorSender, MonitorTokenError, monitor_token
 from histoserve.client.preprocessing import find_images
 from histoserve.client.rollout import wait_for_version
 
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--monitor-url",
                           help="also send a prediction record per file to this monitor (python -m monitor serve), in the "
                                "background: a monitor that is down never slows or fails classification")
+    classify.add_argument("--monitor-token-file", type=Path,
+                          help=f"the writer's bearer token for the monitor (default: ${TOKEN_VARIABLE})")
     classify.add_argument("--deadline-s", type=float, default=60.0,
                           help="per request, retries included: a server that is restarting or rolling out is waited "
                                "for and retried until then (default: %(default)s)")
@@ -78,9 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     rollout.add_argument("--model", required=True)
     rollout.add_argument("--version", required=True, type=int)
     rollout.add_argument("--timeout", type=float, default=900.0, help="seconds (default: %(default)s)")
+    rollout.add_argument("--admin-key-file", type=Path,
+                         help=f"the servers' admin key: the repository index is an admin API (default: ${ENVIRONMENT_VARIABLE})")
     args = parser.parse_args(argv)
     if args.command == "rollout-status":
+        try:
+            args.admin_key = AdminKey.resolve(args.admin_key_file)
+        except AdminKeyError as error:
+            parser.error(str(error))
         return rollout_status(args)
+    try:
+        args.monitor_token = monitor_token(args.monitor_token_file) if args.monitor_url else None
+    except MonitorTokenError as error:
+        parser.error(str(error))
 
     paths = expand_paths(args.paths)
     if not paths:
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         tls = None
         if args.ssl or args.ssl_root_certificates or args.ssl_private_key or args.ssl_certificate_chain:
             tls = ClientTls(args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
-        monitor = MonitorSender(args.monitor_url) if args.monitor_url else None
+        monitor = MonitorSender(args.monitor_url, args.monitor_token) if args.monitor_url else None
         classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=tls,
                                       monitor=monitor)
     except ClientError as error:
@@ -157,7 +172,7 @@ class Progress:
 
 def rollout_status(args: argparse.Namespace) -> int:
     try:
-        states = wait_for_version(args.url, args.model, str(args.version), args.timeout)
+        states = wait_for_version(args.url, args.model, str(args.version), args.timeout, admin_key=args.admin_key)
     except (OSError, ValueError) as error:
         print(f"error: cannot resolve {args.url}: {error}", file=sys.stderr)
         return 2
@@ -169,6 +184,11 @@ def rollout_status(args: argparse.Namespace) -> int:
               f"{sum(s.state == 'UNAVAILABLE' for s in states)} of {len(states)} server(s); they keep serving "
               f"the versions they had. Roll back by moving the version folder out of the repository.", file=sys.stderr)
         return 1
+    if refused := sum(s.state == "REFUSED" for s in states):
+        print(f"error: {refused} of {len(states)} server(s) refused to show their repository index: "
+              f"{'the admin key is wrong' if args.admin_key else 'no admin key was given'} "
+              f"(--admin-key-file, or {ENVIRONMENT_VARIABLE})", file=sys.stderr)
+        return 2
     if not all(s.state == "READY" for s in states):
         print(f"error: {args.model} version {args.version} is not READY on every server (states above; "
               f"waited up to {args.timeout:.0f}s)", file=sys.stderr)

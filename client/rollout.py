@@ -4,7 +4,8 @@ Triton in poll mode loads a new version folder within its poll interval, and kee
 versions it had when the new one fails to load; nothing in its metrics says so. This check waits
 until every server reports the version READY, and fails as soon as every server has answered and
 one reports it UNAVAILABLE, naming the server and Triton's reason. Behind a Kubernetes headless
-Service, `dns:///name:port` expands to one server per ready pod.
+Service, `dns:///name:port` expands to one server per ready pod. The repository index is an admin API:
+the calls carry the admin key (client/admin.py), and a server that refuses it is reported as REFUSED.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from dataclasses import dataclass
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from histoserve.client.admin import REFUSED_HINT, AdminKey, headers, refused
+
 
 @dataclass(frozen=True)
 class VersionState:
     server: str
-    state: str  # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE
+    # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE,
+    # REFUSED (the admin key is missing or wrong)
+    state: str
     reason: str = ""
     model: str = ""
     version: str = ""
@@ -45,22 +50,28 @@ def expand_servers(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
-def repository_states(server: str, timeout_s: float = 10.0) -> list[VersionState]:
+def repository_states(server: str, admin_key: AdminKey | None = None, timeout_s: float = 10.0) -> list[VersionState]:
     """Every model version one server knows, from its repository index (raises InferenceServerException)."""
     with grpcclient.InferenceServerClient(server) as client:
-        index = client.get_model_repository_index(as_json=True, client_timeout=timeout_s).get("models", [])
+        index = client.get_model_repository_index(headers=headers(admin_key), as_json=True,
+                                                   client_timeout=timeout_s).get("models", [])
     return [VersionState.from_index_entry(server, entry) for entry in index]
 
 
-def version_state(server: str, model: str, version: str, timeout_s: float = 10.0) -> VersionState:
+def version_state(server: str, model: str, version: str, admin_key: AdminKey | None = None,
+                  timeout_s: float = 10.0) -> VersionState:
     try:
-        states = repository_states(server, timeout_s)
+        states = repository_states(server, admin_key, timeout_s)
     except InferenceServerException as error:
-        return VersionState(server, "UNREACHABLE", error.message() or str(error), model, version)
+        message = error.message() or str(error)
+        if refused(message):
+            return VersionState(server, "REFUSED", f"{REFUSED_HINT} ({message})", model, version)
+        return VersionState(server, "UNREACHABLE", message, model, version)
     return next((s for s in states if (s.model, s.version) == (model, version)), VersionState(server, "UNKNOWN", "", model, version))
 
 
-def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_s: float = 2.0) -> list[VersionState]:
+def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_s: float = 2.0,
+                     admin_key: AdminKey | None = None) -> list[VersionState]:
     """Poll until every server has the version READY, or every server has settled with at least one
     failure, or the timeout passes; returns the last states. A failure sticks until the version turns
     READY: Triton in poll mode retries a broken version on every poll (LOADING, then UNAVAILABLE)."""
@@ -69,13 +80,13 @@ def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_
     while True:
         states = []
         for server in expand_servers(url):
-            state = version_state(server, model, version)
+            state = version_state(server, model, version, admin_key)
             if state.state == "UNAVAILABLE":
                 failed[server] = state
             elif state.state == "READY":
                 failed.pop(server, None)
             states.append(failed.get(server, state))
-        settled = all(s.state in ("READY", "UNAVAILABLE", "UNLOADED") for s in states)
+        settled = all(s.state in ("READY", "UNAVAILABLE", "UNLOADED", "REFUSED") for s in states)
         if states and (settled or time.monotonic() >= deadline):
             return states
         time.sleep(poll_s)

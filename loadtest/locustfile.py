@@ -53,7 +53,7 @@ from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 from histoserve.client.classifier import ClientError, ClientTls, TritonClassifier  # noqa: E402
-from histoserve.client.monitoring import MonitorSender  # noqa: E402
+from histoserve.client.monitoring import MonitorSender, monitor_token  # noqa: E402
 from histoserve.client.preprocessing import preprocess_file  # noqa: E402
 from histoserve.loadtest.arrivals import DISTRIBUTIONS, ArrivalSchedule  # noqa: E402
 from histoserve.loadtest.expectations import expected_predictions, load_images, read_expected  # noqa: E402
@@ -109,6 +109,8 @@ def add_arguments(parser):
                        help="end the run as soon as the load is stable (--run-time still caps it)")
     group.add_argument("--monitor-url", default="", env_var="HISTOSERVE_MONITOR_URL",
                        help="also send a prediction record per image to this drift monitor (python -m monitor serve)")
+    group.add_argument("--monitor-token-file", default="", env_var="HISTOSERVE_MONITOR_TOKEN_FILE",
+                       help="the writer's bearer token for the monitor (default: $HISTOSERVE_MONITOR_TOKEN)")
     group.add_argument("--summary-json", default="", env_var="HISTOSERVE_SUMMARY_JSON",
                        help="write the windows and totals here (also PREFIX_summary.json with --csv)")
 
@@ -238,7 +240,7 @@ MONITOR: list[MonitorSender] = []  # one per process, started with the first use
 
 def monitor_sender(options) -> MonitorSender | None:
     if options.monitor_url and not MONITOR:
-        MONITOR.append(MonitorSender(options.monitor_url))
+        MONITOR.append(MonitorSender(options.monitor_url, monitor_token(options.monitor_token_file or None)))
     return MONITOR[0] if MONITOR else None
 
 
@@ -390,6 +392,7 @@ class TritonGrpcUser(User):
         try:
             self.classifier = TritonClassifier(options.triton_url, options.model, tls=client_tls(options))
             self.inputs = load_inputs(options, self.classifier)
+            monitor_sender(options)  # a monitor without a writer token is an error before the first request
         except (ClientError, ValueError, OSError) as error:
             # Nothing can be measured: end the whole run with a non-zero exit code, not a green report.
             print(f"loadtest: error: {error}", flush=True)

@@ -3,6 +3,9 @@
     python -m loadtest sweep --url localhost:8001 --model resnet50 --images DIR --slo-p99-ms 500
 
 1. Before anything is timed: each image's expected top-1 (one file, shared by every step and worker).
+Triton's statistics are an admin API: give the server's admin key (--admin-key-file, or
+HISTOSERVE_ADMIN_KEY); without it the sweep stops before any load (exit 2).
+
 2. Closed loop at --concurrency users: Locust, bracketed by a direct tritonclient loop (threads, no
    Locust) at the same concurrency before and after (averaged: these machines drift). Their ratio says
    whether Locust is the bottleneck (goal ≥ 0.9); the Locust figure is the peak closed-loop throughput.
@@ -38,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
+from histoserve.client.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
 from histoserve.client.classifier import ClientError, ClientTls, TritonClassifier
 from histoserve.loadtest.expectations import expected_predictions, load_images, write_expected
-from histoserve.loadtest.triton_stats import snapshot
+from histoserve.loadtest.triton_stats import StatisticsRefused, snapshot
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 FRACTIONS_OF_PEAK = (0.3, 0.5, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25)
@@ -108,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssl-root-certificates", help="CA bundle (PEM) that signed the server; default: the system's")
     parser.add_argument("--ssl-private-key", help="mutual TLS: this client's private key (PEM)")
     parser.add_argument("--ssl-certificate-chain", help="mutual TLS: this client's certificate chain (PEM)")
+    parser.add_argument("--admin-key-file", type=Path,
+                        help=f"the server's admin key, for its statistics (default: ${ENVIRONMENT_VARIABLE})")
     args = parser.parse_args(argv)
+    try:
+        args.admin_key = AdminKey.resolve(args.admin_key_file)
+    except AdminKeyError as error:
+        parser.error(str(error))
     files = (args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
     args.tls = ClientTls(*files) if args.ssl or any(files) else None
     if args.late_ms is None:
@@ -119,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         expected = expectations(args)
-    except (ClientError, ValueError) as error:
+        snapshot(args.url, args.model, tls=args.tls, admin_key=args.admin_key)  # refused: stop before any load
+    except (ClientError, ValueError, StatisticsRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"closed loop, {args.concurrency} users: a direct loop, Locust, the direct loop again ...", flush=True)
@@ -192,9 +203,9 @@ def run_step(args, expected: Path, rate: float, users: int) -> Step:
         for option, path in zip(("--ssl-root-certificates", "--ssl-private-key", "--ssl-certificate-chain"),
                                 (args.tls.root_certificates, args.tls.private_key, args.tls.certificate_chain), strict=True):
             command += [option, path] if path else []
-    before = snapshot(args.url, args.model, args.metrics_url, tls=args.tls)
+    before = snapshot(args.url, args.model, args.metrics_url, tls=args.tls, admin_key=args.admin_key)
     result = subprocess.run(command, capture_output=True, text=True)
-    after = snapshot(args.url, args.model, args.metrics_url, tls=args.tls)
+    after = snapshot(args.url, args.model, args.metrics_url, tls=args.tls, admin_key=args.admin_key)
     step = Step(rate, users, result.returncode, triton=after.since(before))
     if result.returncode == 2 or not summary_file.exists():
         print(f"error: the Locust run exited {result.returncode}:\n{(result.stdout + result.stderr)[-2000:]}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Where the time goes, from Triton itself: its statistics extension (queue, compute input / infer /
 output, executions) and its Prometheus `nv_inference_*` metrics, read before and after a load step
-and turned into per-request figures for that step."""
+and turned into per-request figures for that step. Statistics are an admin API: the calls carry the
+admin key (client/admin.py); without it Triton refuses them (StatisticsRefused)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from histoserve.client.admin import REFUSED_HINT, AdminKey, headers, refused
 from histoserve.client.classifier import ClientTls
 
 STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
@@ -19,6 +21,10 @@ METRIC_COUNTERS = ("nv_inference_request_success", "nv_inference_request_failure
                    "nv_inference_exec_count", "nv_inference_request_duration_us", "nv_inference_queue_duration_us",
                    "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
                    "nv_inference_compute_output_duration_us")
+
+
+class StatisticsRefused(RuntimeError):
+    """Triton refused its statistics API: no admin key, or a wrong one."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,18 @@ class TritonSnapshot:
 
 
 def snapshot(url: str, model: str, metrics_url: str | None = None, timeout_s: float = 10.0,
-             tls: ClientTls | None = None) -> TritonSnapshot:
-    """The model's statistics over gRPC (over TLS with `tls`) and, when `metrics_url` is given, its
-    nv_inference_* metrics (an unreachable metrics endpoint gives no metrics rather than an error: they
-    are extra)."""
+             tls: ClientTls | None = None, admin_key: AdminKey | None = None) -> TritonSnapshot:
+    """The model's statistics over gRPC (over TLS with `tls`, with the admin key) and, when
+    `metrics_url` is given, its nv_inference_* metrics (an unreachable metrics endpoint gives no
+    metrics rather than an error: they are extra)."""
     with grpcclient.InferenceServerClient(url, **(tls.client_arguments() if tls else {})) as client:
-        stats = client.get_inference_statistics(model, as_json=True, client_timeout=timeout_s).get("model_stats", [])
+        try:
+            stats = client.get_inference_statistics(model, headers=headers(admin_key), as_json=True,
+                                                    client_timeout=timeout_s).get("model_stats", [])
+        except InferenceServerException as error:
+            if refused(error.message()):
+                raise StatisticsRefused(f"{url} refused its statistics: {REFUSED_HINT}") from None
+            raise
     requests = executions = inferences = 0
     stage_ns = dict.fromkeys(STAGES, 0)
     for entry in stats:

@@ -1,10 +1,12 @@
-"""python -m monitor serve --repository model_repository [--port 8010] [--window 500] [--record-file records.jsonl]
+"""python -m monitor serve --repository model_repository --token-file TOKENS [--port 8010] [--window 500] [--record-file records.jsonl]
 python -m monitor report [records.jsonl.1] records.jsonl --repository model_repository [--window 200] [--out reports/monitor]
 
 serve: the HTTP service clients send prediction records to (`python -m client classify
 --monitor-url http://HOST:8010`), exposing drift and label-free accuracy as Prometheus metrics
 (monitor/service.py); with --record-file it keeps every record, and a restart takes up the windows
-from it. report: the same tests over record files (oldest first; lines that cannot be read are
+from it. Writers authenticate with a bearer token from --token-file (one per line; re-read when it
+changes) or HISTOSERVE_MONITOR_TOKEN, and only records for model versions the repository holds are
+taken. report: the same tests over record files (oldest first; lines that cannot be read are
 skipped with a warning), in consecutive windows of --window records per model and version; prints
 a table, writes report.json and report.png (p-values per test against the corrected level; the
 accuracy estimate with its interval). Exit codes: 0 no drift, 1 drift in some window (report), 2 the
@@ -22,7 +24,7 @@ from pathlib import Path
 from histoserve.monitor.baseline import BaselineError, baseline_path, read_baseline
 from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
 from histoserve.monitor.records import PredictionRecord, read_records
-from histoserve.monitor.service import Monitor, make_server, report_json
+from histoserve.monitor.service import TOKEN_VARIABLE, Monitor, TokenError, WriterTokens, make_server, report_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8010)
     serve.add_argument("--window", type=int, default=500, help="records per model version in the sliding window")
     serve.add_argument("--min-window", type=int, default=100, help="records before drift is judged")
+    serve.add_argument("--max-windows", type=int, default=32,
+                       help="model versions watched at once; the one updated longest ago is dropped (default: %(default)s)")
+    serve.add_argument("--token-file", type=Path,
+                       help=f"bearer tokens writers must send, one per line (default: ${TOKEN_VARIABLE})")
     serve.add_argument("--record-file", type=Path,
                        help="append every accepted record here (JSON lines); replayed on start, read by `report`")
     serve.add_argument("--record-file-max-mb", type=float, default=64,
@@ -55,15 +61,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_server(args) -> int:
     try:
+        tokens = WriterTokens(args.token_file)
         monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop, args.record_file,
-                          int(args.record_file_max_mb * 2**20))
-    except (OSError, ValueError) as error:
+                          int(args.record_file_max_mb * 2**20), args.max_windows)
+    except (OSError, ValueError, TokenError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if monitor.record_log is not None:
-        print(f"monitor: {monitor.restored} record(s) replayed from {args.record_file}", flush=True)
+        print(f"monitor: {monitor.restored} record(s) replayed from {args.record_file}"
+              + (f", {monitor.replay_refused} left out (model versions no longer in the repository)"
+                 if monitor.replay_refused else ""), flush=True)
         warn_skipped(monitor.record_log.skipped)
-    server = make_server(monitor, args.address, args.port)
+    server = make_server(monitor, args.address, args.port, tokens)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     print(f"monitor: listening on http://{args.address}:{server.server_address[1]} (POST /v1/records, GET /metrics), "
           f"baselines from {args.repository}", flush=True)

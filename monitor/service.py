@@ -2,10 +2,20 @@
 `window` records per model and version, compares each window with that version's drift baseline
 (read from the model repository) and exposes the results as Prometheus metrics.
 
-    POST /v1/records   a JSON array of records (records.py); answers {"accepted": n, "rejected": m, ...}
+    POST /v1/records   a JSON array of records (records.py), with `Authorization: Bearer <token>`;
+                       answers {"accepted": n, "rejected": m, "errors": [...]}
     GET  /metrics      Prometheus text: the windows are evaluated at each scrape
     GET  /v1/report    the same evaluation as JSON
     GET  /healthz      200 while the process runs
+
+Writers authenticate: a POST without one of the tokens in the token file (or HISTOSERVE_MONITOR_TOKEN)
+gets 401 and changes nothing; the file is read again when it changes, so a rotated Kubernetes Secret
+takes effect without a restart (keep the old and the new token in it while clients move over).
+Records are taken only for a model version the repository holds (`<repository>/<model>/<version>/`,
+names checked before any path is built); others are refused by name. At most `max_windows` model
+versions are watched at once: the one updated longest ago is dropped, with its Prometheus series,
+when another one arrives, so neither memory nor series grow without bound. Reads stay open (the
+NetworkPolicy admits only Prometheus and the clients).
 
 With a record file (record_log.py), every accepted record is also appended to it as a JSON line: a
 restarted monitor replays it and takes up its windows where it left them, and `python -m monitor
@@ -23,10 +33,13 @@ histoserve_accuracy_drop (0/1).
 
 from __future__ import annotations
 
+import hmac
 import json
+import os
+import re
 import sys
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,6 +52,80 @@ from histoserve.monitor.record_log import RecordLog
 from histoserve.monitor.records import PredictionRecord, RecordError
 
 MAX_BODY_BYTES = 16 * 2**20
+TOKEN_VARIABLE = "HISTOSERVE_MONITOR_TOKEN"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # no path separators, no '..' at the start
+VERSION_NAME = re.compile(r"^[1-9][0-9]{0,18}$")
+
+
+class TokenError(ValueError):
+    """No usable writer token; the message names the file or variable."""
+
+
+class WriterTokens:
+    """The bearer tokens a writer may present: one per line of `path` (blank lines and # comments
+    skipped), re-read when the file changes; or the single token of HISTOSERVE_MONITOR_TOKEN."""
+
+    MIN_LENGTH = 16
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else None
+        self.lock = threading.Lock()
+        self.stamp: tuple | None = None
+        self.tokens: tuple[bytes, ...] = ()
+        if self.path is None:
+            value = os.environ.get(TOKEN_VARIABLE, "").strip()
+            if not value:
+                raise TokenError(f"writers need a token: give --token-file or set {TOKEN_VARIABLE}")
+            self.tokens = (self._checked(value, TOKEN_VARIABLE),)
+        else:
+            self._reload()
+
+    def _checked(self, token: str, where: str) -> bytes:
+        if len(token) < self.MIN_LENGTH or not token.isascii() or not token.isprintable() or " " in token:
+            raise TokenError(f"{where}: a token is at least {self.MIN_LENGTH} printable ASCII characters without spaces")
+        return token.encode()
+
+    def _reload(self) -> None:
+        try:
+            status = self.path.stat()
+            stamp = (status.st_ino, status.st_mtime_ns, status.st_size)
+            if stamp == self.stamp:
+                return
+            lines = self.path.read_text().splitlines()
+        except OSError as error:
+            if self.tokens:  # keep the last good tokens while a Secret update swaps the file
+                return
+            raise TokenError(f"token file {self.path}: {error.strerror or error}") from error
+        tokens = tuple(self._checked(line.strip(), f"token file {self.path}") for line in lines
+                       if line.strip() and not line.lstrip().startswith("#"))
+        if not tokens:
+            raise TokenError(f"token file {self.path} holds no token")
+        self.tokens, self.stamp = tokens, stamp
+
+    def admits(self, authorization: str | None) -> bool:
+        scheme, _, presented = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            return False
+        if self.path is not None:
+            with self.lock:
+                try:
+                    self._reload()
+                except TokenError as error:
+                    print(f"monitor: {error}; keeping the previous tokens", file=sys.stderr, flush=True)
+        candidate = presented.strip().encode()
+        # compare with every token, in constant time each: the answer's timing names none of them
+        return any([hmac.compare_digest(candidate, token) for token in self.tokens])
+
+
+def held_version(repository: Path, model: str, version: str) -> str | None:
+    """None when the repository holds this model version, else why the record is refused."""
+    if not MODEL_NAME.match(model) or ".." in model:
+        return f"model {model[:64]!r} is not a model name"
+    if not VERSION_NAME.match(version):
+        return f"version {version[:32]!r} is not a version number"
+    if not (repository / model / version).is_dir():
+        return f"model {model!r} version {version} is not in the model repository"
+    return None
 
 
 class Monitor:
@@ -46,26 +133,29 @@ class Monitor:
 
     def __init__(self, repository: str | Path, window: int = 500, min_window: int = 100, alpha: float = ALPHA,
                  max_accuracy_drop: float = MAX_ACCURACY_DROP, record_file: str | Path | None = None,
-                 record_file_max_bytes: int = 64 * 2**20):
+                 record_file_max_bytes: int = 64 * 2**20, max_windows: int = 32):
         if not 0 < min_window <= window:
             raise ValueError(f"need 0 < min_window <= window, got {min_window} and {window}")
+        if max_windows < 1:
+            raise ValueError(f"need max_windows >= 1, got {max_windows}")
         self.repository, self.window, self.min_window = Path(repository), window, min_window
-        self.alpha, self.max_accuracy_drop = alpha, max_accuracy_drop
-        self.windows: dict[tuple[str, str], deque[PredictionRecord]] = {}
+        self.alpha, self.max_accuracy_drop, self.max_windows = alpha, max_accuracy_drop, max_windows
+        # least recently updated first: the one dropped when a new model version arrives
+        self.windows: OrderedDict[tuple[str, str], deque[PredictionRecord]] = OrderedDict()
         self.baselines: dict[tuple[str, str], DriftBaseline | BaselineError] = {}
+        self.tested: dict[tuple[str, str], set[tuple[str, str]]] = {}  # (test, kind) series set per model version
         self.lock = threading.Lock()
-        # Every accepted record, appended as a JSON line: a restart replays it into the windows, and
-        # `python -m monitor report` reads it later.
-        self.record_log = RecordLog(record_file, record_file_max_bytes) if record_file else None
-        self.restored = 0
-        if self.record_log is not None:
-            for record in self.record_log.replay():
-                self.windows.setdefault((record.model, record.version), deque(maxlen=self.window)).append(record)
-                self.restored += 1
         self.registry = CollectorRegistry()
         labels = ["model", "version"]
         self.records = Counter("histoserve_monitor_records", "Prediction records received", labels, registry=self.registry)
-        self.rejected = Counter("histoserve_monitor_records_rejected", "Records refused as malformed", registry=self.registry)
+        self.rejected = Counter("histoserve_monitor_records_rejected", "Records refused: malformed, or for a model version "
+                                "the repository does not hold", ["reason"], registry=self.registry)
+        self.unauthorized = Counter("histoserve_monitor_unauthorized_requests", "POSTs refused for a missing or wrong "
+                                    "bearer token", registry=self.registry)
+        for reason in ("malformed", "unknown_version"):
+            self.rejected.labels(reason)
+        self.evicted = Counter("histoserve_monitor_windows_evicted", "Model versions dropped to keep at most max_windows",
+                               registry=self.registry)
         self.unwritten = Counter("histoserve_monitor_records_unwritten", "Records the windows took but the record file "
                                  "could not keep (disk full?)", registry=self.registry)
         self.record_file_failing = False
@@ -89,13 +179,67 @@ class Monitor:
                               registry=self.registry)
         self.accuracy_drop = Gauge("histoserve_accuracy_drop", "1: the estimate fell more than the allowed drop under the baseline's",
                                    labels, registry=self.registry)
+        # Every accepted record, appended as a JSON line: a restart replays it into the windows (records
+        # of versions the repository no longer holds are left out), and `python -m monitor report` reads it.
+        self.record_log = RecordLog(record_file, record_file_max_bytes) if record_file else None
+        self.restored = self.replay_refused = 0
+        if self.record_log is not None:
+            for record in self.record_log.replay():
+                if held_version(self.repository, record.model, record.version) is None:
+                    self._place(record)
+                    self.restored += 1
+                else:
+                    self.replay_refused += 1
+
+    def _place(self, record: PredictionRecord) -> None:
+        """Into its window (under the lock, or before the server starts); drops the window updated
+        longest ago, with its series, when a new model version would exceed max_windows."""
+        key = (record.model, record.version)
+        window = self.windows.get(key)
+        if window is None:
+            while len(self.windows) >= self.max_windows:
+                self._forget(next(iter(self.windows)))
+            window = self.windows[key] = deque(maxlen=self.window)
+        self.windows.move_to_end(key)
+        window.append(record)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self.windows.pop(key, None)
+        self.baselines.pop(key, None)
+        self.evicted.inc()
+        for metric in (self.records, self.window_records, self.missing, self.prediction_drift, self.input_drift, self.accuracy,
+                       self.accuracy_low, self.accuracy_high, self.expected, self.accuracy_drop):
+            try:
+                metric.remove(*key)
+            except KeyError:
+                pass
+        for test, kind in self.tested.pop(key, ()):
+            for metric in (self.p_value, self.detected):
+                try:
+                    metric.remove(*key, test, kind)
+                except KeyError:
+                    pass
+
+    def admit(self, records: dict[int, PredictionRecord]) -> tuple[list[PredictionRecord], dict[int, str]]:
+        """Of records by their place in a request: those for model versions the repository holds, and
+        why each other one is refused."""
+        verdicts: dict[tuple[str, str], str | None] = {}
+        kept, refused = [], {}
+        for index, record in records.items():
+            key = (record.model, record.version)
+            if key not in verdicts:
+                verdicts[key] = held_version(self.repository, *key)
+            if verdicts[key] is None:
+                kept.append(record)
+            else:
+                refused[index] = verdicts[key]
+        return kept, refused
 
     def add(self, records: list[PredictionRecord]) -> None:
         with self.lock:
             for record in records:
-                key = (record.model, record.version)
-                self.windows.setdefault(key, deque(maxlen=self.window)).append(record)
-                self.records.labels(*key).inc()
+                self._place(record)
+                self.records.labels(record.model, record.version).inc()
             if self.record_log is not None:
                 try:
                     self.record_log.append(records)
@@ -124,9 +268,12 @@ class Monitor:
             windows = {key: list(records) for key, records in self.windows.items()}
         results: dict[tuple[str, str], DriftReport | str] = {}
         for key, records in windows.items():
-            self.window_records.labels(*key).set(len(records))
             baseline = self.baseline(*key)
-            self.missing.labels(*key).set(isinstance(baseline, BaselineError))
+            with self.lock:  # a window dropped meanwhile gets no series back
+                if key not in self.windows:
+                    continue
+                self.window_records.labels(*key).set(len(records))
+                self.missing.labels(*key).set(isinstance(baseline, BaselineError))
             if isinstance(baseline, BaselineError):
                 results[key] = str(baseline)
                 continue
@@ -134,16 +281,20 @@ class Monitor:
                 results[key] = f"{len(records)} records, drift is judged from {self.min_window}"
                 continue
             report = records_report(baseline, records, self.alpha, self.max_accuracy_drop)
-            for test in report.tests:
-                self.p_value.labels(*key, test.name, test.kind).set(test.p_value)
-                self.detected.labels(*key, test.name, test.kind).set(test.drifted)
-            self.prediction_drift.labels(*key).set(report.prediction_drift)
-            self.input_drift.labels(*key).set(report.input_drift)
-            self.accuracy.labels(*key).set(report.estimated_accuracy)
-            self.accuracy_low.labels(*key).set(report.estimated_accuracy_low)
-            self.accuracy_high.labels(*key).set(report.estimated_accuracy_high)
-            self.expected.labels(*key).set(report.baseline_expected_accuracy)
-            self.accuracy_drop.labels(*key).set(report.accuracy_dropped)
+            with self.lock:
+                if key not in self.windows:
+                    continue
+                for test in report.tests:
+                    self.p_value.labels(*key, test.name, test.kind).set(test.p_value)
+                    self.detected.labels(*key, test.name, test.kind).set(test.drifted)
+                    self.tested.setdefault(key, set()).add((test.name, test.kind))
+                self.prediction_drift.labels(*key).set(report.prediction_drift)
+                self.input_drift.labels(*key).set(report.input_drift)
+                self.accuracy.labels(*key).set(report.estimated_accuracy)
+                self.accuracy_low.labels(*key).set(report.estimated_accuracy_low)
+                self.accuracy_high.labels(*key).set(report.estimated_accuracy_high)
+                self.expected.labels(*key).set(report.baseline_expected_accuracy)
+                self.accuracy_drop.labels(*key).set(report.accuracy_dropped)
             results[key] = report
         return results
 
@@ -161,7 +312,7 @@ def report_json(results: dict[tuple[str, str], DriftReport | str]) -> list[dict]
     return out
 
 
-def make_server(monitor: Monitor, address: str, port: int) -> ThreadingHTTPServer:
+def make_server(monitor: Monitor, address: str, port: int, tokens: WriterTokens) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:  # one line per scrape and post would drown the log
             pass
@@ -188,7 +339,22 @@ def make_server(monitor: Monitor, address: str, port: int) -> ThreadingHTTPServe
             if self.path != "/v1/records":
                 self.reply(404, b'{"error": "not found"}')
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            if not tokens.admits(self.headers.get("Authorization")):
+                monitor.unauthorized.inc()
+                self.close_connection = True  # the body is never read
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Bearer realm="histoserve-monitor"')
+                body = b'{"error": "a writer sends Authorization: Bearer <token> (python -m client classify --monitor-token-file)"}'
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                self.reply(400, b'{"error": "Content-Length is not a number"}')
+                return
             if length > MAX_BODY_BYTES:
                 self.reply(413, json.dumps({"error": f"body over {MAX_BODY_BYTES} bytes: send smaller batches"}).encode())
                 return
@@ -200,14 +366,17 @@ def make_server(monitor: Monitor, address: str, port: int) -> ThreadingHTTPServe
             if not isinstance(items, list):
                 self.reply(400, b'{"error": "expected a JSON array of records"}')
                 return
-            accepted, errors = [], []
+            parsed, malformed = {}, {}
             for index, item in enumerate(items):
                 try:
-                    accepted.append(PredictionRecord.from_dict(item))
+                    parsed[index] = PredictionRecord.from_dict(item)
                 except RecordError as error:
-                    errors.append(f"record {index}: {error}")
+                    malformed[index] = str(error)
+            accepted, unknown = monitor.admit(parsed)
+            monitor.rejected.labels("malformed").inc(len(malformed))
+            monitor.rejected.labels("unknown_version").inc(len(unknown))
             monitor.add(accepted)
-            monitor.rejected.inc(len(errors))
+            errors = [f"record {index}: {why}" for index, why in sorted({**malformed, **unknown}.items())]
             self.reply(200 if accepted or not errors else 400,
                        json.dumps({"accepted": len(accepted), "rejected": len(errors), "errors": errors[:5]}).encode())
 

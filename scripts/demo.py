@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -55,11 +56,20 @@ def stop_server(server: subprocess.Popen) -> None:
         server.wait(timeout=60)
 
 
-def start_monitor(repository: Path, port: int, records: Path) -> subprocess.Popen:
+def writer_token(path: Path) -> Path:
+    """The monitor's writer token for this demo (owner-only file): the monitor refuses writers without it."""
+    path.unlink(missing_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
+def start_monitor(repository: Path, port: int, records: Path, token: Path) -> subprocess.Popen:
     for stale in (records, records.with_name(records.name + ".1")):  # a new monitor would replay them
         stale.unlink(missing_ok=True)
     command = [PYTHON, "-m", "monitor", "serve", "--repository", repository, "--port", port, "--window", 300,
-               "--record-file", records]
+               "--record-file", records, "--token-file", token]
     print(f"\n=== monitor (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
     monitor = subprocess.Popen([str(c) for c in command], cwd=ROOT)
     for _ in range(100):
@@ -101,12 +111,14 @@ def inverted_copy(folder: Path, target: Path) -> Path:
     return target
 
 
-def classify(data: Path, ports, model: str, title: str, show: int, monitor_url: str | None = None,
+def classify(data: Path, ports, model: str, title: str, show: int, monitor: tuple[str, Path] | None = None,
              folder: Path | None = None) -> tuple[list[dict], float]:
-    """Classify the test split with `python -m client classify`; the rows and the top-1 accuracy."""
+    """Classify the test split with `python -m client classify`; the rows and the top-1 accuracy.
+    `monitor`: the monitor's URL and the writer token file."""
     result = step(title, [
         PYTHON, "-m", "client", "classify", folder or data / "test", "--url", f"127.0.0.1:{ports.grpc}",
-        "--model", model, "--top-k", 3, "--json", *(["--monitor-url", monitor_url] if monitor_url else []),
+        "--model", model, "--top-k", 3, "--json",
+        *(["--monitor-url", monitor[0], "--monitor-token-file", monitor[1]] if monitor else []),
     ], stdout=subprocess.PIPE, text=True)
     served = [json.loads(line) for line in result.stdout.splitlines()]
     correct = 0
@@ -160,16 +172,17 @@ def main() -> int:
     server = start_server(repository, ports)
     monitor_port = free_ports().http
     records = run / "monitor-records.jsonl"
-    monitor = start_monitor(repository, monitor_port, records)
-    monitor_url = f"http://127.0.0.1:{monitor_port}"
+    token = writer_token(run / "monitor-token")
+    monitor = start_monitor(repository, monitor_port, records, token)
+    writer = (f"http://127.0.0.1:{monitor_port}", token)
     try:
         served, served_accuracy = classify(data, ports, model, "4. classify the test split over gRPC, records to the monitor "
-                                           "(first lines shown)", show=8, monitor_url=monitor_url)
+                                           "(first lines shown)", show=8, monitor=writer)
         unshifted = monitor_verdict(monitor_port, model)
         print(f"  monitor: {unshifted}")
         _, int8_accuracy = classify(data, ports, f"{model}-int8", "4b. the same with the int8 model", show=0)
         _, shifted_accuracy = classify(data, ports, model, "4c. a shifted batch: the test split with inverted contrast",
-                                       show=0, monitor_url=monitor_url, folder=inverted_copy(data / "test", run / "inverted"))
+                                       show=0, monitor=writer, folder=inverted_copy(data / "test", run / "inverted"))
         shifted = monitor_verdict(monitor_port, model)
         print(f"  monitor: {shifted}")
 

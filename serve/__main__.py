@@ -1,11 +1,17 @@
 """python -m serve [--model-repository model_repository] [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
-                 [--model-control-mode poll --repository-poll-secs 5]
+                 [--model-control-mode poll --repository-poll-secs 5] [--admin-key-file FILE] [--no-http]
                  [--grpc-tls-cert CERT --grpc-tls-key KEY [--grpc-tls-client-ca CA]]
 
 Runs the real Triton Inference Server over a CPU derivative of the model repository until Ctrl-C or
 SIGTERM, then stops it and everything it started. With --model-control-mode poll, versions that
 `python -m export` publishes while it runs are loaded (the previous ones keep serving), as on
 Kubernetes; a version that fails to load is reported on stderr and the others keep serving.
+
+As in production, Triton's admin APIs (repository index and model control, shared memory,
+statistics, trace and log settings) answer only callers that send the admin key: the one in
+--admin-key-file or HISTOSERVE_ADMIN_KEY, else one made for this run, whose file is printed at
+start (pass it to the admin tools with --admin-key-file). Inference, metadata, model config and
+health need no key. --no-http turns Triton's HTTP/REST endpoint off, as the Kubernetes Deployment does.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
+from histoserve.client.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
 from histoserve.serve.local_repository import LocalRepositoryError
 from histoserve.serve.server import GrpcTls, Ports, ServerError, TritonServer
 
@@ -36,10 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-tls-key", type=Path, help="the certificate's private key (PEM)")
     parser.add_argument("--grpc-tls-client-ca", type=Path,
                         help="mutual TLS: accept only clients whose certificate this CA signed")
+    parser.add_argument("--admin-key-file", type=Path,
+                        help=f"the admin APIs' key (default: ${ENVIRONMENT_VARIABLE}, else a new key for this run)")
+    parser.add_argument("--no-http", action="store_true", help="turn Triton's HTTP/REST endpoint off (gRPC and metrics stay)")
     args = parser.parse_args(argv)
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):
         parser.error("TLS needs --grpc-tls-cert and --grpc-tls-key (and --grpc-tls-client-ca only with them)")
+    if args.no_http and args.grpc_tls_cert:
+        parser.error("--no-http with gRPC over TLS: serve checks the server's readiness over HTTP then; keep HTTP on")
     tls = GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca) if args.grpc_tls_cert else None
+    try:
+        admin_key = AdminKey.resolve(args.admin_key_file)
+    except AdminKeyError as error:
+        parser.error(str(error))
 
     def request_stop(signum, _frame):
         raise KeyboardInterrupt
@@ -47,15 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
                           args.address, args.ready_timeout, args.log_verbose,
                           model_control_mode=args.model_control_mode, repository_poll_s=args.repository_poll_secs,
-                          grpc_tls=tls)
+                          grpc_tls=tls, admin_key=admin_key, allow_http=not args.no_http)
     signal.signal(signal.SIGTERM, request_stop)
     try:
         print(f"starting tritonserver on {args.model_repository} ...", flush=True)
         server.start()
         print(f"ready: models {', '.join(server.models)}", flush=True)
         print(f"  gRPC     {server.grpc_url}" + (" (TLS" + (", mutual)" if tls.client_ca else ")") if tls else ""), flush=True)
-        print(f"  HTTP     {server.http_url}", flush=True)
+        print(f"  HTTP     {server.http_url if server.http_enabled else 'off'}", flush=True)
         print(f"  metrics  {server.metrics_url}", flush=True)
+        print(f"  admin    key in {args.admin_key_file or (f'${ENVIRONMENT_VARIABLE}' if admin_key else server.admin_key_file)}"
+              f" (admin APIs refuse callers without it)", flush=True)
         print(f"  log      {server.log_file}", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)
         code = server.process.wait()

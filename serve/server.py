@@ -5,6 +5,10 @@ triton_python_backend_utils.py) and the python-backend stub built for this inter
 bundled libraries on LD_LIBRARY_PATH (copied .so files lose their $ORIGIN rpath), the interpreter's
 lib dir there too (the stub links libpython), and this virtualenv's bin/ first on PATH: the stub runs
 Python isolated and ignores PYTHONPATH, so that is how it finds onnxruntime and numpy.
+
+Like the Kubernetes Deployment, the server starts with its admin APIs behind a key (client/admin.py):
+the caller's, or one made for this run and written to `admin-key` in the work folder (owner-only).
+Readiness and the repository index are read over HTTP while HTTP is on, over gRPC when it is off.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from histoserve.client.admin import AdminKey
 from histoserve.client.rollout import VersionState
 from histoserve.serve.local_repository import sync_local_repository
 
@@ -73,6 +81,23 @@ def wait_for_readiness(http_url: str, timeout_s: float, process: subprocess.Pope
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.2)
+    return False
+
+
+def wait_for_grpc_readiness(grpc_url: str, timeout_s: float, process: subprocess.Popen | None = None) -> bool:
+    """`wait_for_readiness` over gRPC (ServerReady, in Triton's unrestricted health group), for a
+    server started with --allow-http=false."""
+    deadline = time.monotonic() + timeout_s
+    with grpcclient.InferenceServerClient(grpc_url) as client:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                return False
+            try:
+                if client.is_server_ready(client_timeout=1.0):
+                    return True
+            except InferenceServerException:
+                pass
+            time.sleep(0.2)
     return False
 
 
@@ -162,6 +187,11 @@ class TritonServer:
     model_control_mode: str = "none"
     repository_poll_s: float = 5.0
     grpc_tls: GrpcTls | None = None
+    # The admin APIs' key (client/admin.py): None makes one for this run. restrict_admin=False leaves
+    # the restriction to extra_args (the Deployment's own flags), which must then use this key.
+    admin_key: AdminKey | None = None
+    restrict_admin: bool = True
+    allow_http: bool = True
     process: subprocess.Popen | None = field(default=None, init=False)
     workdir: Path | None = field(default=None, init=False)
     models: list[str] = field(default_factory=list, init=False)
@@ -183,6 +213,17 @@ class TritonServer:
         return f"http://{self.address}:{self.ports.metrics}/metrics"
 
     @property
+    def http_enabled(self) -> bool:
+        """HTTP serves unless turned off here or by extra_args (the last --allow-http wins, as in Triton)."""
+        flags = [a.split("=", 1)[1].lower() for a in self.command_flags() if a.startswith("--allow-http=")]
+        return not flags or flags[-1] in ("true", "1")
+
+    @property
+    def admin_key_file(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "admin-key"
+
+    @property
     def log_file(self) -> Path:
         assert self.workdir is not None
         return self.workdir / "tritonserver.log"
@@ -193,6 +234,12 @@ class TritonServer:
             f"--model-repository={repository}",
             f"--backend-directory={backends}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.command_flags(),
+        ]
+
+    def command_flags(self) -> list[str]:
+        """Every flag but the repository and backend paths."""
+        return [
             f"--http-address={self.address}", f"--http-port={self.ports.http}",
             f"--grpc-address={self.address}", f"--grpc-port={self.ports.grpc}",
             f"--metrics-address={self.address}", f"--metrics-port={self.ports.metrics}",
@@ -207,6 +254,8 @@ class TritonServer:
             *(["--model-control-mode=poll", f"--repository-poll-secs={max(1, round(self.repository_poll_s))}"]
               if self.model_control_mode == "poll" else []),
             *(self.grpc_tls.flags() if self.grpc_tls else []),
+            *([] if self.allow_http else ["--allow-http=false"]),
+            *(self.admin_key.triton_flags() if self.restrict_admin and self.admin_key else []),
             *self.extra_args,
         ]
 
@@ -226,9 +275,14 @@ class TritonServer:
         if self.model_control_mode not in ("none", "poll"):
             raise ServerError(f"model control mode {self.model_control_mode!r}: use 'none' or 'poll'")
         check_ports_free(self.address, self.ports)
+        if not self.http_enabled and self.grpc_tls is not None:
+            raise ServerError("with gRPC over TLS keep HTTP on: serve checks the server's readiness there")
         installation = TritonInstallation.find()
+        if self.admin_key is None:
+            self.admin_key = AdminKey.generate()
         self.workdir = Path(tempfile.mkdtemp(prefix="histoserve-serve-"))
         try:
+            self.admin_key.write(self.admin_key_file)
             repository = self.local_repository
             self.models = sync_local_repository(self.model_repository, repository)
             backends = installation.make_backend_directory(self.workdir / "backends")
@@ -263,19 +317,30 @@ class TritonServer:
                           file=sys.stderr, flush=True)
 
     def unavailable_versions(self) -> dict[tuple[str, str], str]:
-        """(model, version) → Triton's reason, for each version that failed to load (its REST index,
-        read with the same rule as `python -m client rollout-status`)."""
-        request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        """(model, version) → Triton's reason, for each version that failed to load (its repository
+        index, an admin API, read with the same rule as `python -m client rollout-status`)."""
         try:
-            with LOCAL_HTTP.open(request, timeout=5) as response:
-                index = json.loads(response.read())
-        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            index = self._repository_index()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError, InferenceServerException):
             return {}
         states = [VersionState.from_index_entry(self.grpc_url, entry) for entry in index]
         return {(s.model, s.version): s.reason for s in states if s.state == "UNAVAILABLE"}
 
+    def _repository_index(self) -> list[dict]:
+        key = self.admin_key
+        if self.http_enabled:
+            request = urllib.request.Request(f"{self.http_url}/v2/repository/index", data=b"{}", method="POST",
+                                             headers=key.http_headers() if key else {})
+            with LOCAL_HTTP.open(request, timeout=5) as response:
+                return json.loads(response.read())
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            return client.get_model_repository_index(headers=key.grpc_headers() if key else None, as_json=True,
+                                                     client_timeout=5).get("models", [])
+
     def wait_until_ready(self) -> None:
-        if not wait_for_readiness(self.http_url, self.ready_timeout_s, self.process):
+        ready = (wait_for_readiness(self.http_url, self.ready_timeout_s, self.process) if self.http_enabled
+                 else wait_for_grpc_readiness(self.grpc_url, self.ready_timeout_s, self.process))
+        if not ready:
             if self.process is None or self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process and self.process.returncode}:\n{self.log_tail()}")
             raise ServerError(f"tritonserver not ready after {self.ready_timeout_s:.0f}s:\n{self.log_tail()}")

@@ -36,7 +36,7 @@ def triton_requests(server) -> int:
     """How many requests of the test model this Triton has answered so far."""
     from histoserve.loadtest.triton_stats import snapshot
 
-    return snapshot(server.grpc_url, MODEL).requests
+    return snapshot(server.grpc_url, MODEL, admin_key=server.admin_key).requests
 
 
 def wait_for_requests(server, count: int, since: int = 0, timeout_s: float = 90.0) -> None:

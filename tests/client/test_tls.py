@@ -103,7 +103,7 @@ def test_the_sweep_speaks_mutual_tls_too(mtls_server, pki, digits_root, tmp_path
     common = ["-m", "loadtest", "sweep", "--url", mtls_server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
               "--max-images", 32, "--slo-p99-ms", 1000, "--rates", 10, "--refine", 0, "--window-s", 1,
               "--stable-windows", 2, "--max-windows", 3, "--concurrency", 2, "--out", tmp_path / "sweep",
-              "--ssl", "--ssl-root-certificates", pki["ca"]]
+              "--ssl", "--ssl-root-certificates", pki["ca"], "--admin-key-file", mtls_server.admin_key_file]
     admitted = run_cli(*common, "--ssl-private-key", key, "--ssl-certificate-chain", certificate, check=False, timeout=300)
     assert admitted.returncode == 0, admitted.stdout[-3000:] + admitted.stderr[-3000:]
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())

@@ -27,9 +27,10 @@ PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?$")
 SUFFIX = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-TRITON_PORTS = {8000, 8001, 8002}
+GRPC_PORT, METRICS_PORT, HTTP_PORT = 8001, 8002, 8000
 ADAPTER_RULES = K8S / "components" / "monitoring" / "prometheus-adapter-rules.yaml"
 IMAGE_PULL_ALLOWANCE_S = 900  # a ~15 GB Triton image on a fresh node
+CLUSTER_DOMAIN = "cluster.local"  # Kubernetes' default
 
 
 def render(kustomization: str) -> list[dict]:
@@ -57,6 +58,13 @@ def triton_command(container: dict) -> list[str]:
     entrypoint runs `args` when there is no `command`."""
     words = container.get("command", []) + container.get("args", [])
     return words[1:] if words[:1] == ["tritonserver"] else []
+
+
+def deployment_args(overlay: str) -> tuple[list[str], dict]:
+    """tritonserver's arguments in the overlay's Deployment (without the program name), and its container."""
+    deployment = next(o for o in render(overlay) if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return triton_command(container), container
 
 
 def flag(words: list[str], name: str) -> str | None:
@@ -186,29 +194,105 @@ def check_autoscaling_and_disruption(objects: list[dict]) -> list[str]:
     return problems
 
 
+def http_allowed(words: list[str]) -> bool:
+    return (flag(words, "allow-http") or "true").lower() in ("true", "1")
+
+
 def check_triton_ports(objects: list[dict]) -> list[str]:
+    """gRPC on 8001 and metrics on 8002, declared, flagged and behind a Service; HTTP/REST off, and
+    then nowhere: no container port, no Service port, no probe (or, where an overlay turns it on, on
+    8000 like the rest)."""
     problems = []
     for workload, template in pod_templates(objects):
+        labels = template["metadata"].get("labels", {})
+        service_ports = [p for s in objects if s["kind"] == "Service" and matches(s["spec"].get("selector", {}), labels)
+                         for p in s["spec"]["ports"]]
         for container in containers(template):
-            if not triton_command(container):
+            words = triton_command(container)
+            if not words:
                 continue
-            declared = {p["containerPort"] for p in container.get("ports", [])}
-            if not TRITON_PORTS <= declared:
-                problems.append(f"{workload['metadata']['name']}: Triton container ports {sorted(declared)} lack "
-                                f"{sorted(TRITON_PORTS - declared)}")
-            for name, port in (("http-port", 8000), ("grpc-port", 8001), ("metrics-port", 8002)):
-                if flag(triton_command(container), name) != str(port):
-                    problems.append(f"{workload['metadata']['name']}: Triton args lack --{name}={port}")
-            services = {p.get("targetPort") for s in objects if s["kind"] == "Service" for p in s["spec"]["ports"]}
-            names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-            exposed = {names.get(t, t) for t in services}
-            if not TRITON_PORTS <= exposed:
-                problems.append(f"Services expose {sorted(p for p in exposed if isinstance(p, int))}, not all of {sorted(TRITON_PORTS)}")
+            name = workload["metadata"]["name"]
+            declared = {p["containerPort"]: p.get("name") for p in container.get("ports", [])}
+            wanted = {"grpc-port": GRPC_PORT, "metrics-port": METRICS_PORT}
+            if http_allowed(words):
+                wanted["http-port"] = HTTP_PORT
+            elif HTTP_PORT in declared or flag(words, "http-port"):
+                problems.append(f"{name}: HTTP is off (--allow-http=false) but port {HTTP_PORT} is still declared or flagged")
+            for option, port in wanted.items():
+                if flag(words, option) != str(port):
+                    problems.append(f"{name}: Triton args lack --{option}={port}")
+                if port not in declared:
+                    problems.append(f"{name}: Triton container ports {sorted(declared)} lack {port}")
+                elif not any(p.get("targetPort") in (port, declared[port]) for p in service_ports):
+                    problems.append(f"{name}: no Service exposes Triton's port {port}")
+            if not http_allowed(words):
+                http_names = {HTTP_PORT, "http"}
+                if any(p.get("targetPort") in http_names or p["port"] == HTTP_PORT for p in service_ports):
+                    problems.append(f"{name}: HTTP is off but a Service still exposes port {HTTP_PORT}")
+                for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if "httpGet" in container.get(probe_name, {}):
+                        problems.append(f"{name}: HTTP is off but the {probe_name} calls HTTP")
     return problems
 
 
-def check_names(objects: list[dict]) -> list[str]:
+def restriction(words: list[str], option: str) -> tuple[list[str], str, str] | None:
+    """(groups, key name, value) of `--option=<groups>:<key>=<value>`, or None."""
+    value = flag(words, option)
+    if value is None or ":" not in value or "=" not in value.split(":", 1)[1]:
+        return None
+    groups, _, secret = value.partition(":")
+    key, _, secret_value = secret.partition("=")
+    return groups.split(","), key, secret_value
+
+
+def check_admin_restriction(objects: list[dict]) -> list[str]:
+    """Every Triton restricts exactly the admin groups (client/admin.py) behind the admin key, over
+    gRPC and HTTP, and the key is `$(VAR)` with VAR from a Secret: never written in a manifest."""
+    from histoserve.client.admin import KEY_NAME, RESTRICTED_GROUPS
+
     problems = []
+    for workload, template in pod_templates(objects):
+        for container in containers(template):
+            words = triton_command(container)
+            if not words:
+                continue
+            name = workload["metadata"]["name"]
+            env = {e["name"]: e for e in container.get("env", [])}
+            for option in ("grpc-restricted-protocol", "http-restricted-api"):
+                found = restriction(words, option)
+                if found is None:
+                    problems.append(f"{name}: no --{option}: Triton's admin APIs answer anyone")
+                    continue
+                groups, key, value = found
+                if sorted(groups) != sorted(RESTRICTED_GROUPS) or key != KEY_NAME:
+                    problems.append(f"{name}: --{option} restricts {groups} with {key!r}, not {list(RESTRICTED_GROUPS)} "
+                                    f"with {KEY_NAME!r}")
+                variable = re.fullmatch(r"\$\((\w+)\)", value)
+                source = env.get(variable.group(1), {}) if variable else {}
+                if not source.get("valueFrom", {}).get("secretKeyRef"):
+                    problems.append(f"{name}: --{option}'s key is {'a literal' if not variable else repr(value)}, not $(VAR) "
+                                    "with VAR from a Secret")
+            if len([w for w in words if w.startswith("--grpc-restricted-protocol=")]) > 1:
+                problems.append(f"{name}: several --grpc-restricted-protocol flags: Triton takes each group once")
+    for secret in (o for o in objects if o["kind"] == "Secret"):
+        if secret.get("data") or secret.get("stringData"):
+            problems.append(f"Secret/{secret['metadata']['name']}: holds values: secrets are created outside the manifests")
+    return problems
+
+
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
+                  "CustomResourceDefinition", "PriorityClass", "GatewayClass"}
+
+
+def check_names(objects: list[dict]) -> list[str]:
+    """Valid DNS names; and every namespaced object in the overlay's namespace (one without a namespace
+    lands in whatever namespace kubectl's context names)."""
+    problems = []
+    namespaces = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
+    for o in objects:
+        if o["kind"] not in CLUSTER_SCOPED and namespaces and o["metadata"].get("namespace") not in namespaces:
+            problems.append(f"{o['kind']}/{o['metadata']['name']}: namespace {o['metadata'].get('namespace')!r}, not the "
+                            f"overlay's {sorted(namespaces)}")
     for o in objects:
         name = o["metadata"]["name"]
         pattern = DNS1035_LABEL if o["kind"] == "Service" else DNS1123_SUBDOMAIN
@@ -355,15 +439,18 @@ def check_wiring(objects: list[dict]) -> list[str]:
             problems.append(f"Job/{name}: parallelism {job['spec'].get('parallelism', 1)} != completions {completions}: not every "
                             "pod runs at once")
         rank0 = f"{name}-0.{service['metadata']['name']}"
+        # what the kubelet writes into pod 0's /etc/hosts: resolvable there before DNS lists the pod
+        rank0_hosts_name = f"{rank0}.{job['metadata'].get('namespace', 'default')}.svc.{CLUSTER_DOMAIN}"
         for container in job["spec"]["template"]["spec"]["containers"]:
             words = container.get("command", []) + container.get("args", [])
             text = " ".join(words)
             if words[:1] == ["torchrun"]:
                 endpoint = flag(words, "rdzv-endpoint") or ""
                 host, _, port = endpoint.rpartition(":")
-                if host != rank0 or int(port or 0) not in {p["port"] for p in service["spec"]["ports"]}:
-                    problems.append(f"Job/{name}: --rdzv-endpoint {endpoint!r} is not pod 0 ({rank0}) on a port of Service "
-                                    f"{service['metadata']['name']}")
+                if host != rank0_hosts_name or int(port or 0) not in {p["port"] for p in service["spec"]["ports"]}:
+                    problems.append(f"Job/{name}: --rdzv-endpoint {endpoint!r} is not pod 0 by the name in its /etc/hosts "
+                                    f"({rank0_hosts_name}) on a port of Service {service['metadata']['name']}: pod 0 may not "
+                                    "know it hosts the rendezvous before DNS lists it")
                 if flag(words, "nnodes") != str(completions):
                     problems.append(f"Job/{name}: torchrun --nnodes={flag(words, 'nnodes')} but {completions} pods")
             if "locust" in text and "--master" in text:
@@ -376,17 +463,72 @@ def check_wiring(objects: list[dict]) -> list[str]:
     return problems
 
 
+# The RPCs a classifying caller needs, and so all a gateway may pass to Triton: inference (unary),
+# model metadata and config (the client's contract), readiness and liveness.
+EDGE_RPCS = {"ModelInfer", "ModelMetadata", "ModelConfig", "ModelReady", "ServerReady", "ServerLive"}
+TRITON_SERVICE = "inference.GRPCInferenceService"
+
+
+def triton_rpcs() -> list[str]:
+    """Every RPC of Triton's gRPC service, from the protos tritonclient ships."""
+    from tritonclient.grpc import service_pb2
+
+    return [m.name for m in service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods]
+
+
+def route_admits(route: dict, service: str, method: str) -> bool:
+    """Would this GRPCRoute send a call of service/method to a backend? (Gateway API semantics: a rule
+    without matches matches every call; a method match without `method` matches every method of the
+    service, without `service` that method of any service; header matches are the caller's to satisfy.)"""
+    for rule in route["spec"].get("rules", []):
+        if not rule.get("backendRefs"):
+            continue
+        for match in rule.get("matches") or [{}]:
+            wanted = match.get("method") or {}
+            if wanted.get("type", "Exact") == "RegularExpression":
+                hit = (re.fullmatch(wanted.get("service", ".*"), service) is not None
+                       and re.fullmatch(wanted.get("method", ".*"), method) is not None)
+            else:
+                hit = wanted.get("service", service) == service and wanted.get("method", method) == method
+            if hit:
+                return True
+    return False
+
+
+def check_edge(objects: list[dict]) -> list[str]:
+    """A GRPCRoute to Triton passes only EDGE_RPCS (every admin RPC stays inside) and removes the
+    admin-key metadata from every request it forwards."""
+    from histoserve.client.admin import GRPC_HEADER
+
+    problems = []
+    for route in (o for o in objects if o["kind"] == "GRPCRoute"):
+        name = route["metadata"]["name"]
+        admitted = {rpc for rpc in triton_rpcs() if route_admits(route, TRITON_SERVICE, rpc)}
+        if admitted - EDGE_RPCS:
+            problems.append(f"GRPCRoute/{name}: admits {sorted(admitted - EDGE_RPCS)} from outside")
+        if "ModelInfer" not in admitted:
+            problems.append(f"GRPCRoute/{name}: does not admit ModelInfer")
+        for index, rule in enumerate(route["spec"].get("rules", [])):
+            removed = {header.lower() for f in rule.get("filters", []) if f.get("type") == "RequestHeaderModifier"
+                       for header in f.get("requestHeaderModifier", {}).get("remove", [])}
+            if rule.get("backendRefs") and GRPC_HEADER not in removed:
+                problems.append(f"GRPCRoute/{name}: rule {index} forwards the {GRPC_HEADER} metadata from outside")
+    return problems
+
+
 CHECKS = {
     "selectors": check_selectors,
     "ports": check_ports,
     "resources": check_resources,
     "autoscaling": check_autoscaling_and_disruption,
     "triton-ports": check_triton_ports,
+    "admin": check_admin_restriction,
     "names": check_names,
     "images": check_images,
     "rollout": check_scheduling_and_rollout,
     "storage": check_storage,
     "wiring": check_wiring,
+    "edge": check_edge,
 }
 
 

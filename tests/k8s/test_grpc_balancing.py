@@ -14,8 +14,7 @@ from dnslib.server import BaseResolver, DNSServer
 from histoserve.client.classifier import TritonClassifier
 from histoserve.serve.server import Ports, ServerError, TritonServer, check_ports_free, free_ports
 from tests.conftest import MODEL
-from tests.k8s.manifests import flag
-from tests.k8s.test_monitoring import deployment_args
+from tests.k8s.manifests import deployment_args, flag
 
 NAME = "triton-grpc.histoserve.test"
 MAX_AGE_MS, GRACE_MS = 3000, 1000  # the manifest says 60 s + 30 s; shortened so the test is quick
@@ -31,7 +30,7 @@ def grpc_flags() -> list[str]:
 
 def inference_count(server: TritonServer) -> int:
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
+        stats = client.get_inference_statistics(MODEL, headers=server.admin_key.grpc_headers(), as_json=True)["model_stats"]
     return sum(int(s.get("inference_count", 0)) for s in stats)
 
 

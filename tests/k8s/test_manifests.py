@@ -63,6 +63,9 @@ def misspell(path, wrong):
     ("PrometheusRule", misspell(["spec", "groups", 0, "rules", 0, "expr"], "exp")),
     ("Gateway", misspell(["spec", "listeners", 0, "protocol"], "protocl")),
     ("GRPCRoute", misspell(["spec", "rules", 0, "backendRefs"], "backendRef")),
+    ("ClientTrafficPolicy", misspell(["spec", "tls", "clientValidation", "caCertificateRefs"], "caCertificateRef")),
+    ("SecurityPolicy", misspell(["spec", "authorization", "defaultAction"], "default")),
+    ("BackendTrafficPolicy", misspell(["spec", "requestBuffer", "limit"], "maxSize")),
 ], ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_crd_validation_fails_on_a_misspelt_field(kind, breakage):
     obj = next(o for o in objects_of("overlays/gpu-gateway") if o["kind"] == kind)
@@ -111,7 +114,7 @@ def break_selector(objects):
 
 
 def break_probe_port(objects):
-    triton(objects)["readinessProbe"]["httpGet"]["port"] = "htttp"
+    triton(objects)["readinessProbe"]["grpc"]["port"] = 8010
 
 
 def break_service_port(objects):
@@ -146,6 +149,58 @@ def break_metrics_port(objects):
     container = triton(objects)
     container["ports"] = [p for p in container["ports"] if p["containerPort"] != 8002]
     container["args"] = [a for a in container["args"] if not a.startswith("--metrics-port")]
+
+
+def break_http_port_left_behind(objects):  # HTTP off, yet a Service still sends callers to it
+    triton(objects)["ports"].append({"name": "http", "containerPort": 8000, "protocol": "TCP"})
+    find(objects, "Service", "triton")["spec"]["ports"].append({"name": "http", "port": 8000, "targetPort": "http"})
+
+
+def break_http_probe(objects):
+    triton(objects)["livenessProbe"] = {"httpGet": {"path": "/v2/health/live", "port": 8000}, "timeoutSeconds": 5}
+
+
+def break_no_restriction(objects):
+    container = triton(objects)
+    container["args"] = [a for a in container["args"] if not a.startswith("--grpc-restricted-protocol")]
+
+
+def break_literal_key(objects):
+    container = triton(objects)
+    container["args"] = [a.replace("$(TRITON_ADMIN_KEY)", "s3cr3t-in-the-manifest") for a in container["args"]]
+
+
+def break_key_from_plain_env(objects):
+    container = triton(objects)
+    container["env"] = [{"name": "TRITON_ADMIN_KEY", "value": "s3cr3t-in-the-manifest"} if e["name"] == "TRITON_ADMIN_KEY" else e
+                        for e in container["env"]]
+
+
+def break_statistics_left_open(objects):
+    container = triton(objects)
+    container["args"] = [a.replace("statistics,", "") if a.startswith("--grpc-restricted-protocol") else a for a in container["args"]]
+
+
+def break_secret_in_manifests(objects):
+    objects.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "triton-admin-key", "namespace": "histoserve"},
+                    "stringData": {"admin-key": "s3cr3t-in-the-manifest"}})
+
+
+def break_route_admits_the_whole_service(objects):  # what main had: every admin RPC reachable from outside
+    find(objects, "GRPCRoute")["spec"]["rules"][0]["matches"] = [{"method": {"type": "Exact", "service": "inference.GRPCInferenceService"}}]
+
+
+def break_route_admits_statistics(objects):
+    find(objects, "GRPCRoute")["spec"]["rules"][0]["matches"].append(
+        {"method": {"type": "RegularExpression", "service": "inference\\..*", "method": "Model.*"}})
+
+
+def break_route_keeps_the_admin_header(objects):
+    del find(objects, "GRPCRoute")["spec"]["rules"][0]["filters"]
+
+
+def break_namespace(objects):  # what overlays/gpu-s3 had: a component's object outside the overlay's namespace
+    del find(objects, "NetworkPolicy", "triton-model-download")["metadata"]["namespace"]
 
 
 def break_name(objects):
@@ -219,6 +274,11 @@ def break_rendezvous_host(objects):
     args[:] = [a.replace("histoserve-train-0.", "histoserve-train-1.") for a in args]
 
 
+def break_rendezvous_short_name(objects):  # resolvable only once DNS lists pod 0: it may not know it hosts
+    args = find(objects, "Job")["spec"]["template"]["spec"]["containers"][0]["args"]
+    args[:] = [a.replace(".histoserve.svc.cluster.local", "") for a in args]
+
+
 def break_nnodes(objects):
     find(objects, "Job")["spec"]["completions"] = 3
 
@@ -247,6 +307,13 @@ BROKEN = {  # breakage: (the check that must notice it, the kustomization it bre
     break_route_backend: ("wiring", "overlays/gpu-gateway"), break_route_listener: ("wiring", "overlays/gpu-gateway"),
     break_rendezvous_host: ("wiring", "jobs/training"), break_nnodes: ("wiring", "jobs/training"),
     break_subdomain: ("wiring", "jobs/training"), break_expected_workers: ("wiring", "jobs/loadtest"),
+    break_rendezvous_short_name: ("wiring", "jobs/training"),
+    break_http_port_left_behind: ("triton-ports", "overlays/gpu"), break_http_probe: ("triton-ports", "overlays/cpu"),
+    break_no_restriction: ("admin", "overlays/gpu"), break_literal_key: ("admin", "overlays/dev"),
+    break_key_from_plain_env: ("admin", "overlays/gpu"), break_statistics_left_open: ("admin", "overlays/cpu"),
+    break_secret_in_manifests: ("admin", "overlays/gpu"), break_route_admits_the_whole_service: ("edge", "overlays/gpu-gateway"),
+    break_route_admits_statistics: ("edge", "overlays/gpu-gateway"), break_route_keeps_the_admin_header: ("edge", "overlays/gpu-gateway"),
+    break_namespace: ("names", "overlays/gpu-s3"),
 }
 
 
@@ -280,17 +347,21 @@ def test_deployment_is_hardened_and_drains_gracefully():
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/dev/shm", "/tmp", "/models"}
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    startup = container["startupProbe"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # the kubelet's grpc.health.v1 call
+        assert container[probe]["grpc"] == {"port": 8001}, probe
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model load and warmup
     grace = pod["terminationGracePeriodSeconds"]
     exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert grace > pre_stop + exit_timeout
-    for flag in ("--model-control-mode=poll", "--strict-readiness=false", "--exit-on-error=true",
+    # Triton's gRPC health is its readiness, NOT_SERVING while it drains: liveness must outlast the drain
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > exit_timeout
+    for flag in ("--model-control-mode=poll", "--strict-readiness=false", "--exit-on-error=true", "--allow-http=false",
                  "--grpc-max-connection-age=60000", "--grpc-keepalive-permit-without-calls=true"):
         assert flag in container["args"], flag
+    pdb = find(objects, "PodDisruptionBudget", "triton")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # a crash-looping pod never blocks a drain
     assert container["args"][0] == "tritonserver" and "command" not in container  # the NGC entrypoint runs it
 
 

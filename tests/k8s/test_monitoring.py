@@ -4,6 +4,7 @@ Deployment's Triton arguments and probes run against the real local Triton."""
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -14,7 +15,8 @@ import pytest
 import yaml
 
 from tests.conftest import MODEL
-from tests.k8s.manifests import K8S, quantity, render, triton_command
+from tests.k8s.kubelet import grpc_probe
+from tests.k8s.manifests import K8S, quantity, render
 
 PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
@@ -90,41 +92,23 @@ def test_adapter_and_dashboard_queries_parse(tmp_path):
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] in {r["name"]["as"] for r in adapter["rules"]["custom"]}
 
 
-def deployment_args(overlay: str) -> tuple[list[str], dict]:
-    """tritonserver's arguments in the overlay's Deployment (without the program name), and its container."""
-    deployment = next(o for o in render(overlay) if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    return triton_command(container), container
-
-
-LOCAL = ("--model-repository=", "--http-port=", "--grpc-port=", "--metrics-port=")
-
-
-@pytest.fixture(scope="module")
-def manifest_server(repository):
-    """The real tritonserver started with the cpu overlay's own arguments (ports and repository path
-    are the local ones)."""
-    from histoserve.serve.server import TritonServer, free_ports
-
-    args, _ = deployment_args("overlays/cpu")
-    with TritonServer(repository, free_ports(), extra_args=[a for a in args if not a.startswith(LOCAL)]) as server:
-        yield server
-
-
 def test_deployment_args_start_the_real_triton_and_probes_answer_as_declared(manifest_server):
-    args, container = deployment_args("overlays/cpu")
+    """The cpu overlay's own Triton arguments (the kubelet's $(VAR) expansion done, ports and repository
+    path local) run the real server; the kubelet's probes, gRPC health checks, answer SERVING; HTTP
+    is off and metrics are served."""
     import psutil
 
-    manifest_args = [a for a in args if not a.startswith(LOCAL)]
+    args, container = manifest_server.manifest_args, manifest_server.manifest_container
     running = psutil.Process(manifest_server.process.pid).cmdline()
-    assert running[-len(manifest_args):] == manifest_args  # the manifest's own args come last, so they win
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    local = {8000: manifest_server.ports.http, 8001: manifest_server.ports.grpc, 8002: manifest_server.ports.metrics}
+    assert running[-len(args):] == args  # the manifest's own args come last, so they win
+    assert "--allow-http=false" in args and not manifest_server.http_enabled
+    local = {8001: manifest_server.ports.grpc, 8002: manifest_server.ports.metrics}
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
-        probe = container[probe_name]["httpGet"]
-        port = local[ports[probe["port"]]]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['path']}", timeout=5) as response:
-            assert response.status == 200, probe_name
+        port = local[container[probe_name]["grpc"]["port"]]
+        assert grpc_probe(f"127.0.0.1:{port}") == "SERVING", probe_name
+    with socket.socket() as http, pytest.raises(ConnectionRefusedError):
+        http.connect(("127.0.0.1", manifest_server.ports.http))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     with urllib.request.urlopen(f"http://127.0.0.1:{local[ports['metrics']]}/metrics", timeout=5) as response:
         assert "nv_inference_request_success" in response.read().decode()
 
@@ -206,7 +190,7 @@ def test_drift_alerts_pass_promtool_unit_tests(tmp_path):
     tested_alerts = set(re.findall(r"alertname: (\w+)", (tmp_path / "drift-alerts-test.yaml").read_text()))
     assert alerts == tested_alerts == {"HistoserveInputDrift", "HistoservePredictionDrift", "HistoserveEstimatedAccuracyDrop",
                                        "HistoserveDriftBaselineMissing", "HistoserveDriftMonitorAbsent",
-                                       "HistoserveDriftRecordFileFailing"}
+                                       "HistoserveDriftRecordFileFailing", "HistoserveDriftMonitorForgedWrites"}
 
 
 def test_drift_alerts_and_panels_use_metrics_the_monitor_exports(tmp_path):

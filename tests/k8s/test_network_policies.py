@@ -1,6 +1,7 @@
-"""Who can reach which port, with every rendered NetworkPolicy evaluated as the cluster enforces it
-(tests/k8s/network.py): each overlay deployed beside the load-test, training and publish jobs, and
-pods of our own making, labelled and not, in other namespaces."""
+"""Who can reach which port, and what our pods can reach, with every rendered NetworkPolicy evaluated as
+the cluster enforces it (tests/k8s/network.py): each overlay deployed beside the load-test, training
+and publish jobs, pods of our own making, labelled and not, in other namespaces, and addresses
+outside the cluster."""
 
 import copy
 from functools import cache
@@ -8,57 +9,88 @@ from functools import cache
 import pytest
 
 from tests.k8s.manifests import JOBS, OVERLAYS, render
-from tests.k8s.network import Pod, allowed, pods_of
+from tests.k8s.network import Address, Pod, allowed, pods_of
 
+ALLOWED_NAMESPACE = {"histoserve.io/triton-clients": "allowed"}
+CLIENT_LABEL = {"histoserve.io/triton-client": "true"}
 PROMETHEUS = Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"})
 GRAFANA = Pod("grafana", "monitoring", {"app.kubernetes.io/name": "grafana"})
-FAKE_PROMETHEUS = Pod("prometheus-elsewhere", "payments", {"app.kubernetes.io/name": "prometheus"})
-CLIENT = Pod("payments-api", "payments", {"app": "payments-api", "histoserve.io/triton-client": "true"})
-CLIENT_WRONG_VALUE = Pod("payments-worker", "payments", {"histoserve.io/triton-client": "yes"})
-STRANGER = Pod("stranger", "payments", {"app": "stranger"})
+FAKE_PROMETHEUS = Pod("prometheus-elsewhere", "payments", {"app.kubernetes.io/name": "prometheus"}, namespace_labels=ALLOWED_NAMESPACE)
+CLIENT = Pod("payments-api", "payments", {"app": "payments-api", **CLIENT_LABEL}, namespace_labels=ALLOWED_NAMESPACE)
+# a tenant that labels its own pod, in a namespace no cluster admin allowed
+SELF_LABELLED = Pod("intruder", "tenant-b", {"app": "intruder", **CLIENT_LABEL})
+CLIENT_WRONG_VALUE = Pod("payments-worker", "payments", {"histoserve.io/triton-client": "yes"}, namespace_labels=ALLOWED_NAMESPACE)
+STRANGER = Pod("stranger", "payments", {"app": "stranger"}, namespace_labels=ALLOWED_NAMESPACE)
 NEIGHBOUR = Pod("neighbour", "histoserve", {"app": "neighbour"})
-GATEWAY_PROXY = Pod("envoy", "envoy-gateway-system", {"app.kubernetes.io/managed-by": "envoy-gateway", "app.kubernetes.io/name": "envoy"})
+OUR_GATEWAY_PROXY = Pod("envoy-histoserve-triton", "envoy-gateway-system", {
+    "app.kubernetes.io/managed-by": "envoy-gateway", "app.kubernetes.io/name": "envoy", "app.kubernetes.io/component": "proxy",
+    "gateway.envoyproxy.io/owning-gateway-name": "triton", "gateway.envoyproxy.io/owning-gateway-namespace": "histoserve"})
+OTHER_GATEWAY_PROXY = Pod("envoy-shop-web", "envoy-gateway-system", {
+    "app.kubernetes.io/managed-by": "envoy-gateway", "app.kubernetes.io/name": "envoy", "app.kubernetes.io/component": "proxy",
+    "gateway.envoyproxy.io/owning-gateway-name": "web", "gateway.envoyproxy.io/owning-gateway-namespace": "shop"})
+KUBE_DNS = Pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53, "dns-tcp": 53})
+INTERNET = Address("example.org", "93.184.215.14")
+S3 = Address("s3.eu-west-1.amazonaws.com", "52.218.1.10")
+METADATA = Address("cloud metadata service", "169.254.169.254")
+POD_IDENTITY_AGENT = Address("EKS Pod Identity agent", "169.254.170.23")
+PRIVATE_HOST = Address("a database in the VPC", "10.20.30.40")
 
 
 @cache
-def cluster(overlay: str) -> tuple:
-    """The overlay and every job, as applied to one cluster."""
-    return tuple(o for k in (overlay, *JOBS) for o in render(k))
+def cluster(*kustomizations: str) -> tuple:
+    """The kustomizations (an overlay, every job, ...) as applied to one cluster."""
+    return tuple(o for k in kustomizations for o in render(k))
 
 
-def objects(overlay: str) -> list[dict]:
-    return copy.deepcopy(list(cluster(overlay)))
+def objects(overlay: str, *more: str) -> list[dict]:
+    return copy.deepcopy(list(cluster(overlay, *more, *JOBS)))
 
 
-def expectations(overlay: str, pods: dict) -> list[tuple[Pod, Pod, object, bool]]:
+def expectations(overlay: str, pods: dict) -> list[tuple]:
     triton, locust, publish, train = pods["triton"], pods["locust"], pods["triton-publish"], pods["histoserve-train"]
     neighbour = Pod(NEIGHBOUR.name, triton.namespace, NEIGHBOUR.labels)
+    same_namespace_client = Pod("batch-scorer", triton.namespace, dict(CLIENT_LABEL), namespace_labels=triton.namespace_labels)
+    dev = overlay == "overlays/dev"
     cases = [
         (PROMETHEUS, triton, "metrics", True),
         (PROMETHEUS, triton, "grpc", False),
-        (PROMETHEUS, triton, "http", False),
         (GRAFANA, triton, "metrics", False),
         (FAKE_PROMETHEUS, triton, "metrics", False),
-        (CLIENT, triton, "grpc", True),
-        (CLIENT, triton, "http", True),
+        (CLIENT, triton, "grpc", not dev),        # dev admits its own namespace's clients only
         (CLIENT, triton, "metrics", False),
+        (CLIENT, triton, 8000, False),            # no HTTP: Triton serves gRPC only
+        (same_namespace_client, triton, "grpc", True),
+        (SELF_LABELLED, triton, "grpc", False),   # the pod label alone admits nobody
         (CLIENT_WRONG_VALUE, triton, "grpc", False),
         (STRANGER, triton, "grpc", False),
-        (STRANGER, triton, "http", False),
         (STRANGER, triton, "metrics", False),
         (neighbour, triton, "grpc", False),
-        (locust, triton, "grpc", True),          # the in-cluster load test
-        (publish, triton, "grpc", True),         # the publish job's rollout check
-        (locust, locust, "locust", True),        # workers reach the master
+        # the in-cluster load test and the publish job's rollout check, in production's namespace (dev:
+        # render the jobs into histoserve-dev to use them there)
+        (locust, triton, "grpc", not dev),
+        (publish, triton, "grpc", not dev),
+        (locust, locust, "locust", True),         # workers reach the master
         (STRANGER, locust, "locust", False),
         (NEIGHBOUR, locust, "locust", False),
-        (train, train, "rendezvous", True),      # multi-node training: c10d ...
-        (train, train, 45123, True),             # ... then NCCL/gloo on ports picked at run time
+        (train, train, "rendezvous", True),       # multi-node training: c10d ...
+        (train, train, 45123, True),              # ... then NCCL/gloo on ports picked at run time
         (NEIGHBOUR, train, "rendezvous", False),
         (locust, train, 45123, False),
         (STRANGER, publish, 8080, False),
-        (GATEWAY_PROXY, triton, "grpc", overlay == "overlays/gpu-gateway"),
-        (GATEWAY_PROXY, triton, "metrics", False),
+        (OUR_GATEWAY_PROXY, triton, "grpc", overlay == "overlays/gpu-gateway"),
+        (OUR_GATEWAY_PROXY, triton, "metrics", False),
+        (OTHER_GATEWAY_PROXY, triton, "grpc", False),  # another team's Gateway on the same controller
+        # what Triton itself may reach: DNS; the object store only where an init container downloads
+        (triton, KUBE_DNS, 53, True),
+        # gpu-s3: HTTPS to public addresses (a NetworkPolicy cannot name s3.amazonaws.com), nothing else
+        (triton, INTERNET, 443, overlay == "overlays/gpu-s3"),
+        (triton, INTERNET, 80, False),
+        (triton, METADATA, 80, False),
+        (triton, PRIVATE_HOST, 5432, False),
+        (triton, CLIENT, 8080, False),
+        (triton, S3, 443, overlay == "overlays/gpu-s3"),
+        (triton, POD_IDENTITY_AGENT, 80, False),
+        (triton, PRIVATE_HOST, 443, False),
     ]
     if "histoserve-monitor" in pods:  # the drift monitor (components/drift-monitor): records in, metrics out
         monitor = pods["histoserve-monitor"]
@@ -66,12 +98,15 @@ def expectations(overlay: str, pods: dict) -> list[tuple[Pod, Pod, object, bool]
             (CLIENT, monitor, "http", True),         # a classifying service posts its records
             (locust, monitor, "http", True),
             (PROMETHEUS, monitor, "http", True),     # scrapes /metrics
+            (SELF_LABELLED, monitor, "http", False),
             (CLIENT_WRONG_VALUE, monitor, "http", False),
             (STRANGER, monitor, "http", False),
             (FAKE_PROMETHEUS, monitor, "http", False),
             (GRAFANA, monitor, "http", False),
             (neighbour, monitor, "http", False),
-            (monitor, triton, "grpc", False),        # the monitor calls nobody
+            (monitor, triton, "grpc", False),        # the monitor calls nobody ...
+            (monitor, INTERNET, 443, False),         # ... and reaches nothing
+            (monitor, METADATA, 80, False),
         ]
     return cases
 
@@ -80,7 +115,8 @@ def reachability_problems(objects: list[dict], overlay: str) -> list[str]:
     pods = pods_of(objects)
     problems = []
     for source, target, port, expected in expectations(overlay, pods):
-        if allowed(objects, source, target, port) != expected:
+        protocol = "UDP" if port == 53 else "TCP"
+        if allowed(objects, source, target, port, protocol) != expected:
             problems.append(f"{source.namespace}/{source.name} → {target.namespace}/{target.name}:{port} "
                             f"{'denied' if expected else 'allowed'}, expected {'allowed' if expected else 'denied'}")
     return problems
@@ -89,6 +125,22 @@ def reachability_problems(objects: list[dict], overlay: str) -> list[str]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_who_reaches_which_port(overlay):
     assert reachability_problems(objects(overlay), overlay) == []
+
+
+def test_dev_pods_never_reach_production():
+    """Both overlays in one cluster: a pod of the dev namespace, labelled as a client (the dev overlay's
+    own Triton admits it), is refused by production's Triton, and production's clients do not reach
+    dev's."""
+    both = objects("overlays/gpu", "overlays/dev")
+    pods = pods_of(both)
+    production, dev = pods["histoserve/triton"], pods["histoserve-dev/triton"]
+    dev_client = Pod("notebook", "histoserve-dev", dict(CLIENT_LABEL), namespace_labels=dev.namespace_labels)
+    production_client = Pod("batch-scorer", "histoserve", dict(CLIENT_LABEL), namespace_labels=production.namespace_labels)
+    assert allowed(both, dev_client, dev, "grpc")
+    assert not allowed(both, dev_client, production, "grpc")
+    assert not allowed(both, dev, production, "grpc")
+    assert allowed(both, production_client, production, "grpc")
+    assert not allowed(both, production_client, dev, "grpc")
 
 
 def rewrite_peers_like_include_selectors(objects):
@@ -100,9 +152,33 @@ def rewrite_peers_like_include_selectors(objects):
                     {"app.kubernetes.io/name": "triton", "app.kubernetes.io/part-of": "histoserve"})
 
 
+def triton_policy(objects):
+    return next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "triton")
+
+
 def admit_any_pod_of_any_namespace(objects):
-    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "triton")
-    policy["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+    triton_policy(objects)["spec"]["ingress"][0]["from"] = [{"namespaceSelector": {}}]
+
+
+def admit_labelled_pods_of_any_namespace(objects):  # what main had before: any tenant labels itself in
+    triton_policy(objects)["spec"]["ingress"][0]["from"][0]["namespaceSelector"] = {}
+
+
+def admit_every_address(objects):  # an ipBlock peer covering everything: pods and the internet alike
+    triton_policy(objects)["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}})
+
+
+def admit_the_pod_network(objects):
+    triton_policy(objects)["spec"]["ingress"][0]["from"].append({"ipBlock": {"cidr": "10.244.0.0/16"}})
+
+
+def open_triton_egress(objects):
+    triton_policy(objects)["spec"]["policyTypes"] = ["Ingress"]
+    del triton_policy(objects)["spec"]["egress"]
+
+
+def egress_to_the_internet_with_the_metadata_service(objects):
+    triton_policy(objects)["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]})
 
 
 def drop_the_training_policy(objects):
@@ -120,13 +196,33 @@ def deny_all_egress_from_locust(objects):
                     "spec": {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "locust"}}, "policyTypes": ["Egress"]}})
 
 
-@pytest.mark.parametrize("breakage", [rewrite_peers_like_include_selectors, admit_any_pod_of_any_namespace,
-                                      drop_the_training_policy, training_policy_admits_only_the_rendezvous_port,
-                                      deny_all_egress_from_locust], ids=lambda f: f.__name__)
+def monitor_open_to_every_labelled_pod(objects):
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "histoserve-monitor")
+    policy["spec"]["ingress"][0]["from"][0]["namespaceSelector"] = {}
+
+
+def gateway_policy_admits_every_envoy(objects):
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "triton-gateway")
+    policy["spec"]["ingress"][0]["from"][0]["podSelector"] = {"matchLabels": {"app.kubernetes.io/managed-by": "envoy-gateway"}}
+
+
+BROKEN = {  # breakage: the overlay it breaks
+    rewrite_peers_like_include_selectors: "overlays/gpu", admit_any_pod_of_any_namespace: "overlays/gpu",
+    admit_labelled_pods_of_any_namespace: "overlays/gpu", admit_every_address: "overlays/gpu",
+    admit_the_pod_network: "overlays/gpu", open_triton_egress: "overlays/gpu",
+    egress_to_the_internet_with_the_metadata_service: "overlays/gpu", drop_the_training_policy: "overlays/gpu",
+    training_policy_admits_only_the_rendezvous_port: "overlays/gpu", deny_all_egress_from_locust: "overlays/gpu",
+    monitor_open_to_every_labelled_pod: "overlays/gpu", gateway_policy_admits_every_envoy: "overlays/gpu-gateway",
+}
+
+
+@pytest.mark.parametrize("breakage", list(BROKEN), ids=lambda f: f.__name__)
 def test_reachability_check_fails_on_a_broken_policy(breakage):
-    broken = objects("overlays/gpu")
+    overlay = BROKEN[breakage]
+    broken = objects(overlay)
+    assert reachability_problems(broken, overlay) == []
     breakage(broken)
-    assert reachability_problems(broken, "overlays/gpu"), f"nothing noticed {breakage.__name__}"
+    assert reachability_problems(broken, overlay), f"nothing noticed {breakage.__name__}"
 
 
 def test_the_old_include_selectors_policy_denied_prometheus_and_every_client():
@@ -161,6 +257,34 @@ def test_a_peer_with_only_a_pod_selector_means_the_policy_namespace():
     target = Pod("t", "a", {}, {"web": 80})
     assert allowed([policy], Pod("c", "a", {"role": "c"}), target, "web")
     assert not allowed([policy], Pod("c", "b", {"role": "c"}), target, "web")
+
+
+@pytest.mark.parametrize("cidr, excepted, address, expected", [
+    ("0.0.0.0/0", [], "93.184.215.14", True),
+    ("0.0.0.0/0", ["169.254.0.0/16"], "169.254.169.254", False),
+    ("10.244.0.0/16", [], "10.244.3.7", True),       # a pod address: ipBlock admits pods too
+    ("10.244.0.0/16", ["10.244.3.0/24"], "10.244.3.7", False),
+    ("192.168.0.0/16", [], "10.244.3.7", False),
+    ("::/0", [], "10.244.3.7", False),               # families never mix
+])
+def test_ip_blocks_match_addresses_inside_and_not_excepted(cidr, excepted, address, expected):
+    policy = {"kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "a"},
+              "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": cidr, "except": excepted}}]}]}}
+    assert allowed([policy], Address("source", address), Pod("t", "a", {}, {"web": 80}), "web") is expected
+
+
+def test_egress_rules_need_both_ends_to_agree():
+    """A connection passes when the source's egress and the target's ingress both allow it."""
+    egress = {"kind": "NetworkPolicy", "metadata": {"name": "out", "namespace": "a"},
+              "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                       "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}}]}]}}
+    source, target = Pod("s", "a"), Pod("t", "b", {}, {"web": 80})
+    assert allowed([egress], source, target, "web")
+    assert not allowed([egress], source, Pod("t", "c", {}, {"web": 80}), "web")
+    assert not allowed([egress], source, INTERNET, 443)
+    deny_in = {"kind": "NetworkPolicy", "metadata": {"name": "in", "namespace": "b"},
+               "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    assert not allowed([egress, deny_in], source, target, "web")
 
 
 @pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])

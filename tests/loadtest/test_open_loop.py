@@ -115,7 +115,7 @@ def test_sweep_finds_capacity_under_the_slo(server, digits_root, tmp_path, slo_m
                      "--images", digits_root / "test", "--slo-p99-ms", slo_ms, "--rates", "10,20", "--refine", 0,
                      "--window-s", 1, "--stable-windows", 2, "--max-windows", 4, "--concurrency", 2,
                      "--metrics-url", f"http://127.0.0.1:{server.ports.metrics}/metrics", "--out", out,
-                     check=False, timeout=300)
+                     "--admin-key-file", server.admin_key_file, check=False, timeout=300)
     assert result.returncode == code, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "sweep.json").read_text())
     assert [s["offered"] for s in report["steps"]] == [10, 20]
@@ -127,3 +127,17 @@ def test_sweep_finds_capacity_under_the_slo(server, digits_root, tmp_path, slo_m
     assert cross["locust_closed_loop_per_s"] > 0 and cross["direct_closed_loop_per_s"] > 0
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "cross-check: Locust ÷ direct" in result.stdout
+
+
+def test_the_sweep_stops_before_any_load_when_triton_refuses_its_statistics(server, digits_root, tmp_path):
+    """Triton's statistics are an admin API: without the key the sweep cannot say where the time goes,
+    and says so (exit 2) before it sends any load."""
+    from tests.conftest import triton_requests
+
+    before = triton_requests(server)
+    result = run_cli("-m", "loadtest", "sweep", "--url", server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
+                     "--max-images", 16, "--slo-p99-ms", 1000, "--rates", 10, "--out", tmp_path / "sweep",
+                     check=False, timeout=120, env={**os.environ, "HISTOSERVE_ADMIN_KEY": ""})
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "refused its statistics" in result.stderr and "--admin-key-file" in result.stderr
+    assert triton_requests(server) - before <= 16  # the expected answers only: no load was sent

@@ -19,6 +19,21 @@ from histoserve.monitor.service import Monitor
 from histoserve.serve.server import free_ports
 from tests.conftest import ROOT
 
+TOKEN = "test-writer-token-0123456789"
+
+
+def holding(root, *versions: tuple[str, str]):
+    """A model repository holding these (model, version) folders: the monitor takes records only for those."""
+    for model, version in versions:
+        (root / model / version).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def post(port: int, batch: list[dict], token: str = TOKEN) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/records", json.dumps(batch).encode(),
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}, method="POST")
+    return json.loads(urllib.request.urlopen(request, timeout=10).read())
+
 
 def records(count: int, model: str = "digits", version: str = "1", seed: int = 0):
     rng = np.random.default_rng(seed)
@@ -28,21 +43,35 @@ def records(count: int, model: str = "digits", version: str = "1", seed: int = 0
 
 def test_a_restarted_monitor_takes_up_each_window_where_it_was(tmp_path):
     first, other = records(150), records(30, version="2", seed=1)
-    monitor = Monitor(tmp_path, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
+    repository = holding(tmp_path / "models", ("digits", "1"), ("digits", "2"))
+    monitor = Monitor(repository, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
     monitor.add(first[:70])
     monitor.add(other)
     monitor.add(first[70:])
     monitor.record_log.close()
-    restarted = Monitor(tmp_path, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
+    restarted = Monitor(repository, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
     assert restarted.restored == 180
     assert list(restarted.windows[("digits", "1")]) == first[-100:]
     assert list(restarted.windows[("digits", "2")]) == other
 
 
+def test_a_restart_leaves_out_the_records_of_versions_no_longer_in_the_repository(tmp_path):
+    repository = holding(tmp_path / "models", ("digits", "1"), ("digits", "2"))
+    monitor = Monitor(repository, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
+    monitor.add(records(20))
+    monitor.add(records(30, version="2", seed=1))
+    monitor.record_log.close()
+    (repository / "digits" / "2").rmdir()  # version 2 was rolled back
+    restarted = Monitor(repository, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
+    assert (restarted.restored, restarted.replay_refused) == (20, 30)
+    assert list(restarted.windows) == [("digits", "1")]
+
+
 def test_without_a_record_file_a_restart_starts_empty(tmp_path):
-    monitor = Monitor(tmp_path, window=100, min_window=10)
+    repository = holding(tmp_path, ("digits", "1"))
+    monitor = Monitor(repository, window=100, min_window=10)
     monitor.add(records(50))
-    assert Monitor(tmp_path, window=100, min_window=10).windows == {}
+    assert Monitor(repository, window=100, min_window=10).windows == {}
 
 
 def test_a_line_cut_short_is_skipped_and_the_next_append_starts_a_new_line(tmp_path):
@@ -82,9 +111,12 @@ def get_json(url: str):
 
 
 def start_monitor(port: int, record_file, repository, window: int = 100, preexec_fn=None) -> subprocess.Popen:
-    """python -m monitor serve on `port`, returned once /healthz answers."""
+    """python -m monitor serve on `port` (writers' token TOKEN, in a file), returned once /healthz answers."""
+    tokens = repository.parent / f"{repository.name}-tokens"
+    tokens.write_text(f"# writers\n{TOKEN}\n")
     process = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "--repository", str(repository), "--port", str(port),
-                                "--window", str(window), "--min-window", "10", "--record-file", str(record_file)],
+                                "--window", str(window), "--min-window", "10", "--record-file", str(record_file),
+                                "--token-file", str(tokens)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
     deadline = time.monotonic() + 60
     while True:
@@ -100,17 +132,16 @@ def test_the_monitor_process_keeps_its_window_over_a_restart(tmp_path):
     """python -m monitor serve, stopped by SIGTERM (as Kubernetes does) and started again on the same
     record file: its window metric says the records are still there."""
     port, record_file = free_ports().http, tmp_path / "records.jsonl"
+    repository = holding(tmp_path / "models", ("digits", "1"))
     sent = [r.to_dict() for r in records(60)]
-    process = start_monitor(port, record_file, tmp_path)
+    process = start_monitor(port, record_file, repository)
     try:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/records", json.dumps(sent).encode(),
-                                         {"Content-Type": "application/json"}, method="POST")
-        assert json.loads(urllib.request.urlopen(request, timeout=10).read())["accepted"] == 60
+        assert post(port, sent)["accepted"] == 60
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=30)
     assert process.returncode == 0
-    process = start_monitor(port, record_file, tmp_path)
+    process = start_monitor(port, record_file, repository)
     try:
         metrics = get_json(f"http://127.0.0.1:{port}/metrics")
     finally:
@@ -135,12 +166,11 @@ def test_a_record_file_that_cannot_grow_costs_the_history_not_the_windows(tmp_pa
     port, record_file = free_ports().http, tmp_path / "records.jsonl"
     batches = [[r.to_dict() for r in records(20, seed=seed)] for seed in range(10)]
     limit = 4 * len("".join(json.dumps(r) + "\n" for r in batches[0]))  # room for about 4 of the 10 batches
-    process = start_monitor(port, record_file, tmp_path, window=500, preexec_fn=limit_file_size(limit))
+    repository = holding(tmp_path / "models", ("digits", "1"))
+    process = start_monitor(port, record_file, repository, window=500, preexec_fn=limit_file_size(limit))
     try:
         for batch in batches:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/records", json.dumps(batch).encode(),
-                                             {"Content-Type": "application/json"}, method="POST")
-            assert json.loads(urllib.request.urlopen(request, timeout=10).read())["accepted"] == 20
+            assert post(port, batch)["accepted"] == 20
         metrics = get_json(f"http://127.0.0.1:{port}/metrics")
     finally:
         process.send_signal(signal.SIGTERM)

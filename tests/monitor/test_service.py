@@ -1,6 +1,7 @@
 """The monitor service fed by the real client against the real Triton, and the offline report."""
 
 import json
+import os
 import socket
 import threading
 import time
@@ -15,19 +16,39 @@ from prometheus_client.parser import text_string_to_metric_families
 from histoserve.client.classifier import TritonClassifier
 from histoserve.client.preprocessing import find_images, preprocess_file
 from histoserve.monitor.records import records_for
-from histoserve.monitor.service import Monitor, make_server
+from histoserve.monitor.service import Monitor, WriterTokens, make_server
 from tests.conftest import MODEL, run_cli
+
+TOKEN = "test-writer-token-0123456789"
 
 
 @pytest.fixture
-def monitor(repository, tmp_path):
+def token_file(tmp_path):
+    path = tmp_path / "monitor-token"
+    path.write_text(TOKEN + "\n")
+    return path
+
+
+@pytest.fixture
+def monitor(repository, tmp_path, token_file):
     monitor = Monitor(repository, window=500, min_window=50, record_file=tmp_path / "records.jsonl")
-    server = make_server(monitor, "127.0.0.1", 0)
+    server = make_server(monitor, "127.0.0.1", 0, WriterTokens(token_file))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+def post(url: str, body, token: str | None = TOKEN) -> tuple[int, dict]:
+    """POST /v1/records; (status, JSON answer)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(f"{url}/v1/records", json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
 
 
 def metrics(url: str) -> dict[tuple, float]:
@@ -49,11 +70,12 @@ def inverted_copies(folder, target):
     return target
 
 
-def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(server, repository, monitor, digits_root, tmp_path):
+def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(server, repository, monitor, token_file, digits_root,
+                                                                           tmp_path):
     test_split = digits_root / "test"
     files = len(find_images(test_split))
     first = run_cli("-m", "client", "classify", test_split, "--url", server.grpc_url, "--model", MODEL,
-                    "--monitor-url", monitor, check=False, timeout=300)
+                    "--monitor-url", monitor, "--monitor-token-file", token_file, check=False, timeout=300)
     assert first.returncode == 0, first.stderr
     seen = metrics(monitor)
     assert seen[key("histoserve_monitor_records_total")] == files
@@ -65,7 +87,7 @@ def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(serve
 
     shifted = inverted_copies(test_split, tmp_path / "inverted")
     second = run_cli("-m", "client", "classify", shifted, "--url", server.grpc_url, "--model", MODEL,
-                     "--monitor-url", monitor, check=False, timeout=300)
+                     "--monitor-url", monitor, check=False, timeout=300, env={**os.environ, "HISTOSERVE_MONITOR_TOKEN": TOKEN})
     assert second.returncode == 0, second.stderr
     seen = metrics(monitor)
     assert seen[key("histoserve_monitor_window_records")] == min(500, 2 * files)
@@ -84,12 +106,9 @@ def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(serve
 
 
 def test_malformed_records_are_refused_naming_the_field(monitor):
-    body = json.dumps([{"model": MODEL, "version": "1", "predicted": "seven", "max_probability": 0.9}]).encode()
-    request = urllib.request.Request(f"{monitor}/v1/records", body, {"Content-Type": "application/json"}, method="POST")
-    with pytest.raises(urllib.error.HTTPError) as error:
-        urllib.request.urlopen(request, timeout=10)
-    assert error.value.code == 400 and "predicted" in error.value.read().decode()
-    assert metrics(monitor)[("histoserve_monitor_records_rejected_total",)] == 1
+    status, answer = post(monitor, [{"model": MODEL, "version": "1", "predicted": "seven", "max_probability": 0.9}])
+    assert status == 400 and "predicted" in answer["errors"][0]
+    assert metrics(monitor)[("histoserve_monitor_records_rejected_total", ("reason", "malformed"))] == 1
 
 
 @pytest.mark.parametrize("monitor_state", ["stopped", "hung"])
@@ -110,7 +129,8 @@ def test_a_monitor_that_is_down_never_fails_or_holds_up_classification(server, d
         alone = time.monotonic() - started
         started = time.monotonic()
         monitored = run_cli("-m", "client", "classify", folder, "--url", server.grpc_url, "--model", MODEL, "--json",
-                            "--monitor-url", f"http://127.0.0.1:{port}", check=False, timeout=300)
+                            "--monitor-url", f"http://127.0.0.1:{port}", check=False, timeout=300,
+                            env={**os.environ, "HISTOSERVE_MONITOR_TOKEN": TOKEN})
         took = time.monotonic() - started
     finally:
         hung.close()
@@ -148,10 +168,11 @@ def test_offline_report_flags_the_windows_after_a_shift(server, repository, digi
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_load_test_feeds_the_monitor_too(server, monitor, digits_root):
+def test_the_load_test_feeds_the_monitor_too(server, monitor, token_file, digits_root):
     result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--only-summary", "--users", 2, "--spawn-rate", 2,
                      "--run-time", "4s", "--triton-url", server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
-                     "--max-images", 64, "--monitor-url", monitor, "--fail-ratio", 0, check=False, timeout=120)
+                     "--max-images", 64, "--monitor-url", monitor, "--monitor-token-file", token_file, "--fail-ratio", 0,
+                     check=False, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     seen = metrics(monitor)
     assert seen[key("histoserve_monitor_records_total")] > 20

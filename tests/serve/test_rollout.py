@@ -16,13 +16,13 @@ from histoserve.client.classifier import TritonClassifier
 from histoserve.export.repository import publish, read_config
 from histoserve.serve.server import LOCAL_HTTP, TritonServer, free_ports
 from tests.conftest import MODEL, run_cli
-from tests.k8s.manifests import flag
-from tests.k8s.test_monitoring import deployment_args
+from tests.k8s.kubelet import grpc_probe
+from tests.k8s.manifests import deployment_args, flag
 
 
-def served_by_version(url: str) -> dict[str, int]:
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"]
+def served_by_version(server: TritonServer) -> dict[str, int]:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics(MODEL, headers=server.admin_key.grpc_headers(), as_json=True)["model_stats"]
     return {s["version"]: int(s.get("inference_count", 0)) for s in stats}
 
 
@@ -36,10 +36,11 @@ def wait_until(predicate, timeout_s: float, what: str):
 
 
 class Traffic:
-    """Clients streaming requests and a kubelet probing readiness, both counting what went wrong."""
+    """Clients streaming requests and a kubelet probing readiness as `probe` says (the Deployment's
+    readinessProbe: gRPC health, or an HTTP path), both counting what went wrong."""
 
-    def __init__(self, server: TritonServer, readiness_path: str, clients: int = 2):
-        self.server, self.readiness_path = server, readiness_path
+    def __init__(self, server: TritonServer, probe: dict, clients: int = 2):
+        self.server, self.probe = server, probe
         self.ok, self.failures, self.probes, self.unready = 0, [], 0, []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._probe)] + [threading.Thread(target=self._send) for _ in range(clients)]
@@ -56,15 +57,20 @@ class Traffic:
 
     def _probe(self):
         while not self._stop.is_set():
-            try:
-                with LOCAL_HTTP.open(self.server.http_url + self.readiness_path, timeout=3) as response:
-                    status = response.status
-            except urllib.error.HTTPError as error:
-                status = error.code
-            except OSError as error:
-                status = str(error)
+            if "grpc" in self.probe:
+                status = grpc_probe(self.server.grpc_url, timeout_s=3)
+                ready = status == "SERVING"
+            else:
+                try:
+                    with LOCAL_HTTP.open(self.server.http_url + self.probe["httpGet"]["path"], timeout=3) as response:
+                        status = response.status
+                except urllib.error.HTTPError as error:
+                    status = error.code
+                except OSError as error:
+                    status = str(error)
+                ready = status == 200
             self.probes += 1
-            if status != 200:
+            if not ready:
                 self.unready.append(status)
             time.sleep(0.05)
 
@@ -81,7 +87,7 @@ class Traffic:
 
 def rollout_status(server, version):
     return run_cli("-m", "client", "rollout-status", "--url", server.grpc_url, "--model", MODEL,
-                   "--version", version, "--timeout", 60, check=False)
+                   "--version", version, "--timeout", 60, "--admin-key-file", server.admin_key_file, check=False)
 
 
 def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_old_one_serves(repository, tmp_path):
@@ -93,13 +99,13 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
     args, container = deployment_args("overlays/cpu")
     readiness = [f"--{name}={flag(args, name)}" for name in ("strict-readiness", "exit-on-error")]
     assert readiness == ["--strict-readiness=false", "--exit-on-error=true"]
-    readiness_path = container["readinessProbe"]["httpGet"]["path"]
+    probe = container["readinessProbe"]
 
     with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=2, extra_args=readiness) as server:
-        with Traffic(server, readiness_path) as traffic:
+        with Traffic(server, probe) as traffic:
             wait_until(lambda: traffic.ok > 20, 30, "traffic flows")
             publish(repo, config, labels, model_dir / "1" / "model.onnx")  # version 2: a good one
-            wait_until(lambda: served_by_version(server.grpc_url).get("2", 0) > 20, 60, "version 2 serves")
+            wait_until(lambda: served_by_version(server).get("2", 0) > 20, 60, "version 2 serves")
             good = rollout_status(server, 2)
 
             broken = tmp_path / "broken.onnx"
@@ -107,20 +113,20 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
             publish(repo, config, labels, broken)  # version 3: fails to load
             wait_until(lambda: (MODEL, "3") in server.failed_versions, 60, "serve names the broken version")
             bad = rollout_status(server, 3)
-            before = served_by_version(server.grpc_url)["2"]
-            wait_until(lambda: served_by_version(server.grpc_url)["2"] > before + 20, 30, "version 2 keeps serving")
+            before = served_by_version(server)["2"]
+            wait_until(lambda: served_by_version(server)["2"] > before + 20, 30, "version 2 keeps serving")
 
             shutil.rmtree(model_dir / "3")  # the rollback: move the broken version out of the repository
             time.sleep(5)  # the next poll sees it gone
             attempts = server.log_text().count(f"loading: {MODEL}:3")
             time.sleep(6)  # three more polls: no more attempts to load version 3
             retried = server.log_text().count(f"loading: {MODEL}:3") - attempts
-            before = served_by_version(server.grpc_url)["2"]
-            wait_until(lambda: served_by_version(server.grpc_url)["2"] > before + 20, 30, "version 2 serves after the rollback")
+            before = served_by_version(server)["2"]
+            wait_until(lambda: served_by_version(server)["2"] > before + 20, 30, "version 2 serves after the rollback")
 
     sent = traffic.ok + len(traffic.failures)
     assert traffic.failures == [], f"{len(traffic.failures)} failed requests of {sent}: {traffic.failures[:3]}"
-    assert traffic.unready == [], f"{readiness_path} failed {len(traffic.unready)} of {traffic.probes} probes: {traffic.unready[:5]}"
+    assert traffic.unready == [], f"the readiness probe failed {len(traffic.unready)} of {traffic.probes} times: {traffic.unready[:5]}"
     assert traffic.ok > 100
     assert good.returncode == 0 and "READY" in good.stdout, good.stdout + good.stderr
     assert bad.returncode == 1, bad.stdout + bad.stderr
@@ -132,14 +138,16 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
 
 def test_strict_readiness_would_take_the_pod_out_during_every_publish(repository, tmp_path):
     """Why the Deployment is not strict: with --strict-readiness=true (Triton's default), the server
-    reports unready while a published version loads, on every pod at once."""
+    reports unready while a published version loads, on every pod at once. Probed as the kubelet
+    probes the Deployment (gRPC health): Triton's grpc.health.v1 answer follows its readiness."""
     repo = tmp_path / "model_repository"
     shutil.copytree(repository / MODEL, repo / MODEL)  # the fp32 model only: one model rolling out
     config, labels = read_config(repo / MODEL / "config.pbtxt"), (repo / MODEL / "labels.txt").read_text().splitlines()
     with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=1,
                       extra_args=["--strict-readiness=true"]) as server:
-        with Traffic(server, "/v2/health/ready", clients=1) as traffic:
+        with Traffic(server, deployment_args("overlays/cpu")[1]["readinessProbe"], clients=1) as traffic:
             wait_until(lambda: traffic.probes > 10, 30, "probes run")
             publish(repo, config, labels, repo / MODEL / "1" / "model.onnx")
-            wait_until(lambda: served_by_version(server.grpc_url).get("2", 0) > 5, 60, "version 2 serves")
-    assert traffic.unready, "strict readiness stayed ready while a version loaded"
+            wait_until(lambda: served_by_version(server).get("2", 0) > 5, 60, "version 2 serves")
+    assert traffic.unready and set(traffic.unready) == {"NOT_SERVING"}, \
+        f"strict readiness stayed ready while a version loaded: {traffic.unready[:5]}"

@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from histoserve.client.classifier import TritonClassifier
 from histoserve.client.preprocessing import preprocess_file
@@ -38,16 +39,16 @@ def test_served_predictions_equal_pytorch(server, trained_run, test_files):
     assert np.abs(served - expected).max() <= 1e-4
 
 
-def model_statistics(url):
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
+def model_statistics(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics(MODEL, headers=server.admin_key.grpc_headers(), as_json=True)["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
 def test_concurrent_single_image_requests_are_batched(server, test_files):
     with TritonClassifier(server.grpc_url, MODEL) as probe:
         image = preprocess_file(test_files[0], probe.spec)[None]
-    inferences_before, executions_before = model_statistics(server.grpc_url)
+    inferences_before, executions_before = model_statistics(server)
     requests, barrier, errors = 32, threading.Barrier(32), []
 
     def send():
@@ -65,9 +66,9 @@ def test_concurrent_single_image_requests_are_batched(server, test_files):
         thread.join(60)
     assert not errors
     deadline = time.monotonic() + 20  # Triton updates statistics just after it sends each response
-    while (inferences_after := model_statistics(server.grpc_url)[0]) - inferences_before < requests and time.monotonic() < deadline:
+    while (inferences_after := model_statistics(server)[0]) - inferences_before < requests and time.monotonic() < deadline:
         time.sleep(0.1)
-    inferences_after, executions_after = model_statistics(server.grpc_url)
+    inferences_after, executions_after = model_statistics(server)
     assert inferences_after - inferences_before == requests
     assert executions_after - executions_before < requests, "Triton executed every request alone"
 
@@ -123,6 +124,15 @@ def test_serve_cli_stops_cleanly(repository, stop_signal):
         children = descendants_alive(process.pid)
         shm_regions = list(Path("/dev/shm").glob(f"histoserve_{process.pid}_*"))
         assert children and shm_regions and workdir.is_dir()  # what must be gone afterwards is there now
+        # no key given: one made for this run, in an owner-only file of the work folder, printed by path only
+        key_file = Path(next(line for line in output if line.strip().startswith("admin")).split(" key in ")[1].split()[0])
+        assert key_file.parent == workdir and key_file.stat().st_mode & 0o777 == 0o600
+        key = key_file.read_text().strip()
+        assert key not in "".join(output) and len(key) >= 32
+        with grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}") as client:
+            assert client.get_inference_statistics(MODEL, headers={"triton-grpc-protocol-admin-key": key}).model_stats
+            with pytest.raises(InferenceServerException, match="restricted"):
+                client.get_inference_statistics(MODEL)
 
         process.send_signal(stop_signal)
         assert process.wait(timeout=60) == 0
@@ -152,3 +162,15 @@ def test_stock_http_client_sees_one_uint8_input_and_one_fp32_output(server, test
     top = [entry.decode().split(":") for entry in result.as_numpy("probabilities")[0]]
     assert [(int(index), label) for _, index, label in top] == [(p.index, p.label) for p in expected]
     client.close()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "admin key file"), ("", "is empty"), ("short", "16 to 256 characters"),
+    ("has:a:colon-and-more-than-16", "16 to 256 characters"),
+], ids=["missing", "empty", "too short", "a colon"])
+def test_serve_refuses_an_unusable_admin_key_before_starting_anything(tmp_path, content, message):
+    key_file = tmp_path / "admin-key"
+    if content is not None:
+        key_file.write_text(content)
+    result = run_cli("-m", "serve", "--model-repository", tmp_path, "--admin-key-file", key_file, check=False, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
