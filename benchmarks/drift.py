@@ -33,12 +33,12 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from histoserve.client.preprocessing import find_images, load_image, preprocess_image  # noqa: E402
 from histoserve.export.onnx_model import onnx_session  # noqa: E402
 from histoserve.export.precision import predict  # noqa: E402
-from histoserve.monitor.baseline import build_baseline  # noqa: E402
+from histoserve.formats.baseline import build_baseline  # noqa: E402
+from histoserve.formats.image_statistics import input_statistics  # noqa: E402
+from histoserve.formats.preprocessing import find_images, load_image, preprocess_image  # noqa: E402
 from histoserve.monitor.drift import drift_report  # noqa: E402
-from histoserve.monitor.image_statistics import input_statistics  # noqa: E402
 
 SHIFTS = {
     "none": lambda image: image,

@@ -53,8 +53,10 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime as ort  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from histoserve.client.preprocessing import PreprocessSpec, find_images, preprocess_file  # noqa: E402
-from histoserve.export.repository import CpuTuning, config_to_text, cpu_variant, read_config, write_text_if_changed  # noqa: E402
+from histoserve.export.repository import CpuTuning, cpu_variant  # noqa: E402
+from histoserve.formats.contract import INPUT_NAME  # noqa: E402
+from histoserve.formats.preprocessing import PreprocessSpec, find_images, preprocess_file  # noqa: E402
+from histoserve.formats.repository import config_to_text, read_config, write_text_if_changed  # noqa: E402
 from histoserve.loadtest.triton_stats import STAGES, snapshot  # noqa: E402
 from histoserve.serve.server import TritonServer, free_ports  # noqa: E402
 
@@ -79,6 +81,11 @@ class Row:
     p95_ms: float | None = None
     p99_ms: float | None = None
     triton: dict = field(default_factory=dict)
+    # what `setting` says, as fields: the rows are read by these, never by parsing the label
+    batch: int | None = None
+    concurrency: int | None = None
+    precision: str | None = None   # OpenVINO's inference precision, "forced f32" or "default bf16"
+    kind: str | None = None        # the client command: "whole command" or "steady"
 
 
 def run(command: list, **kwargs) -> subprocess.CompletedProcess:
@@ -129,10 +136,10 @@ def gpu_rows(variant: str, onnx_file: Path, images: np.ndarray, seconds: float, 
     session = ort.InferenceSession(str(onnx_file), providers=providers)
     rows = []
     for batch in BATCHES:
-        feed = {"image": images[:batch]}
+        feed = {INPUT_NAME: images[:batch]}
         session.run(None, feed)  # TensorRT builds an engine per new shape: not timed
         rate = timed(lambda feed=feed: session.run(None, feed), batch, seconds)
-        rows.append(Row(variant, f"onnxruntime {provider}", f"batch {batch}", rate))
+        rows.append(Row(variant, f"onnxruntime {provider}", f"batch {batch}", rate, batch=batch))
     return rows
 
 
@@ -143,9 +150,9 @@ def in_process(variant: str, onnx_file: Path, images: np.ndarray, seconds: float
     session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
     rows = []
     for batch in batches:
-        feed = {"image": images[:batch]}
+        feed = {INPUT_NAME: images[:batch]}
         rate = timed(lambda feed=feed: session.run(None, feed), batch, seconds)
-        rows.append(Row(variant, "onnxruntime in process", f"batch {batch}, {threads} threads", rate))
+        rows.append(Row(variant, "onnxruntime in process", f"batch {batch}, {threads} threads", rate, batch=batch))
     return rows
 
 
@@ -164,8 +171,9 @@ def openvino_rows(variant: str, onnx_file: Path, images: np.ndarray, seconds: fl
         for batch in (1, 8):
             batch_images = images[:batch]
             rate = timed(lambda batch_images=batch_images, compiled=compiled: compiled(batch_images), batch, seconds)
-            label = f"batch {batch}, {threads} threads, {'forced ' if hint else 'default '}{precision}"
-            rows.append(Row(variant, "openvino in process", label, rate))
+            chosen = f"{'forced' if hint else 'default'} {precision}"
+            rows.append(Row(variant, "openvino in process", f"batch {batch}, {threads} threads, {chosen}", rate, batch=batch,
+                            precision=chosen))
     return rows
 
 
@@ -189,7 +197,7 @@ def served(variant: str, server: TritonServer, model: str, images: np.ndarray, c
     def caller(index: int) -> None:
         client = grpcclient.InferenceServerClient(url)
         mine = []
-        request = grpcclient.InferInput("image", [1, *images.shape[1:]], "UINT8")
+        request = grpcclient.InferInput(INPUT_NAME, [1, *images.shape[1:]], "UINT8")
         request.set_data_from_numpy(images[index % len(images)][None])
         try:
             while not stop.is_set():
@@ -222,7 +230,8 @@ def served(variant: str, server: TritonServer, model: str, images: np.ndarray, c
         "average_batch": delta["average_batch"],
     }
     p50, p95, p99 = (float(np.percentile(latencies, q) * 1000) for q in (50, 95, 99))
-    return Row(variant, "triton gRPC", f"concurrency {concurrency}", len(latencies) / elapsed, p50, p95, p99, triton)
+    return Row(variant, "triton gRPC", f"concurrency {concurrency}", len(latencies) / elapsed, p50, p95, p99, triton,
+               concurrency=concurrency)
 
 
 def client_folder(folder: Path, work: Path, files: int) -> Path:
@@ -258,8 +267,8 @@ def client_command(variant: str, url: str, model: str, folder: Path, note: str =
     first_burst = sum(stamp - stamps[0] < 0.005 for stamp in stamps)  # the first request's results arrive together
     steady = (files - first_burst) / (stamps[-1] - stamps[0])
     what = f"{files} PNGs{note}"
-    return [Row(variant, "python -m client classify", f"{what}, whole command", files / elapsed),
-            Row(variant, "python -m client classify", f"{what}, steady, {cpu_ms:.1f} CPU ms/file", steady)]
+    return [Row(variant, "python -m client classify", f"{what}, whole command", files / elapsed, kind="whole command"),
+            Row(variant, "python -m client classify", f"{what}, steady, {cpu_ms:.1f} CPU ms/file", steady, kind="steady")]
 
 
 def pin(cores: list[int]) -> None:
@@ -336,7 +345,7 @@ def table(rows: list[Row]) -> str:
 def ratios(rows: list[Row]) -> dict[str, float]:
     def best(variant: str, path: str, min_concurrency: int = 0) -> float:
         rates = [r.images_per_s for r in rows if r.variant == variant and r.path == path
-                 and (not min_concurrency or int(r.setting.split()[-1]) >= min_concurrency)]
+                 and (not min_concurrency or (r.concurrency or 0) >= min_concurrency)]
         return max(rates, default=float("nan"))
 
     def in_process_mean(variant: str) -> float:
@@ -350,7 +359,7 @@ def ratios(rows: list[Row]) -> dict[str, float]:
     result["int8 ÷ fp32, in process"] = in_process_mean("int8") / in_process_mean("fp32")
     result["int8 ÷ fp32, served"] = best("int8", "triton gRPC", 1) / best("fp32", "triton gRPC", 1)
     def client(variant: str, kind: str, path: str = "python -m client classify") -> float:
-        return max((r.images_per_s for r in rows if r.variant == variant and r.path == path and kind in r.setting),
+        return max((r.images_per_s for r in rows if r.variant == variant and r.path == path and r.kind == kind),
                    default=float("nan"))
 
     result["int8 ÷ fp32, client command (steady)"] = client("int8", "steady") / client("fp32", "steady")
@@ -363,9 +372,9 @@ def ratios(rows: list[Row]) -> dict[str, float]:
                 client(variant, "steady", "python -m client classify, own cores") / best(variant, "triton gRPC, own cores"))
     if any(r.path == "openvino in process" for r in rows):
         for variant in VARIANTS:
-            for precision in sorted({r.setting.split(", ")[-1] for r in rows if r.path == "openvino in process"}):
+            for precision in sorted({r.precision for r in rows if r.path == "openvino in process"}):
                 rates = [r.images_per_s for r in rows if r.variant == variant and r.path == "openvino in process"
-                         and r.setting.endswith(precision)]
+                         and r.precision == precision]
                 if rates:
                     result[f"openvino {variant} ({precision}) ÷ onnxruntime {variant}, in process"] = (
                         max(rates) / best(variant, "onnxruntime in process"))
@@ -383,7 +392,7 @@ def plot(rows: list[Row], path: Path) -> None:
         points = [r for r in rows if r.variant == variant and r.path == "triton gRPC"]
         line = axes.plot([r.p99_ms for r in points], [r.images_per_s for r in points], marker="o", label=f"{variant} served")[0]
         for r in points:
-            axes.annotate(r.setting.split()[-1], (r.p99_ms, r.images_per_s), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axes.annotate(str(r.concurrency), (r.p99_ms, r.images_per_s), textcoords="offset points", xytext=(4, 4), fontsize=8)
         local = max((r.images_per_s for r in rows if r.variant == variant and r.path == "onnxruntime in process"), default=None)
         if local:
             axes.axhline(local, linestyle="--", linewidth=1, color=line.get_color(), label=f"{variant} in process (best batch)")
@@ -452,7 +461,7 @@ def main() -> int:
             rows += client_on_own_cores(repository, images, client_files, args.seconds)
             for variant, name in VARIANTS.items():  # the machine drifts: measure the best batch again, after
                 best = max((r for r in rows if r.variant == variant and r.path == "onnxruntime in process"), key=lambda r: r.images_per_s)
-                batch = int(best.setting.split()[1].rstrip(","))
+                batch = best.batch
                 print(f"{variant}: in process again, batch {batch} ...", flush=True)
                 again = in_process(variant, repository / name / "1" / "model.onnx", images, args.seconds, cores, (batch,))[0]
                 again.path = "onnxruntime in process, again"

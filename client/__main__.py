@@ -19,18 +19,20 @@ the admin key refused, or unloaded by the version policy because newer versions 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from histoserve.client.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
-from histoserve.client.classifier import ClientError, ClientTls, FileResult, TritonClassifier
+from histoserve.client.classifier import ClientError, FileResult, TritonClassifier
 from histoserve.client.monitoring import TOKEN_VARIABLE, MonitorSender, MonitorTokenError, monitor_token
-from histoserve.client.preprocessing import find_images
 from histoserve.client.rollout import wait_for_version
+from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
+from histoserve.formats.options import POSITIVE, POSITIVE_INT, OptionError, add_tls_arguments, output_file, tls_from
+from histoserve.formats.preprocessing import find_images
 
 
 def expand_paths(arguments: list[str]) -> list[str]:
@@ -48,7 +50,7 @@ def expand_paths(arguments: list[str]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,89 +61,99 @@ def main(argv: list[str] | None = None) -> int:
                                "headless Service (default: %(default)s)")
     classify.add_argument("--model", required=True)
     classify.add_argument("--model-version", default="", help="default: the latest the server has")
-    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--top-k", type=POSITIVE_INT, default=3, help="labels per file (default: %(default)s)")
     classify.add_argument("--json", action="store_true", help="one JSON object per line")
-    classify.add_argument("--concurrency", type=int, default=4,
+    classify.add_argument("--concurrency", type=POSITIVE_INT, default=4,
                           help="batches preprocessed and requests in flight at once (default: %(default)s)")
-    classify.add_argument("--batch-size", type=int, help="files per request (default: the model's max batch size)")
-    classify.add_argument("--output", type=Path, help="write the result lines to this file instead of stdout")
-    classify.add_argument("--ssl", action="store_true", help="gRPC over TLS")
-    classify.add_argument("--ssl-root-certificates", help="CA bundle (PEM) that signed the server; default: the system's")
-    classify.add_argument("--ssl-private-key", help="mutual TLS: this client's private key (PEM)")
-    classify.add_argument("--ssl-certificate-chain", help="mutual TLS: this client's certificate chain (PEM)")
+    classify.add_argument("--batch-size", type=POSITIVE_INT, help="files per request (default and at most: the model's max batch size)")
+    classify.add_argument("--output", type=output_file, help="write the result lines to this file instead of stdout")
+    add_tls_arguments(classify)
     classify.add_argument("--monitor-url",
                           help="also send a prediction record per file to this monitor (python -m monitor serve), in the "
                                "background: a monitor that is down never slows or fails classification")
     classify.add_argument("--monitor-token-file", type=Path,
                           help=f"the writer's bearer token for the monitor (default: ${TOKEN_VARIABLE})")
-    classify.add_argument("--deadline-s", type=float, default=60.0,
+    classify.add_argument("--deadline-s", type=POSITIVE, default=60.0,
                           help="per request, retries included: a server that is restarting or rolling out is waited "
                                "for and retried until then (default: %(default)s)")
     rollout = commands.add_parser("rollout-status", help="wait until every server serves a model version")
     rollout.add_argument("--url", required=True,
                          help="a server, servers separated by commas, or dns:///name:port for every pod behind a headless Service")
     rollout.add_argument("--model", required=True)
-    rollout.add_argument("--version", required=True, type=int)
-    rollout.add_argument("--timeout", type=float, default=900.0, help="seconds (default: %(default)s)")
+    rollout.add_argument("--version", required=True, type=POSITIVE_INT)
+    rollout.add_argument("--timeout", type=POSITIVE, default=900.0, help="seconds (default: %(default)s)")
     rollout.add_argument("--admin-key-file", type=Path,
                          help=f"the servers' admin key: the repository index is an admin API (default: ${ENVIRONMENT_VARIABLE})")
-    args = parser.parse_args(argv)
-    if args.command == "rollout-status":
-        try:
-            args.admin_key = AdminKey.resolve(args.admin_key_file)
-        except AdminKeyError as error:
-            parser.error(str(error))
-        return rollout_status(args)
-    try:
-        args.monitor_token = monitor_token(args.monitor_token_file) if args.monitor_url else None
-    except MonitorTokenError as error:
-        parser.error(str(error))
+    add_tls_arguments(rollout)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # every option checked before any work: no server is called with a bad one
+        args.tls = tls_from(args)
+        if args.command == "rollout-status":
+            args.admin_key = AdminKey.resolve(args.admin_key_file)
+        else:
+            args.monitor_token = monitor_token(args.monitor_token_file) if args.monitor_url else None
+    except (OptionError, AdminKeyError, MonitorTokenError) as error:
+        parser.error(str(error))
+    return rollout_status(args) if args.command == "rollout-status" else classify(args)
+
+
+def classify(args: argparse.Namespace) -> int:
     paths = expand_paths(args.paths)
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
-    monitor = None
+    monitor = MonitorSender(args.monitor_url, args.monitor_token) if args.monitor_url else None
     try:
-        tls = None
-        if args.ssl or args.ssl_root_certificates or args.ssl_private_key or args.ssl_certificate_chain:
-            tls = ClientTls(args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
-        monitor = MonitorSender(args.monitor_url, args.monitor_token) if args.monitor_url else None
-        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=tls,
+        classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=args.tls,
                                       monitor=monitor)
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         if monitor is not None:
             monitor.close(0)
         return 2
-    output = open(args.output, "w") if args.output else sys.stdout  # closed below
-    progress = Progress(len(paths)) if sys.stderr.isatty() else None
-    failures = done = 0
+    tally = Tally()
     try:
-        with classifier:
-            for result in classifier.classify_files(paths, args.top_k, args.concurrency, args.batch_size):
-                failures += not result.ok
-                done += 1
-                print(format_result(result, args.json), file=output, flush=True)
-                if progress:
-                    progress.update(done, failures)
+        with classifier, (open(args.output, "w") if args.output else contextlib.nullcontext(sys.stdout)) as output:
+            write_results(classifier, paths, args, output, tally)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {done} of {len(paths)} file(s) classified, results above"
+        print(f"\ninterrupted: {tally.done} of {len(paths)} file(s) classified, results above"
               + (f" and in {args.output}" if args.output else ""), file=sys.stderr)
         return 130
     finally:
-        if progress:
-            progress.close()
-        if args.output:
-            output.close()
         if monitor is not None:
             monitor.close(wait_s=2.0)
             if monitor.dropped:
                 reason = monitor.last_error or "no answer from the monitor in time"
                 print(f"monitor: {monitor.dropped} record(s) dropped, {monitor.sent} sent ({reason})", file=sys.stderr)
-    if failures:
-        print(f"{failures} of {len(paths)} file(s) failed", file=sys.stderr)
-    return 1 if failures else 0
+    if tally.failed:
+        print(f"{tally.failed} of {len(paths)} file(s) failed", file=sys.stderr)
+    return 1 if tally.failed else 0
+
+
+@dataclass
+class Tally:
+    done: int = 0
+    failed: int = 0
+
+
+def write_results(classifier: TritonClassifier, paths: list[str], args: argparse.Namespace, output, tally: Tally) -> None:
+    """One line per file as its result arrives, in input order, counted in `tally`."""
+    progress = Progress(len(paths)) if sys.stderr.isatty() else None
+    try:
+        for result in classifier.classify_files(paths, args.top_k, args.concurrency, args.batch_size):
+            tally.failed += not result.ok
+            tally.done += 1
+            print(format_result(result, args.json), file=output, flush=True)
+            if progress:
+                progress.update(tally.done, tally.failed)
+    finally:
+        if progress:
+            progress.close()
 
 
 def format_result(result: FileResult, as_json: bool) -> str:
@@ -172,7 +184,7 @@ class Progress:
 
 def rollout_status(args: argparse.Namespace) -> int:
     try:
-        states = wait_for_version(args.url, args.model, str(args.version), args.timeout, admin_key=args.admin_key)
+        states = wait_for_version(args.url, args.model, str(args.version), args.timeout, admin_key=args.admin_key, tls=args.tls)
     except (OSError, ValueError) as error:
         print(f"error: cannot resolve {args.url}: {error}", file=sys.stderr)
         return 2

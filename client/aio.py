@@ -21,7 +21,6 @@ from tritonclient.utils import InferenceServerException
 
 from histoserve.client.classifier import (
     ClientError,
-    ClientTls,
     ContractView,
     FileResult,
     InferenceFailed,
@@ -38,7 +37,8 @@ from histoserve.client.classifier import (
     top_k_output,
     unreachable,
 )
-from histoserve.client.contract import ModelContract
+from histoserve.formats.contract import ModelContract
+from histoserve.formats.options import ClientTls, OptionError
 
 
 class AsyncTritonClassifier(ContractView):
@@ -47,7 +47,10 @@ class AsyncTritonClassifier(ContractView):
 
     def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None):
         self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
-        self._security = tls.client_arguments() if tls else {}
+        try:
+            self._security = tls.client_arguments() if tls else {}
+        except OptionError as error:
+            raise ClientError(str(error)) from error
         self.client: aioclient.InferenceServerClient | None = None
         self.contract: ModelContract | None = None
 

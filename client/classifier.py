@@ -17,10 +17,11 @@ import tritonclient.grpc as grpcclient
 from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
 from tritonclient.utils import InferenceServerException
 
-from histoserve.client.contract import ContractError, ModelContract
 from histoserve.client.monitoring import MonitorSender
-from histoserve.client.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
-from histoserve.monitor.records import records_for
+from histoserve.formats.contract import ContractError, ModelContract
+from histoserve.formats.options import ClientTls, OptionError
+from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
+from histoserve.formats.records import records_for
 
 
 class ClientError(RuntimeError):
@@ -105,25 +106,6 @@ def channel_arguments(url: str) -> list[tuple[str, object]]:
     return options
 
 
-@dataclass(frozen=True)
-class ClientTls:
-    """gRPC over TLS. `root_certificates`: the CA bundle that signed the server (default: the
-    system's); `private_key` + `certificate_chain`: this client's identity, for mutual TLS. PEM files."""
-
-    root_certificates: str | None = None
-    private_key: str | None = None
-    certificate_chain: str | None = None
-
-    def client_arguments(self) -> dict:
-        if bool(self.private_key) != bool(self.certificate_chain):
-            raise ClientError("mutual TLS needs both the client's private key and its certificate chain")
-        for path in filter(None, (self.root_certificates, self.private_key, self.certificate_chain)):
-            if not os.path.isfile(path):
-                raise ClientError(f"TLS file {path} does not exist")
-        return {"ssl": True, "root_certificates": self.root_certificates, "private_key": self.private_key,
-                "certificate_chain": self.certificate_chain}
-
-
 class InferenceFailed(RuntimeError):
     """A request failed for good: a final error, or its deadline passed; the message says which."""
 
@@ -160,7 +142,10 @@ class TritonClassifier(ContractView):
                  monitor: MonitorSender | None = None):
         self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
         self.monitor = monitor  # classify_files sends a record per classified file to it (client.monitoring)
-        security = tls.client_arguments() if tls else {}
+        try:
+            security = tls.client_arguments() if tls else {}
+        except OptionError as error:
+            raise ClientError(str(error)) from error
         self.client = grpcclient.InferenceServerClient(url, channel_args=channel_arguments(url), **security)
         try:
             self._read_contract()

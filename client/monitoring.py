@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from histoserve.monitor.records import PredictionRecord
+from histoserve.formats.records import PredictionRecord
 
 BATCH, QUEUE, TIMEOUT_S = 256, 20_000, 2.0
 TOKEN_VARIABLE = "HISTOSERVE_MONITOR_TOKEN"
@@ -46,14 +46,20 @@ def monitor_token(path: str | os.PathLike | None = None) -> str:
 
 
 class MonitorSender:
+    """Every submitted record ends as exactly one of `sent` or `dropped`, whatever the timing: a record
+    is counted as `held` under the lock the moment the sender takes it off the queue, and a close()
+    that gives up counts everything held as dropped, after which the sender posts nothing more and
+    counts whatever it takes as dropped itself."""
+
     def __init__(self, url: str, token: str, batch: int = BATCH, capacity: int = QUEUE, timeout_s: float = TIMEOUT_S):
         self.endpoint = url.rstrip("/") + "/v1/records"
         self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         self.batch, self.timeout_s = batch, timeout_s
         self.queue: queue.Queue[PredictionRecord | None] = queue.Queue(capacity)
-        self.sent = self.dropped = self.in_flight = 0
+        self.sent = self.dropped = 0
+        self.held = 0  # taken off the queue by the sender, neither sent nor dropped yet
         self.last_error = ""
-        self.abandoned = False  # close() gave up waiting: what is still in flight was counted as dropped
+        self.abandoned = False  # close() gave up waiting: what the sender held was counted as dropped
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="monitor-sender", daemon=True)
         self.thread.start()
@@ -76,28 +82,47 @@ class MonitorSender:
         with self.lock:
             if self.thread.is_alive():
                 self.abandoned = True
-                self.dropped += self.in_flight
+                self.dropped += self.held
+                self.held = 0
         while True:
             try:
-                self.dropped += self.queue.get_nowait() is not None
+                record = self.queue.get_nowait()
             except queue.Empty:
                 break
+            if record is not None:
+                with self.lock:
+                    self.dropped += 1
+
+    def _take(self, timeout: float | None) -> PredictionRecord | None:
+        """The next record, counted as held (or as dropped, once close() gave up); None at the end.
+        Raises queue.Empty after `timeout`."""
+        record = self.queue.get(timeout=timeout)
+        if record is not None:
+            with self.lock:
+                if self.abandoned:
+                    self.dropped += 1
+                else:
+                    self.held += 1
+        return record
 
     def _run(self) -> None:
-        while True:
-            first = self.queue.get()
+        while not self.abandoned:  # after close() gave up, nothing more is sent (and its end marker may be gone)
+            first = self._take(None)
             if first is None:
                 return
             batch, done = [first], False
             while len(batch) < self.batch:
                 try:
-                    record = self.queue.get(timeout=0.2)
+                    record = self._take(0.2)
                 except queue.Empty:
                     break
                 if record is None:
                     done = True
                     break
                 batch.append(record)
+            with self.lock:
+                if self.abandoned:  # close() counted this batch as dropped already
+                    return
             self._post(batch)
             if done:
                 return
@@ -105,7 +130,6 @@ class MonitorSender:
     def _post(self, batch: list[PredictionRecord]) -> None:
         body = json.dumps([record.to_dict() for record in batch]).encode()
         request = urllib.request.Request(self.endpoint, body, self.headers, method="POST")
-        self.in_flight = len(batch)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 response.read()
@@ -121,4 +145,4 @@ class MonitorSender:
             if not self.abandoned:
                 self.sent += len(batch) if delivered else 0
                 self.dropped += 0 if delivered else len(batch)
-            self.in_flight = 0
+                self.held -= len(batch)

@@ -5,7 +5,8 @@ versions it had when the new one fails to load; nothing in its metrics says so. 
 until every server reports the version READY, and fails as soon as every server has answered and
 one reports it UNAVAILABLE, naming the server and Triton's reason. Behind a Kubernetes headless
 Service, `dns:///name:port` expands to one server per ready pod. The repository index is an admin API:
-the calls carry the admin key (client/admin.py), and a server that refuses it is reported as REFUSED.
+the calls carry the admin key (formats/admin.py), and a server that refuses it is reported as REFUSED.
+Over TLS each pod is called by address with the Service's name as the certificate's expected name.
 """
 
 from __future__ import annotations
@@ -17,27 +18,9 @@ from dataclasses import dataclass
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from histoserve.client.admin import REFUSED_HINT, AdminKey, headers, refused
-
-
-@dataclass(frozen=True)
-class VersionState:
-    server: str
-    # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE,
-    # REFUSED (the admin key is missing or wrong)
-    state: str
-    reason: str = ""
-    model: str = ""
-    version: str = ""
-
-    @classmethod
-    def from_index_entry(cls, server: str, entry: dict) -> VersionState:
-        """Triton reports a version the policy unloaded as UNAVAILABLE with reason "unloaded"; only
-        the other UNAVAILABLE versions failed to load."""
-        state, reason = entry.get("state", "UNKNOWN"), entry.get("reason", "")
-        if (state, reason) == ("UNAVAILABLE", "unloaded"):
-            state = "UNLOADED"
-        return cls(server, state, reason, entry.get("name", ""), entry.get("version", ""))
+from histoserve.formats.admin import REFUSED_HINT, AdminKey, headers, refused
+from histoserve.formats.options import ClientTls
+from histoserve.formats.repository import VersionState
 
 
 def expand_servers(url: str) -> list[str]:
@@ -50,18 +33,33 @@ def expand_servers(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
-def repository_states(server: str, admin_key: AdminKey | None = None, timeout_s: float = 10.0) -> list[VersionState]:
+@dataclass(frozen=True)
+class Caller:
+    """How to call each server: the admin key, and TLS with the name its certificate carries (the
+    Service's DNS name when `dns:///` was expanded to pod addresses)."""
+
+    admin_key: AdminKey | None = None
+    tls: ClientTls | None = None
+    server_name: str = ""
+
+    def client(self, server: str) -> grpcclient.InferenceServerClient:
+        if self.tls is None:
+            return grpcclient.InferenceServerClient(server)
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else None
+        return grpcclient.InferenceServerClient(server, channel_args=options, **self.tls.client_arguments())
+
+
+def repository_states(server: str, caller: Caller = Caller(), timeout_s: float = 10.0) -> list[VersionState]:
     """Every model version one server knows, from its repository index (raises InferenceServerException)."""
-    with grpcclient.InferenceServerClient(server) as client:
-        index = client.get_model_repository_index(headers=headers(admin_key), as_json=True,
+    with caller.client(server) as client:
+        index = client.get_model_repository_index(headers=headers(caller.admin_key), as_json=True,
                                                    client_timeout=timeout_s).get("models", [])
     return [VersionState.from_index_entry(server, entry) for entry in index]
 
 
-def version_state(server: str, model: str, version: str, admin_key: AdminKey | None = None,
-                  timeout_s: float = 10.0) -> VersionState:
+def version_state(server: str, model: str, version: str, caller: Caller = Caller(), timeout_s: float = 10.0) -> VersionState:
     try:
-        states = repository_states(server, admin_key, timeout_s)
+        states = repository_states(server, caller, timeout_s)
     except InferenceServerException as error:
         message = error.message() or str(error)
         if refused(message):
@@ -71,16 +69,17 @@ def version_state(server: str, model: str, version: str, admin_key: AdminKey | N
 
 
 def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_s: float = 2.0,
-                     admin_key: AdminKey | None = None) -> list[VersionState]:
+                     admin_key: AdminKey | None = None, tls: ClientTls | None = None) -> list[VersionState]:
     """Poll until every server has the version READY, or every server has settled with at least one
     failure, or the timeout passes; returns the last states. A failure sticks until the version turns
     READY: Triton in poll mode retries a broken version on every poll (LOADING, then UNAVAILABLE)."""
     deadline = time.monotonic() + timeout_s
     failed: dict[str, VersionState] = {}
+    caller = Caller(admin_key, tls, url.split("/")[-1].rpartition(":")[0] if url.startswith("dns:") else "")
     while True:
         states = []
         for server in expand_servers(url):
-            state = version_state(server, model, version, admin_key)
+            state = version_state(server, model, version, caller)
             if state.state == "UNAVAILABLE":
                 failed[server] = state
             elif state.state == "READY":

@@ -4,7 +4,8 @@ Checkpoint → ONNX (dynamic batch) → onnx.checker → parity gate on real ima
 → accuracy gate against FP32 on the held-out split] → drift baseline (the published model on the
 held-out split, for the monitor) → Triton repository. A variant is published as its
 own model, NAME-int8 or NAME-fp16, with the same contract, labels and warmup. Nothing is written to the
-repository unless every check passes.
+repository unless every check passes, and what can be checked before the work (every option, the
+version number, the model name, the contract of a model already in the repository) is checked first.
 """
 
 from __future__ import annotations
@@ -14,42 +15,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from histoserve.client.preprocessing import ImageLoadError, preprocess_file
 from histoserve.export import precision as variants
+from histoserve.export.images import load_images, parity_images, spread
 from histoserve.export.onnx_model import ParityError, check_parity, export_onnx, onnx_session
 from histoserve.export.precision import CALIBRATION_METHODS, PRECISIONS, AccuracyGate, AccuracyGateError, QuantizationConfig
-from histoserve.export.repository import BatchingConfig, CpuTuning, RepositoryError, TensorRTConfig, build_config, config_to_text, publish
-from histoserve.monitor.baseline import BASELINE_FILE, BaselineError, DriftBaseline, build_baseline
-
-
-def spread(items: list, count: int) -> list:
-    """Up to `count` items spread evenly over `items` (so several classes are covered)."""
-    if not items:
-        return []
-    return list(dict.fromkeys(items[int(i)] for i in np.linspace(0, len(items) - 1, num=min(count, len(items)))))
-
-
-def load_images(samples: list, spec, purpose: str) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed uint8 images (as the client sends them) and their labels; unreadable files are
-    skipped with a message naming them."""
-    arrays, labels = [], []
-    for sample in samples:
-        try:
-            arrays.append(preprocess_file(sample.path, spec))
-            labels.append(sample.label)
-        except ImageLoadError as error:
-            print(f"{purpose}: skipping {error}", file=sys.stderr)
-    if not arrays:
-        return np.zeros((0, 3, spec.crop_size, spec.crop_size), np.uint8), np.zeros(0, np.int64)
-    return np.stack(arrays), np.asarray(labels)
-
-
-def parity_images(paths: list[Path], spec, count: int) -> np.ndarray:
-    from histoserve.train.data import Sample
-
-    return load_images([Sample(path, -1) for path in spread(paths, count)], spec, "parity")[0]
+from histoserve.export.repository import (
+    BatchingConfig,
+    CpuTuning,
+    TensorRTConfig,
+    build_config,
+    check_publishable,
+    publish,
+)
+from histoserve.formats.baseline import BASELINE_FILE, BaselineError, DriftBaseline, build_baseline
+from histoserve.formats.options import FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, existing_file, existing_folder
+from histoserve.formats.repository import RepositoryError, config_to_text
 
 
 def make_variant(precision: str, fp32_file: Path, target: Path, splits, meta, args) -> None:
@@ -83,91 +63,100 @@ def measure_baseline(name: str, onnx_file: Path, splits, meta, args) -> DriftBas
     return baseline
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="checkpoint.pt written by `python -m train fit`")
+    parser.add_argument("checkpoint", type=existing_file, help="checkpoint.pt written by `python -m train fit`")
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--name", required=True, help="Triton model name")
-    parser.add_argument("--version", type=int, help="default: the next free version number")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--max-queue-delay-us", type=int, default=500)
-    parser.add_argument("--instance-count", type=int, default=1, help="model instances per GPU")
-    parser.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=[], help="GPU batcher's preferred sizes")
+    parser.add_argument("--version", type=POSITIVE_INT, help="default: the next free version number")
+    parser.add_argument("--max-batch-size", type=POSITIVE_INT, default=16)
+    parser.add_argument("--max-queue-delay-us", type=NON_NEGATIVE_INT, default=500)
+    parser.add_argument("--instance-count", type=POSITIVE_INT, default=1, help="model instances per GPU")
+    parser.add_argument("--preferred-batch-sizes", type=POSITIVE_INT, nargs="*", default=[], help="GPU batcher's preferred sizes")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16 and int8 are published as NAME-fp16 / NAME-int8 after the accuracy gate")
-    parser.add_argument("--calibration-count", type=int, default=QuantizationConfig.calibration_count,
+    parser.add_argument("--calibration-count", type=POSITIVE_INT, default=QuantizationConfig.calibration_count,
                         help="int8: training images to calibrate on (default: %(default)s)")
     parser.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=QuantizationConfig.method)
     parser.add_argument("--int8-reduce-range", action="store_true",
                         help="int8: 7-bit weights, for CPU nodes without AVX-512 VNNI (see README)")
-    parser.add_argument("--gate-split", default="test", help="held-out split the accuracy gate runs on (default: %(default)s)")
-    parser.add_argument("--baseline-split", default="test",
+    parser.add_argument("--gate-split", default="test", choices=("train", "val", "test"),
+                        help="held-out split the accuracy gate runs on (default: %(default)s)")
+    parser.add_argument("--baseline-split", default="test", choices=("train", "val", "test"),
                         help="held-out split the drift baseline (drift_baseline.json, read by the monitor) is measured on "
                              "(default: %(default)s)")
-    parser.add_argument("--min-agreement", type=float, default=AccuracyGate.min_agreement,
-                        help="accuracy gate: top-1 agreement with fp32 (default: %(default)s)")
-    parser.add_argument("--max-accuracy-drop", type=float, default=AccuracyGate.max_accuracy_drop,
+    parser.add_argument("--min-agreement", type=FRACTION, default=AccuracyGate.min_agreement,
+                        help="accuracy gate: top-1 agreement with fp32, in [0, 1] (default: %(default)s)")
+    parser.add_argument("--max-accuracy-drop", type=FRACTION, default=AccuracyGate.max_accuracy_drop,
                         help="accuracy gate: top-1 accuracy drop, as a fraction (default: %(default)s = 0.5 point)")
     parser.add_argument("--tensorrt", choices=("fp32", "fp16", "int8"),
                         help="GPU config: TensorRT execution accelerator at this precision (int8 needs --precision int8)")
-    parser.add_argument("--tensorrt-workspace-bytes", type=int, default=TensorRTConfig.workspace_bytes)
+    parser.add_argument("--tensorrt-workspace-bytes", type=POSITIVE_INT, default=TensorRTConfig.workspace_bytes)
     parser.add_argument("--tensorrt-cache-path", default=TensorRTConfig.cache_path,
                         help="engine and timing cache folder in the serving container (default: %(default)s)")
-    parser.add_argument("--cpu-instances", type=int, default=CpuTuning.instance_count, help="configs/cpu.pbtxt: model instances")
-    parser.add_argument("--cpu-threads", type=int, default=CpuTuning.intra_op_threads,
+    parser.add_argument("--cpu-instances", type=POSITIVE_INT, default=CpuTuning.instance_count,
+                        help="configs/cpu.pbtxt: model instances")
+    parser.add_argument("--cpu-threads", type=POSITIVE_INT, default=CpuTuning.intra_op_threads,
                         help="configs/cpu.pbtxt: ONNX Runtime intra-op threads per instance; the pod's CPU limit (default: %(default)s)")
-    parser.add_argument("--cpu-max-queue-delay-us", type=int, default=CpuTuning.max_queue_delay_us)
-    parser.add_argument("--cpu-preferred-batch-sizes", type=int, nargs="*", default=list(CpuTuning.preferred_batch_sizes))
-    parser.add_argument("--loaded-versions", type=int, default=2,
+    parser.add_argument("--cpu-max-queue-delay-us", type=NON_NEGATIVE_INT, default=CpuTuning.max_queue_delay_us)
+    parser.add_argument("--cpu-preferred-batch-sizes", type=POSITIVE_INT, nargs="*", default=list(CpuTuning.preferred_batch_sizes))
+    parser.add_argument("--loaded-versions", type=POSITIVE_INT, default=2,
                         help="newest versions Triton keeps loaded: 2 keeps the previous one serving during a "
                              "rollout and warm for a rollback (default: %(default)s)")
-    parser.add_argument("--parity-images", type=Path,
+    parser.add_argument("--parity-images", type=existing_folder,
                         help="ImageFolder for the parity gate (default: the checkpoint's test split)")
-    parser.add_argument("--parity-count", type=int, default=32)
-    parser.add_argument("--atol", type=float, default=1e-4, help="max |Δprob| allowed by the parity gate")
-    parser.add_argument("--opset", type=int, default=18)
-    args = parser.parse_args(argv)
+    parser.add_argument("--parity-count", type=POSITIVE_INT, default=32)
+    parser.add_argument("--atol", type=POSITIVE, default=1e-4, help="max |Δprob| allowed by the parity gate")
+    parser.add_argument("--opset", type=POSITIVE_INT, default=18, help="ONNX opset (default: %(default)s)")
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tensorrt == "int8" and args.precision != "int8":
+        parser.error("--tensorrt int8 runs the quantized model: add --precision int8")
+    try:
+        return export(args)
+    except (ParityError, AccuracyGateError, RepositoryError, FileNotFoundError, ValueError) as error:  # BaselineError too
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def export(args: argparse.Namespace) -> int:
     from histoserve.train.checkpoint import load_checkpoint, training_splits
     from histoserve.train.data import list_image_folder
     from histoserve.train.model import ServingModel
 
-    if args.tensorrt == "int8" and args.precision != "int8":
-        parser.error("--tensorrt int8 runs the quantized model: add --precision int8")
     name = args.name if args.precision == "fp32" else f"{args.name}-{args.precision}"
-    try:
-        classifier, meta = load_checkpoint(args.checkpoint)
-        model = ServingModel(classifier, meta.temperature).eval()
-        splits = training_splits(meta).splits
-        samples = list_image_folder(args.parity_images)[1] if args.parity_images else splits["test"]
-        images = parity_images([s.path for s in samples], meta.preprocess, args.parity_count)
-        tensorrt = None
-        if args.tensorrt:
-            tensorrt = TensorRTConfig(args.tensorrt.upper(), args.tensorrt_workspace_bytes, args.tensorrt_cache_path)
-        config = build_config(
-            name, len(meta.class_names), meta.preprocess,
-            BatchingConfig(args.max_batch_size, args.max_queue_delay_us, args.instance_count, tuple(args.preferred_batch_sizes)),
-            loaded_versions=args.loaded_versions, precision=args.precision, tensorrt=tensorrt,
-        )
-        cpu = CpuTuning(args.cpu_instances, args.cpu_threads, CpuTuning.inter_op_threads, args.cpu_max_queue_delay_us,
-                        tuple(args.cpu_preferred_batch_sizes))
-        with tempfile.TemporaryDirectory(prefix="histoserve-export-") as workdir:
-            onnx_file = Path(workdir) / "model.onnx"
-            print(f"exporting {meta.arch} ({len(meta.class_names)} classes, input uint8 3×{meta.preprocess.crop_size}²) to ONNX "
-                  "...", flush=True)
-            export_onnx(model, onnx_file, meta.preprocess.crop_size, args.opset)
-            print(check_parity(model, onnx_file, images, args.atol), flush=True)
-            if args.precision != "fp32":
-                variant = Path(workdir) / f"model-{args.precision}.onnx"
-                make_variant(args.precision, onnx_file, variant, splits, meta, args)
-                onnx_file = variant
-            baseline = measure_baseline(name, onnx_file, splits, meta, args)
-            target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu,
-                             version_files={BASELINE_FILE: lambda version: baseline.with_version(version).to_json()})
-    except (ParityError, AccuracyGateError, RepositoryError, FileNotFoundError, ValueError) as error:  # BaselineError too
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    classifier, meta = load_checkpoint(args.checkpoint)
+    tensorrt = TensorRTConfig(args.tensorrt.upper(), args.tensorrt_workspace_bytes, args.tensorrt_cache_path) if args.tensorrt else None
+    config = build_config(
+        name, len(meta.class_names), meta.preprocess,
+        BatchingConfig(args.max_batch_size, args.max_queue_delay_us, args.instance_count, tuple(args.preferred_batch_sizes)),
+        loaded_versions=args.loaded_versions, precision=args.precision, tensorrt=tensorrt,
+    )
+    cpu = CpuTuning(args.cpu_instances, args.cpu_threads, CpuTuning.inter_op_threads, args.cpu_max_queue_delay_us,
+                    tuple(args.cpu_preferred_batch_sizes))
+    check_publishable(args.repository, config, meta.class_names, args.version, cpu)  # before minutes of work, not after
+    model = ServingModel(classifier, meta.temperature).eval()
+    splits = training_splits(meta).splits
+    samples = list_image_folder(args.parity_images)[1] if args.parity_images else splits["test"]
+    images = parity_images([s.path for s in samples], meta.preprocess, args.parity_count)
+    with tempfile.TemporaryDirectory(prefix="histoserve-export-") as workdir:
+        onnx_file = Path(workdir) / "model.onnx"
+        print(f"exporting {meta.arch} ({len(meta.class_names)} classes, input uint8 3×{meta.preprocess.crop_size}²) to ONNX "
+              "...", flush=True)
+        export_onnx(model, onnx_file, meta.preprocess.crop_size, args.opset)
+        print(check_parity(model, onnx_file, images, args.atol), flush=True)
+        if args.precision != "fp32":
+            variant = Path(workdir) / f"model-{args.precision}.onnx"
+            make_variant(args.precision, onnx_file, variant, splits, meta, args)
+            onnx_file = variant
+        baseline = measure_baseline(name, onnx_file, splits, meta, args)
+        target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu,
+                         version_files={BASELINE_FILE: lambda version: baseline.with_version(version).to_json()})
     print(f"published {target / 'model.onnx'} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
     print(f"config: {target.parent / 'config.pbtxt'}\n" + config_to_text(config))
     return 0

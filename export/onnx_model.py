@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from histoserve.client.contract import INPUT_NAME, OUTPUT_NAME
+from histoserve.formats.contract import INPUT_NAME, OUTPUT_NAME
 
 
 class ParityError(RuntimeError):
@@ -28,7 +28,7 @@ def export_onnx(model: torch.nn.Module, path: Path, crop_size: int, opset: int =
         str(path),
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
-        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),  # forward's one argument: the batch axis is free
         opset_version=opset,
         dynamo=True,
         external_data=False,

@@ -30,8 +30,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from histoserve.client.contract import INPUT_NAME, OUTPUT_NAME
 from histoserve.export.onnx_model import onnx_session
+from histoserve.formats.contract import INPUT_NAME, OUTPUT_NAME
+from histoserve.formats.options import FRACTION
 
 PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
@@ -60,6 +61,10 @@ class QuantizationConfig:
 class AccuracyGate:
     min_agreement: float = 0.99  # top-1 agreement with the FP32 model
     max_accuracy_drop: float = 0.005  # 0.5 point of top-1 accuracy
+
+    def __post_init__(self):
+        FRACTION.check(self.min_agreement, "--min-agreement")
+        FRACTION.check(self.max_accuracy_drop, "--max-accuracy-drop")
 
 
 def kept_in_fp32(model: onnx.ModelProto) -> list[str]:

@@ -1,11 +1,5 @@
-"""The Triton model repository, written with Triton's own protobuf types.
-
-Layout (what Triton, `serve/` and the k8s manifests read):
-
-    <repository>/<name>/config.pbtxt           (GPU: the default)
-    <repository>/<name>/configs/cpu.pbtxt      (the same on CPU: tritonserver --model-config-name=cpu)
-    <repository>/<name>/labels.txt
-    <repository>/<name>/<version>/model.onnx
+"""Writing the Triton model repository (its layout: formats/repository.py) with Triton's own
+protobuf types: the production config, its CPU variant, and each new version.
 
 A new version is assembled in a hidden, non-numeric folder (Triton ignores those) and renamed into
 place, so a polling Triton never loads half a model.
@@ -14,25 +8,26 @@ place, so a polling Triton never loads half a model.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from histoserve.client.contract import CONTRACT_VERSION, INPUT_NAME, LABELS_FILE, OUTPUT_NAME, ContractError, ModelContract
-from histoserve.client.preprocessing import PreprocessSpec
-
-MODEL_FILE = "model.onnx"
-NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-
-
-class RepositoryError(RuntimeError):
-    pass
+from histoserve.formats.contract import CONTRACT_VERSION, INPUT_NAME, LABELS_FILE, OUTPUT_NAME, ContractError, ModelContract
+from histoserve.formats.preprocessing import PreprocessSpec
+from histoserve.formats.repository import (
+    MODEL_FILE,
+    NAME_PATTERN,
+    RepositoryError,
+    config_to_text,
+    contract_of,
+    read_config,
+    versions,
+    write_text_if_changed,
+)
 
 
 @dataclass(frozen=True)
@@ -155,11 +150,6 @@ def _preferred_sizes(sizes: tuple[int, ...], max_batch_size: int) -> list[int]:
     return sorted(set(sizes))
 
 
-def contract_of(config: mc.ModelConfig) -> ModelContract:
-    """The serving contract a config carries, read exactly as the client reads it from the server."""
-    return ModelContract.from_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
-
-
 def check_contract(config: mc.ModelConfig) -> None:
     try:
         contract_of(config)
@@ -187,23 +177,6 @@ def cpu_variant(config: mc.ModelConfig, tuning: CpuTuning = CpuTuning()) -> mc.M
     return variant
 
 
-def config_to_text(config: mc.ModelConfig) -> str:
-    return text_format.MessageToString(config)
-
-
-def read_config(path: Path) -> mc.ModelConfig:
-    try:
-        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
-    except text_format.ParseError as error:
-        raise RepositoryError(f"{path}: not a valid Triton model config ({error})") from error
-
-
-def versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
-
-
 def publish(
     repository: Path, config: mc.ModelConfig, labels: list[str], onnx_file: Path, version: int | None = None,
     cpu_tuning: CpuTuning = CpuTuning(), version_files: dict[str, Callable[[int], str]] | None = None,
@@ -216,14 +189,10 @@ def publish(
     A model that already exists keeps its contract: a new version with other labels, input
     geometry or preprocessing is refused instead of silently breaking the versions being served.
     """
+    version = check_publishable(repository, config, labels, version, cpu_tuning)  # again: the repository may have moved on
     model_dir = Path(repository) / config.name
     model_dir.mkdir(parents=True, exist_ok=True)
-    if (model_dir / "config.pbtxt").exists():
-        _check_same_contract(model_dir, read_config(model_dir / "config.pbtxt"), config, labels)
-    version = version or (max(versions(model_dir), default=0) + 1)
     target = model_dir / str(version)
-    if target.exists():
-        raise RepositoryError(f"{target} already exists: versions are immutable, pick another --version")
 
     write_text_if_changed(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
     write_text_if_changed(model_dir / "config.pbtxt", config_to_text(config))
@@ -241,6 +210,27 @@ def publish(
     return target
 
 
+def check_publishable(repository: Path, config: mc.ModelConfig, labels: list[str], version: int | None = None,
+                      cpu_tuning: CpuTuning = CpuTuning()) -> int:
+    """What `publish` would refuse, checked before any work: the version number (returned, the next
+    free one by default) must be new, a model already there must keep its contract, the CPU variant
+    must build, and the repository must be writable. Raises RepositoryError naming the problem."""
+    if not NAME_PATTERN.match(config.name):
+        raise RepositoryError(f"model name {config.name!r} must match {NAME_PATTERN.pattern}")
+    cpu_variant(config, cpu_tuning)
+    repository = Path(repository)
+    existing = next((p for p in (repository / config.name, repository, *repository.parents) if p.exists()), None)
+    if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise RepositoryError(f"cannot write the model repository {repository}: {existing} is not a writable folder")
+    model_dir = repository / config.name
+    if (model_dir / "config.pbtxt").exists():
+        _check_same_contract(model_dir, read_config(model_dir / "config.pbtxt"), config, labels)
+    version = version or (max(versions(model_dir), default=0) + 1)
+    if (model_dir / str(version)).exists():
+        raise RepositoryError(f"{model_dir / str(version)} already exists: versions are immutable, pick another --version")
+    return version
+
+
 def _check_same_contract(model_dir: Path, old: mc.ModelConfig, new: mc.ModelConfig, labels: list[str]) -> None:
     old_labels = (model_dir / LABELS_FILE).read_text().splitlines() if (model_dir / LABELS_FILE).exists() else []
     differences = []
@@ -255,19 +245,3 @@ def _check_same_contract(model_dir: Path, old: mc.ModelConfig, new: mc.ModelConf
             f"{model_dir} already serves another contract ({'; '.join(differences)}). "
             f"Export under a new --name, or move the old model folder away yourself."
         )
-
-
-def write_text_if_changed(path: Path, text: str) -> None:
-    """Rename into place, and only when the content changes: a polling Triton reloads a model whose
-    config.pbtxt or labels file was touched."""
-    if path.is_file() and path.read_text() == text:
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from histoserve.client.classifier import TritonClassifier
-from histoserve.client.preprocessing import ImageLoadError, PreprocessSpec, find_images, preprocess_file
+from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, find_images, preprocess_file
 
 NEAR_TIE = 1e-3  # top-1 and top-2 scores closer than this: either is a correct answer under batching
 

@@ -52,15 +52,16 @@ from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from histoserve.client.classifier import ClientError, ClientTls, TritonClassifier  # noqa: E402
+from histoserve.client.classifier import ClientError, TritonClassifier  # noqa: E402
 from histoserve.client.monitoring import MonitorSender, monitor_token  # noqa: E402
-from histoserve.client.preprocessing import preprocess_file  # noqa: E402
-from histoserve.loadtest.arrivals import DISTRIBUTIONS, ArrivalSchedule  # noqa: E402
+from histoserve.formats.options import add_tls_arguments, tls_from  # noqa: E402
+from histoserve.formats.preprocessing import preprocess_file  # noqa: E402
+from histoserve.formats.records import records_for  # noqa: E402
+from histoserve.loadtest.arrivals import DISTRIBUTIONS  # noqa: E402
 from histoserve.loadtest.expectations import expected_predictions, load_images, read_expected  # noqa: E402
-from histoserve.loadtest.windows import Window, WindowClock, merged, stable  # noqa: E402
-from histoserve.monitor.records import records_for  # noqa: E402
-
-GENERATOR_CPU_LIMIT = 90.0  # percent of one core: Locust's own warning level
+from histoserve.loadtest.judgement import RunFacts, Thresholds, exit_code, invalid_reasons, threshold_failures  # noqa: E402
+from histoserve.loadtest.open_loop import OpenLoop, WindowBook  # noqa: E402
+from histoserve.loadtest.windows import Window, merged  # noqa: E402
 
 
 @events.init_command_line_parser.add_listener
@@ -69,13 +70,7 @@ def add_arguments(parser):
     group.add_argument("--triton-url", default="localhost:8001", env_var="HISTOSERVE_TRITON_URL",
                        help="Triton gRPC address")
     group.add_argument("--model", default="digits", env_var="HISTOSERVE_MODEL", help="model name")
-    group.add_argument("--ssl", action="store_true", env_var="HISTOSERVE_SSL", help="gRPC over TLS")
-    group.add_argument("--ssl-root-certificates", default="", env_var="HISTOSERVE_SSL_ROOT_CERTIFICATES",
-                       help="CA bundle (PEM) that signed the server; default: the system's")
-    group.add_argument("--ssl-private-key", default="", env_var="HISTOSERVE_SSL_PRIVATE_KEY",
-                       help="mutual TLS: the client's private key (PEM)")
-    group.add_argument("--ssl-certificate-chain", default="", env_var="HISTOSERVE_SSL_CERTIFICATE_CHAIN",
-                       help="mutual TLS: the client's certificate chain (PEM)")
+    add_tls_arguments(group, environment=True)
     group.add_argument("--images", default="data/digits/test", env_var="HISTOSERVE_IMAGES",
                        help="folder of images to send (searched recursively)")
     group.add_argument("--max-images", type=int, default=512, env_var="HISTOSERVE_MAX_IMAGES",
@@ -138,41 +133,31 @@ def load_inputs(options, classifier: TritonClassifier) -> Inputs:
     return _inputs[key]
 
 
-def client_tls(options) -> ClientTls | None:
-    files = (options.ssl_root_certificates, options.ssl_private_key, options.ssl_certificate_chain)
-    return ClientTls(*(f or None for f in files)) if options.ssl or any(files) else None
-
-
 class WrongPrediction(AssertionError):
     """The server answered with another image's class: counted as a failed request."""
 
 
-class OpenLoop:
-    """This process's share of the offered rate, its arrival schedule and its measurement windows."""
+class Run:
+    """This process's open-loop state (formats in loadtest/open_loop.py), wired to Locust: windows are
+    flushed every 0.25 s, a worker sends them to the master, the master books them."""
 
     def __init__(self):
-        self.schedule: ArrivalSchedule | None = None
-        self.clock: WindowClock | None = None
+        self.loop: OpenLoop | None = None
+        self.book: WindowBook | None = None
         self.flusher = None
 
     def start(self, environment) -> None:
-        options = environment.parsed_options
-        self.clock = WindowClock(options.window_s)
-        if options.arrival_rate > 0:
-            index = getattr(environment.runner, "worker_index", 0)
-            self.schedule = ArrivalSchedule(options.arrival_rate, options.arrival_distribution, seed=index if index >= 0 else 0)
-        if not isinstance(environment.runner, MasterRunner):
+        options, runner = environment.parsed_options, environment.runner
+        self.loop = OpenLoop(options.window_s, options.arrival_rate, options.arrival_distribution,
+                             getattr(runner, "worker_index", 0))
+        if self.book is None:
+            self.book = book_for(options)
+        if not isinstance(runner, MasterRunner):
             self.flusher = gevent.spawn(self.flush_forever, environment)
 
-    def share(self, environment) -> float:
-        """The part of the offered rate this process sends: its users ÷ all users."""
-        total = max(1, environment.parsed_options.num_users or 1)
-        return min(1.0, max(1, environment.runner.user_count) / total)
-
     def next_send(self, environment) -> float:
-        self.schedule.share = self.share(environment)
-        self.schedule.offset = max(0, getattr(environment.runner, "worker_index", 0)) * self.schedule.share % 1.0
-        return self.schedule.take(time.perf_counter())
+        total = environment.parsed_options.num_users or 1
+        return self.loop.next_send(time.perf_counter(), environment.runner.user_count, total)
 
     def flush_forever(self, environment) -> None:
         while True:
@@ -180,61 +165,35 @@ class OpenLoop:
             self.flush(environment, time.time())
 
     def flush(self, environment, now: float) -> None:
-        for window in self.clock.closed(now):
-            window.generator_cpu = environment.runner.current_cpu_usage
+        for window in self.loop.closed_windows(now, environment.runner.current_cpu_usage):
             if isinstance(environment.runner, WorkerRunner):
                 environment.runner.send_message("histoserve_window", window.to_message())
             else:
-                BOOK.add(environment, window)
+                book_window(environment, window)
 
     def stop(self, environment) -> None:
         if self.flusher is not None:
             self.flusher.kill()
             self.flusher = None
-        if self.clock is not None:
+        if self.loop is not None:
             self.flush(environment, time.time())  # windows that ended; the one under way is partial: dropped
 
 
-class WindowBook:
-    """On the master (or the only process): every process's windows merged, in order, and whether the
-    load is stable. Windows that began before every user was running are warm-up."""
-
-    def __init__(self):
-        self.pending: dict[float, Window] = {}
-        self.windows: list[Window] = []
-        self.measuring_from: float | None = None
-        self.stable_at: int | None = None
-
-    def add(self, environment, window: Window) -> None:
-        runner = environment.runner
-        expected = max(1, runner.worker_count) if isinstance(runner, MasterRunner) else 1
-        if window.start in self.pending:
-            window = self.pending.pop(window.start).merge(window)
-        if window.reporters < expected:
-            self.pending[window.start] = window
-            return
-        if self.measuring_from is None or window.start < self.measuring_from:
-            return
-        self.windows.append(window)
-        options = environment.parsed_options
-        if self.stable_at is None and stable(self.windows, options.stable_windows, options.stable_tolerance,
-                                                 open_loop=options.arrival_rate > 0):
-            self.stable_at = len(self.windows)
-            if options.stop_when_stable:
-                print(f"loadtest: stable after {len(self.windows)} window(s) of {options.window_s:g} s", flush=True)
-                gevent.spawn_later(0, runner.quit)
-
-    def measured(self, count: int, stop_when_stable: bool) -> list[Window]:
-        """With --stop-when-stable, the windows that were found stable (or every window, when the load
-        never settled); otherwise every window after the warm-up: a run of fixed length reports all of
-        it, a stall after a stable start included."""
-        if stop_when_stable and self.stable_at is not None:
-            return self.windows[self.stable_at - count:self.stable_at]
-        return self.windows
+def book_for(options) -> WindowBook:
+    return WindowBook(options.stable_windows, options.stable_tolerance, open_loop=options.arrival_rate > 0)
 
 
-LOOP = OpenLoop()
-BOOK = WindowBook()
+def book_window(environment, window: Window) -> None:
+    runner, options = environment.runner, environment.parsed_options
+    if RUN.book is None:
+        RUN.book = book_for(options)
+    reporters = max(1, runner.worker_count) if isinstance(runner, MasterRunner) else 1
+    if RUN.book.add(window, reporters) and options.stop_when_stable:
+        print(f"loadtest: stable after {len(RUN.book.windows)} window(s) of {options.window_s:g} s", flush=True)
+        gevent.spawn_later(0, runner.quit)
+
+
+RUN = Run()
 MONITOR: list[MonitorSender] = []  # one per process, started with the first user that needs it
 
 
@@ -256,19 +215,19 @@ def close_monitor(environment, **_kwargs):
 def receive_windows(environment, **_kwargs):
     if isinstance(environment.runner, MasterRunner):
         environment.runner.register_message(
-            "histoserve_window", lambda msg, **_: BOOK.add(environment, Window.from_message(msg.data)))
+            "histoserve_window", lambda msg, **_: book_window(environment, Window.from_message(msg.data)))
 
 
 @events.test_start.add_listener
 def start_measuring(environment, **_kwargs):
-    LOOP.start(environment)
+    RUN.start(environment)
 
 
 @events.spawning_complete.add_listener
 def warm_up_over(user_count, **_kwargs):
     """Measure from the first window that begins once every user is running."""
-    if BOOK.measuring_from is None:
-        BOOK.measuring_from = time.time()
+    if RUN.book is not None and RUN.book.measuring_from is None:
+        RUN.book.measuring_from = time.time()
 
 
 @events.test_stop.add_listener
@@ -276,7 +235,7 @@ def count_workers_at_the_end(environment, **_kwargs):
     """On the master, before workers are told to quit: how many of the expected ones are still there
     (a worker that quit, crashed or stopped sending heartbeats is gone or marked missing)."""
     runner = environment.runner
-    LOOP.stop(environment)
+    RUN.stop(environment)
     if isinstance(runner, MasterRunner):
         present = len(runner.clients.all) - len(runner.clients.missing)
         environment.histoserve_lost_workers = max(0, environment.parsed_options.expect_workers - present)
@@ -285,7 +244,7 @@ def count_workers_at_the_end(environment, **_kwargs):
 def run_summary(environment) -> dict:
     """Locust's totals, and from the HDR windows the latencies at µs resolution, late share and
     wrong answers of the measured windows (every window, for the record)."""
-    options, total = environment.parsed_options, environment.stats.total
+    options, total, book = environment.parsed_options, environment.stats.total, RUN.book or book_for(environment.parsed_options)
     summary = {
         "mode": "open loop" if options.arrival_rate > 0 else "closed loop",
         "offered_per_s": options.arrival_rate or None,
@@ -296,10 +255,10 @@ def run_summary(environment) -> dict:
         "p50_ms": total.get_response_time_percentile(0.5) if total.num_requests else 0.0,
         "p99_ms": total.get_response_time_percentile(0.99) if total.num_requests else 0.0,
         "average_ms": total.avg_response_time,
-        "stable": BOOK.stable_at is not None,
-        "windows": [w.summary() for w in BOOK.windows],
+        "stable": book.stable_at is not None,
+        "windows": [w.summary() for w in book.windows],
     }
-    measured = BOOK.measured(options.stable_windows, options.stop_when_stable)
+    measured = book.measured(options.stop_when_stable)
     if measured:
         totals = merged(measured)
         summary["measured"] = totals.summary()
@@ -308,40 +267,21 @@ def run_summary(environment) -> dict:
     return summary
 
 
-def invalid_reasons(environment, summary: dict) -> list[str]:
-    options = environment.parsed_options
-    reasons = []
-    if environment.stats.total.num_requests == 0:
-        reasons.append("no request was sent")
-    if lost := getattr(environment, "histoserve_lost_workers", 0):
-        reasons.append(f"{lost} of {options.expect_workers} worker(s) lost during the run")
-    measured = summary.get("measured")
-    if options.arrival_rate > 0 and environment.stats.total.num_requests and not measured:
-        reasons.append(f"no {options.window_s:g} s measurement window completed after every user was running "
-                       f"(run for longer, or shorten --window-s)")
-    if options.arrival_rate > 0 and measured:
-        if measured["late_share"] > options.max_late_share:
-            reasons.append(
-                f"the generator could not keep the offered {options.arrival_rate:g} req/s: "
-                f"{measured['late_share']:.1%} of requests were sent over {options.late_ms:g} ms after their "
-                f"intended time (every user busy: the server is past capacity or --users is too low; or the "
-                f"generator's CPU is saturated). Response latency, from the intended times, still tells the truth")
-        if measured["generator_cpu"] >= GENERATOR_CPU_LIMIT:
-            reasons.append(f"a Locust process ran at {measured['generator_cpu']:.0f}% CPU: the generator, not the "
-                           f"server, limits the load (add --processes or workers)")
-    return reasons
-
-
 @events.quitting.add_listener
 def summarize_and_judge(environment, **_kwargs):
     """Write the final totals to PREFIX_summary.json (Locust's --csv files are rewritten once a
-    second and miss the last second of a run) and --summary-json, and apply the thresholds."""
+    second and miss the last second of a run) and --summary-json, and apply the thresholds
+    (loadtest/judgement.py)."""
     if isinstance(environment.runner, WorkerRunner):
         return
     options = environment.parsed_options
     summary = run_summary(environment)
-    invalid = invalid_reasons(environment, summary)
-    summary["invalid"] = invalid
+    invalid = invalid_reasons(RunFacts(
+        requests=environment.stats.total.num_requests, arrival_rate=options.arrival_rate,
+        lost_workers=getattr(environment, "histoserve_lost_workers", 0), expected_workers=options.expect_workers,
+        measured=summary.get("measured"), window_s=options.window_s, late_ms=options.late_ms,
+        max_late_share=options.max_late_share))
+    summary["invalid"] = [reason.to_dict() for reason in invalid]
     for target in (f"{options.csv_prefix}_summary.json" if getattr(options, "csv_prefix", None) else "", options.summary_json):
         if target:
             Path(target).write_text(json.dumps(summary, indent=2))
@@ -350,23 +290,15 @@ def summarize_and_judge(environment, **_kwargs):
               f"response p50 {measured['response_p50_ms']:.1f} ms p99 {measured['response_p99_ms']:.1f} ms; "
               f"service p50 {measured['service_p50_ms']:.1f} ms p99 {measured['service_p99_ms']:.1f} ms; "
               f"late {measured['late_share']:.1%}; {'stable' if summary['stable'] else 'NOT stable'}", flush=True)
+    thresholds = Thresholds(options.fail_p99_ms, options.fail_ratio)
+    failed = [] if invalid else threshold_failures(thresholds, summary["p99_ms"], environment.stats.total.fail_ratio)
     if invalid:
-        print(f"loadtest: INVALID RUN: {'; '.join(invalid)}", flush=True)
-        if environment.process_exit_code != 2:  # "nothing can be measured" already says more
-            environment.process_exit_code = 4
-        return
-    verdicts = []
-    if options.fail_p99_ms > 0 and summary["p99_ms"] > options.fail_p99_ms:
-        verdicts.append(f"p99 {summary['p99_ms']:.0f} ms > --fail-p99-ms {options.fail_p99_ms:.0f}")
-    if options.fail_ratio >= 0 and environment.stats.total.fail_ratio > options.fail_ratio:
-        verdicts.append(f"failure ratio {environment.stats.total.fail_ratio:.4f} > --fail-ratio {options.fail_ratio}")
-    if verdicts:
-        print(f"loadtest: FAILED: {'; '.join(verdicts)}", flush=True)
-        environment.process_exit_code = 3
-    elif options.fail_p99_ms > 0 or options.fail_ratio >= 0:
+        print(f"loadtest: INVALID RUN: {'; '.join(reason.message for reason in invalid)}", flush=True)
+    elif failed:
+        print(f"loadtest: FAILED: {'; '.join(failed)}", flush=True)
+    elif thresholds.set:
         print("loadtest: passed the thresholds", flush=True)
-        if options.fail_ratio >= 0:  # failures within the allowed ratio must not fail the run
-            environment.process_exit_code = 0
+    environment.process_exit_code = exit_code(environment.process_exit_code, invalid, failed, thresholds)
 
 
 @events.quit.add_listener
@@ -390,7 +322,7 @@ class TritonGrpcUser(User):
     def on_start(self):
         options = self.environment.parsed_options
         try:
-            self.classifier = TritonClassifier(options.triton_url, options.model, tls=client_tls(options))
+            self.classifier = TritonClassifier(options.triton_url, options.model, tls=tls_from(options))
             self.inputs = load_inputs(options, self.classifier)
             monitor_sender(options)  # a monitor without a writer token is an error before the first request
         except (ClientError, ValueError, OSError) as error:
@@ -415,13 +347,13 @@ class TritonGrpcUser(User):
 
     @task
     def infer(self):
-        intended = LOOP.next_send(self.environment) if LOOP.schedule else None
+        intended = RUN.next_send(self.environment) if RUN.loop.schedule else None
         if intended is not None and (wait := intended - time.perf_counter()) > 0:
             gevent.sleep(wait)
         indices = random.sample(range(len(self.inputs.paths)), k=min(self.batch_size, len(self.inputs.paths)))
         started, started_wall = time.perf_counter(), time.time()
         first = intended if intended is not None else started  # response latency counts from here
-        sending = LOOP.clock.at(started_wall)
+        sending = RUN.loop.clock.at(started_wall)
         sending.sent += 1
         sending.late += (started - first) * 1000.0 > self.environment.parsed_options.late_ms
         exception, sent = None, started
@@ -440,7 +372,7 @@ class TritonGrpcUser(User):
         if exception is None and (monitor := monitor_sender(self.environment.parsed_options)) is not None:
             monitor.submit(records_for(self.classifier.model, version, batch, [row[0].index for row in answers],
                                        [row[0].score for row in answers]))
-        completing = LOOP.clock.at(time.time())
+        completing = RUN.loop.clock.at(time.time())
         if exception is None:
             completing.record(done - sent, done - first)
         else:

@@ -24,7 +24,7 @@ class LoadSummary:
     average_ms: float
     mode: str = "closed loop"
     measured: dict | None = None  # the HDR windows' totals (see loadtest/windows.py), when any completed
-    invalid: tuple[str, ...] = ()
+    invalid: tuple[dict, ...] = ()  # judgement.Invalid: code, message
 
     def table(self) -> str:
         rows = [
@@ -41,7 +41,7 @@ class LoadSummary:
             rows += [("service p50", f"{m['service_p50_ms']:.1f} ms (from the actual send)"),
                      ("service p99", f"{m['service_p99_ms']:.1f} ms"),
                      ("late sends", f"{m['late_share']:.1%}")]
-        rows += [("INVALID", reason) for reason in self.invalid]
+        rows += [("INVALID", reason["message"]) for reason in self.invalid]
         return "\n".join(f"  {name:<13} {value}" for name, value in rows)
 
 

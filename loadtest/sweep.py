@@ -41,9 +41,20 @@ from pathlib import Path
 
 import numpy as np
 
-from histoserve.client.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
-from histoserve.client.classifier import ClientError, ClientTls, TritonClassifier
+from histoserve.client.classifier import ClientError, TritonClassifier
+from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
+from histoserve.formats.options import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    ListOf,
+    OptionError,
+    add_tls_arguments,
+    existing_folder,
+    tls_from,
+)
 from histoserve.loadtest.expectations import expected_predictions, load_images, write_expected
+from histoserve.loadtest.judgement import GENERATOR_CPU, LATE
 from histoserve.loadtest.triton_stats import StatisticsRefused, snapshot
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -67,66 +78,80 @@ class Step:
     mismatches: int = 0
     stable: bool = False
     windows: int = 0
-    invalid: list[str] = field(default_factory=list)
+    invalid: list[dict] = field(default_factory=list)  # judgement.Invalid as written to the summary: code, message
     triton: dict = field(default_factory=dict)
     meets_slo: bool = False
     knee: bool = False
 
     @property
+    def invalid_codes(self) -> set[str]:
+        return {reason["code"] for reason in self.invalid}
+
+    @property
     def keeps_up(self) -> bool:
         """The server completed what was sent (≥ 95 %), and the requests went out on time."""
-        return self.completed >= COMPLETED_SHARE * self.sent and not any("could not keep" in r for r in self.invalid)
+        return self.completed >= COMPLETED_SHARE * self.sent and LATE not in self.invalid_codes
 
     @property
     def generator_limited(self) -> bool:
-        return any("% CPU" in reason for reason in self.invalid) or self.completed == 0
+        return GENERATOR_CPU in self.invalid_codes or self.completed == 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m loadtest sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default: %(default)s)")
     parser.add_argument("--model", required=True)
-    parser.add_argument("--images", required=True, help="folder of images to send")
-    parser.add_argument("--max-images", type=int, default=64, help="first N images of the folder (default: %(default)s)")
-    parser.add_argument("--slo-p99-ms", type=float, required=True, help="the latency SLO: p99 of response latency")
-    parser.add_argument("--rates", help="offered rates, req/s, comma-separated (default: fractions of the closed-loop peak)")
-    parser.add_argument("--refine", type=int, default=2, help="bisections between the last pass and first miss (default: %(default)s)")
+    parser.add_argument("--images", type=existing_folder, required=True, help="folder of images to send")
+    parser.add_argument("--max-images", type=POSITIVE_INT, default=64, help="first N images of the folder (default: %(default)s)")
+    parser.add_argument("--slo-p99-ms", type=POSITIVE, required=True, help="the latency SLO: p99 of response latency")
+    parser.add_argument("--rates", type=ListOf(POSITIVE),
+                        help="offered rates, req/s, comma-separated (default: fractions of the closed-loop peak)")
+    parser.add_argument("--refine", type=NON_NEGATIVE_INT, default=2,
+                        help="bisections between the last pass and first miss (default: %(default)s)")
     parser.add_argument("--distribution", choices=("poisson", "constant"), default="poisson")
-    parser.add_argument("--concurrency", type=int, default=4, help="closed-loop users for the peak and cross-check (default: %(default)s)")
-    parser.add_argument("--users", type=int, default=16,
+    parser.add_argument("--concurrency", type=POSITIVE_INT, default=4,
+                        help="closed-loop users for the peak and cross-check (default: %(default)s)")
+    parser.add_argument("--users", type=POSITIVE_INT, default=16,
                         help="open-loop users at least (more when rate × 2 × SLO needs them; default: %(default)s)")
-    parser.add_argument("--max-users", type=int, default=128, help="open-loop users at most (default: %(default)s)")
-    parser.add_argument("--processes", type=int, default=0, help="Locust worker processes on this machine (0: one process)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-users", type=POSITIVE_INT, default=128, help="open-loop users at most (default: %(default)s)")
+    parser.add_argument("--processes", type=NON_NEGATIVE_INT, default=0,
+                        help="Locust worker processes on this machine (0: one process)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=1)
     parser.add_argument("--decode-per-request", action="store_true", help="each request decodes and preprocesses its files")
-    parser.add_argument("--window-s", type=float, default=5.0, help="measurement window (default: %(default)s)")
-    parser.add_argument("--stable-windows", type=int, default=3)
-    parser.add_argument("--max-windows", type=int, default=8, help="windows per step at most (default: %(default)s)")
-    parser.add_argument("--late-ms", type=float,
+    parser.add_argument("--window-s", type=POSITIVE, default=5.0, help="measurement window (default: %(default)s)")
+    parser.add_argument("--stable-windows", type=POSITIVE_INT, default=3)
+    parser.add_argument("--max-windows", type=POSITIVE_INT, default=8, help="windows per step at most (default: %(default)s)")
+    parser.add_argument("--late-ms", type=POSITIVE,
                         help="a request sent later than this after its intended time is late; over 1 %% late makes a step "
                              "invalid (default: SLO ÷ 20, at least 10 ms: lateness that cannot move the verdict is not counted)")
     parser.add_argument("--metrics-url", help="Triton's Prometheus metrics (default: http://HOST:8002/metrics)")
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
-    parser.add_argument("--ssl", action="store_true", help="gRPC over TLS (every call: expectations, Locust, direct loop, statistics)")
-    parser.add_argument("--ssl-root-certificates", help="CA bundle (PEM) that signed the server; default: the system's")
-    parser.add_argument("--ssl-private-key", help="mutual TLS: this client's private key (PEM)")
-    parser.add_argument("--ssl-certificate-chain", help="mutual TLS: this client's certificate chain (PEM)")
+    add_tls_arguments(parser)
     parser.add_argument("--admin-key-file", type=Path,
                         help=f"the server's admin key, for its statistics (default: ${ENVIRONMENT_VARIABLE})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:  # every option checked before the first call to the server
+        args.tls = tls_from(args)
         args.admin_key = AdminKey.resolve(args.admin_key_file)
-    except AdminKeyError as error:
+    except (OptionError, AdminKeyError) as error:
         parser.error(str(error))
-    files = (args.ssl_root_certificates, args.ssl_private_key, args.ssl_certificate_chain)
-    args.tls = ClientTls(*files) if args.ssl or any(files) else None
+    if args.max_users < args.users:
+        parser.error(f"--max-users {args.max_users} is below --users {args.users}")
     if args.late_ms is None:
         args.late_ms = max(10.0, args.slo_p99_ms / 20)
     if args.metrics_url is None:
         args.metrics_url = f"http://{args.url.rsplit(':', 1)[0]}:8002/metrics"
     args.out.mkdir(parents=True, exist_ok=True)
+    return sweep(args)
 
+
+def sweep(args: argparse.Namespace) -> int:
     try:
         expected = expectations(args)
         snapshot(args.url, args.model, tls=args.tls, admin_key=args.admin_key)  # refused: stop before any load
@@ -144,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if not peak:
         print("error: INVALID: the closed-loop run completed no request", file=sys.stderr)
         return 4
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else [round(f * peak, 2) for f in FRACTIONS_OF_PEAK]
+    rates = args.rates or [round(f * peak, 2) for f in FRACTIONS_OF_PEAK]
     steps: list[Step] = []
     misses = 0
     for rate in rates:

@@ -1,7 +1,7 @@
 """Where the time goes, from Triton itself: its statistics extension (queue, compute input / infer /
 output, executions) and its Prometheus `nv_inference_*` metrics, read before and after a load step
 and turned into per-request figures for that step. Statistics are an admin API: the calls carry the
-admin key (client/admin.py); without it Triton refuses them (StatisticsRefused)."""
+admin key (formats/admin.py); without it Triton refuses them (StatisticsRefused)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import tritonclient.grpc as grpcclient
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from histoserve.client.admin import REFUSED_HINT, AdminKey, headers, refused
-from histoserve.client.classifier import ClientTls
+from histoserve.formats.admin import REFUSED_HINT, AdminKey, headers, refused
+from histoserve.formats.options import ClientTls
 
 STAGES = ("queue", "compute_input", "compute_infer", "compute_output")
 # Counters that add up over a step; their labels name the model and version.
@@ -95,14 +95,3 @@ def model_metrics(metrics_url: str, model: str, timeout_s: float = 10.0) -> dict
                 name = sample.name.removesuffix("_total")
                 values[name] = values.get(name, 0.0) + sample.value
     return values
-
-
-def reachable(url: str, model: str) -> str | None:
-    """None when the server answers and has the model ready; otherwise why not."""
-    try:
-        with grpcclient.InferenceServerClient(url) as client:
-            if not client.is_model_ready(model, client_timeout=10.0):
-                return f"model {model!r} is not ready on {url}"
-    except InferenceServerException as error:
-        return f"cannot reach Triton at {url}: {error.message()}"
-    return None

@@ -21,9 +21,10 @@ import signal
 import sys
 from pathlib import Path
 
-from histoserve.monitor.baseline import BaselineError, baseline_path, read_baseline
+from histoserve.formats.baseline import BaselineError, baseline_path, read_baseline
+from histoserve.formats.options import FRACTION, POSITIVE, POSITIVE_INT, Range
+from histoserve.formats.records import PredictionRecord, read_records
 from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
-from histoserve.monitor.records import PredictionRecord, read_records
 from histoserve.monitor.service import TOKEN_VARIABLE, Monitor, TokenError, WriterTokens, make_server, report_json
 
 
@@ -37,23 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     for command in (serve, report):
         command.add_argument("--repository", type=Path, default=Path("model_repository"),
                              help="model repository with each version's drift_baseline.json (default: %(default)s)")
-        command.add_argument("--alpha", type=float, default=ALPHA, help="family-wise false-alarm rate per window")
-        command.add_argument("--max-accuracy-drop", type=float, default=MAX_ACCURACY_DROP,
+        command.add_argument("--alpha", type=Range(float, 0, 1, low_open=True, high_open=True), default=ALPHA,
+                             help="family-wise false-alarm rate per window")
+        command.add_argument("--max-accuracy-drop", type=FRACTION, default=MAX_ACCURACY_DROP,
                              help="flag an estimated accuracy this far under the baseline's (default: %(default)s)")
     serve.add_argument("--address", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8010)
-    serve.add_argument("--window", type=int, default=500, help="records per model version in the sliding window")
-    serve.add_argument("--min-window", type=int, default=100, help="records before drift is judged")
-    serve.add_argument("--max-windows", type=int, default=32,
+    serve.add_argument("--port", type=Range(int, 0, 65535), default=8010, help="0: any free port")
+    serve.add_argument("--window", type=POSITIVE_INT, default=500, help="records per model version in the sliding window")
+    serve.add_argument("--min-window", type=POSITIVE_INT, default=100, help="records before drift is judged")
+    serve.add_argument("--max-windows", type=POSITIVE_INT, default=32,
                        help="model versions watched at once; the one updated longest ago is dropped (default: %(default)s)")
     serve.add_argument("--token-file", type=Path,
                        help=f"bearer tokens writers must send, one per line (default: ${TOKEN_VARIABLE})")
     serve.add_argument("--record-file", type=Path,
                        help="append every accepted record here (JSON lines); replayed on start, read by `report`")
-    serve.add_argument("--record-file-max-mb", type=float, default=64,
+    serve.add_argument("--record-file-max-mb", type=POSITIVE, default=64,
                        help="past this size the file becomes FILE.1 (replacing the last one) and a new one starts "
                             "(default: %(default)s)")
-    report.add_argument("--window", type=int, default=200, help="records per window (default: %(default)s)")
+    report.add_argument("--window", type=POSITIVE_INT, default=200, help="records per window (default: %(default)s)")
     report.add_argument("--out", type=Path, default=Path("reports/monitor"))
     args = parser.parse_args(argv)
     return run_server(args) if args.command == "serve" else run_report(args)

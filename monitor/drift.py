@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from histoserve.monitor.baseline import DriftBaseline
-from histoserve.monitor.image_statistics import INPUT_STATISTICS
-from histoserve.monitor.records import PredictionRecord
+from histoserve.formats.baseline import DriftBaseline
+from histoserve.formats.image_statistics import INPUT_STATISTICS
+from histoserve.formats.records import PredictionRecord
 
 ALPHA = 0.05
 MAX_ACCURACY_DROP = 0.05

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from histoserve.monitor.records import PredictionRecord, read_records
+from histoserve.formats.records import PredictionRecord, read_records
 
 
 class RecordLog:

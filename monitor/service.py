@@ -2,7 +2,7 @@
 `window` records per model and version, compares each window with that version's drift baseline
 (read from the model repository) and exposes the results as Prometheus metrics.
 
-    POST /v1/records   a JSON array of records (records.py), with `Authorization: Bearer <token>`;
+    POST /v1/records   a JSON array of records (formats/records.py), with `Authorization: Bearer <token>`;
                        answers {"accepted": n, "rejected": m, "errors": [...]}
     GET  /metrics      Prometheus text: the windows are evaluated at each scrape
     GET  /v1/report    the same evaluation as JSON
@@ -46,10 +46,10 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
-from histoserve.monitor.baseline import BaselineError, DriftBaseline, baseline_path, read_baseline
+from histoserve.formats.baseline import BaselineError, DriftBaseline, baseline_path, read_baseline
+from histoserve.formats.records import PredictionRecord, RecordError
 from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
 from histoserve.monitor.record_log import RecordLog
-from histoserve.monitor.records import PredictionRecord, RecordError
 
 MAX_BODY_BYTES = 16 * 2**20
 TOKEN_VARIABLE = "HISTOSERVE_MONITOR_TOKEN"
@@ -312,72 +312,85 @@ def report_json(results: dict[tuple[str, str], DriftReport | str]) -> list[dict]
     return out
 
 
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class MonitorHandler(BaseHTTPRequestHandler):
+    """The monitor's HTTP face; make_server binds it to one Monitor and its writers' tokens."""
+
+    monitor: Monitor
+    tokens: WriterTokens
+
+    def log_message(self, *args) -> None:  # one line per scrape and post would drown the log
+        pass
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None) -> None:
+        self.send_response(status)
+        for name, value in {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/metrics":
+            self.monitor.evaluate()
+            self.reply(200, generate_latest(self.monitor.registry), CONTENT_TYPE_LATEST)
+        elif self.path == "/v1/report":
+            self.reply(200, json.dumps(report_json(self.monitor.evaluate())).encode())
+        elif self.path == "/healthz":
+            self.reply(200, b"ok\n", "text/plain")
+        else:
+            self.reply(404, b'{"error": "not found"}')
+
+    def do_POST(self) -> None:
+        if self.path != "/v1/records":
+            self.reply(404, b'{"error": "not found"}')
+            return
+        if not self.tokens.admits(self.headers.get("Authorization")):
+            self.monitor.unauthorized.inc()
+            self.close_connection = True  # the body is never read
+            self.reply(401, b'{"error": "a writer sends Authorization: Bearer <token> (python -m client classify '
+                            b'--monitor-token-file)"}', headers={"WWW-Authenticate": 'Bearer realm="histoserve-monitor"'})
+            return
+        try:
+            items = self.json_array()
+        except BadRequest as error:
+            self.reply(error.status, json.dumps({"error": str(error)}).encode())
+            return
+        parsed, malformed = {}, {}
+        for index, item in enumerate(items):
+            try:
+                parsed[index] = PredictionRecord.from_dict(item)
+            except RecordError as error:
+                malformed[index] = str(error)
+        accepted, unknown = self.monitor.admit(parsed)
+        self.monitor.rejected.labels("malformed").inc(len(malformed))
+        self.monitor.rejected.labels("unknown_version").inc(len(unknown))
+        self.monitor.add(accepted)
+        errors = [f"record {index}: {why}" for index, why in sorted({**malformed, **unknown}.items())]
+        self.reply(200 if accepted or not errors else 400,
+                   json.dumps({"accepted": len(accepted), "rejected": len(errors), "errors": errors[:5]}).encode())
+
+    def json_array(self) -> list:
+        """The request body, a JSON array (BadRequest otherwise)."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise BadRequest(400, "Content-Length is not a number") from None
+        if length > MAX_BODY_BYTES:
+            raise BadRequest(413, f"body over {MAX_BODY_BYTES} bytes: send smaller batches")
+        try:
+            items = json.loads(self.rfile.read(length) or b"null")
+        except json.JSONDecodeError as error:
+            raise BadRequest(400, f"body is not JSON: {error}") from None
+        if not isinstance(items, list):
+            raise BadRequest(400, "expected a JSON array of records")
+        return items
+
+
 def make_server(monitor: Monitor, address: str, port: int, tokens: WriterTokens) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:  # one line per scrape and post would drown the log
-            pass
-
-        def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                monitor.evaluate()
-                self.reply(200, generate_latest(monitor.registry), CONTENT_TYPE_LATEST)
-            elif self.path == "/v1/report":
-                self.reply(200, json.dumps(report_json(monitor.evaluate())).encode())
-            elif self.path == "/healthz":
-                self.reply(200, b"ok\n", "text/plain")
-            else:
-                self.reply(404, b'{"error": "not found"}')
-
-        def do_POST(self) -> None:
-            if self.path != "/v1/records":
-                self.reply(404, b'{"error": "not found"}')
-                return
-            if not tokens.admits(self.headers.get("Authorization")):
-                monitor.unauthorized.inc()
-                self.close_connection = True  # the body is never read
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Bearer realm="histoserve-monitor"')
-                body = b'{"error": "a writer sends Authorization: Bearer <token> (python -m client classify --monitor-token-file)"}'
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                self.reply(400, b'{"error": "Content-Length is not a number"}')
-                return
-            if length > MAX_BODY_BYTES:
-                self.reply(413, json.dumps({"error": f"body over {MAX_BODY_BYTES} bytes: send smaller batches"}).encode())
-                return
-            try:
-                items = json.loads(self.rfile.read(length) or b"null")
-            except json.JSONDecodeError as error:
-                self.reply(400, json.dumps({"error": f"body is not JSON: {error}"}).encode())
-                return
-            if not isinstance(items, list):
-                self.reply(400, b'{"error": "expected a JSON array of records"}')
-                return
-            parsed, malformed = {}, {}
-            for index, item in enumerate(items):
-                try:
-                    parsed[index] = PredictionRecord.from_dict(item)
-                except RecordError as error:
-                    malformed[index] = str(error)
-            accepted, unknown = monitor.admit(parsed)
-            monitor.rejected.labels("malformed").inc(len(malformed))
-            monitor.rejected.labels("unknown_version").inc(len(unknown))
-            monitor.add(accepted)
-            errors = [f"record {index}: {why}" for index, why in sorted({**malformed, **unknown}.items())]
-            self.reply(200 if accepted or not errors else 400,
-                       json.dumps({"accepted": len(accepted), "rejected": len(errors), "errors": errors[:5]}).encode())
-
-    return ThreadingHTTPServer((address, port), Handler)
+    handler = type("BoundMonitorHandler", (MonitorHandler,), {"monitor": monitor, "tokens": tokens})
+    return ThreadingHTTPServer((address, port), handler)

@@ -21,11 +21,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from histoserve.loadtest.report import plot_history, read_summary
+from histoserve.serve.server import free_ports, wait_for_readiness
 
-from histoserve.loadtest.report import plot_history, read_summary  # noqa: E402
-from histoserve.serve.server import free_ports, wait_for_readiness  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent

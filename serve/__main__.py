@@ -21,59 +21,73 @@ import signal
 import sys
 from pathlib import Path
 
-from histoserve.client.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
+from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
+from histoserve.formats.options import NON_NEGATIVE_INT, POSITIVE, Range, existing_file, existing_folder
 from histoserve.serve.local_repository import LocalRepositoryError
 from histoserve.serve.server import GrpcTls, Ports, ServerError, TritonServer
 
+PORT = Range(int, 1, 65535)
 
-def main(argv: list[str] | None = None) -> int:
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--model-repository", type=existing_folder, default=Path("model_repository"))
     parser.add_argument("--address", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=8001)
-    parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for readiness")
-    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--http-port", type=PORT, default=8000)
+    parser.add_argument("--grpc-port", type=PORT, default=8001)
+    parser.add_argument("--metrics-port", type=PORT, default=8002)
+    parser.add_argument("--ready-timeout", type=POSITIVE, default=180.0, help="seconds to wait for readiness")
+    parser.add_argument("--log-verbose", type=NON_NEGATIVE_INT, default=0)
     parser.add_argument("--model-control-mode", choices=["none", "poll"], default="none",
                         help="poll: load versions published while serving (default: %(default)s)")
-    parser.add_argument("--repository-poll-secs", type=float, default=5.0, help="with poll (default: %(default)s)")
-    parser.add_argument("--grpc-tls-cert", type=Path, help="serve gRPC over TLS with this certificate chain (PEM)")
-    parser.add_argument("--grpc-tls-key", type=Path, help="the certificate's private key (PEM)")
-    parser.add_argument("--grpc-tls-client-ca", type=Path,
+    parser.add_argument("--repository-poll-secs", type=POSITIVE, default=5.0, help="with poll (default: %(default)s)")
+    parser.add_argument("--grpc-tls-cert", type=existing_file, help="serve gRPC over TLS with this certificate chain (PEM)")
+    parser.add_argument("--grpc-tls-key", type=existing_file, help="the certificate's private key (PEM)")
+    parser.add_argument("--grpc-tls-client-ca", type=existing_file,
                         help="mutual TLS: accept only clients whose certificate this CA signed")
     parser.add_argument("--admin-key-file", type=Path,
                         help=f"the admin APIs' key (default: ${ENVIRONMENT_VARIABLE}, else a new key for this run)")
     parser.add_argument("--no-http", action="store_true", help="turn Triton's HTTP/REST endpoint off (gRPC and metrics stay)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):
         parser.error("TLS needs --grpc-tls-cert and --grpc-tls-key (and --grpc-tls-client-ca only with them)")
     if args.no_http and args.grpc_tls_cert:
         parser.error("--no-http with gRPC over TLS: serve checks the server's readiness over HTTP then; keep HTTP on")
-    tls = GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca) if args.grpc_tls_cert else None
     try:
         admin_key = AdminKey.resolve(args.admin_key_file)
     except AdminKeyError as error:
         parser.error(str(error))
-
-    def request_stop(signum, _frame):
-        raise KeyboardInterrupt
-
+    tls = GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca) if args.grpc_tls_cert else None
     server = TritonServer(args.model_repository, Ports(args.http_port, args.grpc_port, args.metrics_port),
                           args.address, args.ready_timeout, args.log_verbose,
                           model_control_mode=args.model_control_mode, repository_poll_s=args.repository_poll_secs,
                           grpc_tls=tls, admin_key=admin_key, allow_http=not args.no_http)
+    key_source = args.admin_key_file or (f"${ENVIRONMENT_VARIABLE}" if admin_key else None)
+    return serve_until_stopped(server, key_source)
+
+
+def serve_until_stopped(server: TritonServer, key_source: str | Path | None) -> int:
+    """Start, print where everything is, and run until Ctrl-C or SIGTERM (0) or the server dies (1)."""
+
+    def request_stop(signum, _frame):
+        raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        print(f"starting tritonserver on {args.model_repository} ...", flush=True)
+        print(f"starting tritonserver on {server.model_repository} ...", flush=True)
         server.start()
+        tls = server.grpc_tls
         print(f"ready: models {', '.join(server.models)}", flush=True)
         print(f"  gRPC     {server.grpc_url}" + (" (TLS" + (", mutual)" if tls.client_ca else ")") if tls else ""), flush=True)
         print(f"  HTTP     {server.http_url if server.http_enabled else 'off'}", flush=True)
         print(f"  metrics  {server.metrics_url}", flush=True)
-        print(f"  admin    key in {args.admin_key_file or (f'${ENVIRONMENT_VARIABLE}' if admin_key else server.admin_key_file)}"
-              f" (admin APIs refuse callers without it)", flush=True)
+        print(f"  admin    key in {key_source or server.admin_key_file} (admin APIs refuse callers without it)", flush=True)
         print(f"  log      {server.log_file}", flush=True)
         print("Ctrl-C or SIGTERM stops it.", flush=True)
         code = server.process.wait()

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from histoserve.client.contract import LABELS_FILE
-from histoserve.export.repository import MODEL_FILE, config_to_text, read_config, versions, write_text_if_changed
+from histoserve.formats.contract import LABELS_FILE
+from histoserve.formats.repository import MODEL_FILE, config_to_text, read_config, versions, write_text_if_changed
 
 PYTHON_MODEL = Path(__file__).with_name("onnxruntime_model.py")
 

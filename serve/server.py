@@ -6,7 +6,7 @@ bundled libraries on LD_LIBRARY_PATH (copied .so files lose their $ORIGIN rpath)
 lib dir there too (the stub links libpython), and this virtualenv's bin/ first on PATH: the stub runs
 Python isolated and ignores PYTHONPATH, so that is how it finds onnxruntime and numpy.
 
-Like the Kubernetes Deployment, the server starts with its admin APIs behind a key (client/admin.py):
+Like the Kubernetes Deployment, the server starts with its admin APIs behind a key (formats/admin.py):
 the caller's, or one made for this run and written to `admin-key` in the work folder (owner-only).
 Readiness and the repository index are read over HTTP while HTTP is on, over gRPC when it is off.
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from histoserve.client.admin import AdminKey
-from histoserve.client.rollout import VersionState
+from histoserve.formats.admin import AdminKey
+from histoserve.formats.repository import VersionState
 from histoserve.serve.local_repository import sync_local_repository
 
 # Health checks go straight to the local server, never through an http_proxy from the environment.
@@ -187,7 +187,7 @@ class TritonServer:
     model_control_mode: str = "none"
     repository_poll_s: float = 5.0
     grpc_tls: GrpcTls | None = None
-    # The admin APIs' key (client/admin.py): None makes one for this run. restrict_admin=False leaves
+    # The admin APIs' key (formats/admin.py): None makes one for this run. restrict_admin=False leaves
     # the restriction to extra_args (the Deployment's own flags), which must then use this key.
     admin_key: AdminKey | None = None
     restrict_admin: bool = True
@@ -197,6 +197,7 @@ class TritonServer:
     models: list[str] = field(default_factory=list, init=False)
     shm_prefix: str = field(default_factory=lambda: f"histoserve_{os.getpid()}_{secrets.token_hex(3)}_", init=False)
     failed_versions: dict[tuple[str, str], str] = field(default_factory=dict, init=False)  # (model, version) -> reason
+    repository_syncs: int = field(default=0, init=False)  # poll mode: how often the local repository was brought up to date
     _follower: threading.Thread | None = field(default=None, init=False, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
@@ -310,6 +311,7 @@ class TritonServer:
                 sync_local_repository(self.model_repository, self.local_repository)
             except Exception as error:  # a half-written or broken repository must not stop serving
                 print(f"serve: cannot follow {self.model_repository}: {error}", file=sys.stderr, flush=True)
+            self.repository_syncs += 1
             for (model, version), reason in self.unavailable_versions().items():
                 if (model, version) not in self.failed_versions:
                     self.failed_versions[(model, version)] = reason

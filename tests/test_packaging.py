@@ -9,6 +9,7 @@ import zipfile
 from tests.conftest import ROOT
 
 STAGES = ("client", "train", "export", "serve", "loadtest", "monitor")
+PACKAGES = ("formats", *STAGES)  # formats: what the stages share; it has no command of its own
 
 
 def test_the_wheel_installs_everything_under_histoserve_only(tmp_path):
@@ -16,14 +17,15 @@ def test_the_wheel_installs_everything_under_histoserve_only(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, source / name)
-    for stage in STAGES:
-        shutil.copytree(ROOT / stage, source / stage, ignore=shutil.ignore_patterns("__pycache__"))
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
                    check=True, capture_output=True, timeout=300)
     [wheel] = tmp_path.glob("histoserve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"histoserve"}
+    assert "histoserve/formats/contract.py" in names
     for stage in STAGES:
         assert f"histoserve/{stage}/__init__.py" in names
         assert f"histoserve/{stage}/__main__.py" in names

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from histoserve.client.preprocessing import INTERPOLATIONS, PreprocessSpec, preprocess_image
+from histoserve.formats.preprocessing import INTERPOLATIONS, PreprocessSpec, preprocess_image
 
 # Ruifrok & Johnston's stain vectors (rows: haematoxylin, eosin, DAB), as scikit-image uses them.
 RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
@@ -113,7 +113,7 @@ def render_preview(paths: list, preset: str, spec: PreprocessSpec, out, samples:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from histoserve.client.preprocessing import load_image
+    from histoserve.formats.preprocessing import load_image
 
     torch.manual_seed(seed)
     transform, reference = training_transform(preset, spec), evaluation_transform(spec)

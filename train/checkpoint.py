@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.formats.preprocessing import PreprocessSpec
 from histoserve.train.config import SplitRatios
 from histoserve.train.data import DataSplits, load_splits
 from histoserve.train.model import Classifier, build_classifier

@@ -17,7 +17,7 @@ from PIL import Image
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
-from histoserve.client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, find_images, load_image
+from histoserve.formats.preprocessing import IMAGE_SUFFIXES, ImageLoadError, find_images, load_image
 from histoserve.train.config import SplitRatios
 
 SPLITS = ("train", "val", "test")

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from histoserve.client.preprocessing import ImageLoadError, load_image  # noqa: E402
+from histoserve.formats.preprocessing import ImageLoadError, load_image  # noqa: E402
 from histoserve.train.manifest import NO_GROUP, ManifestRow, cross_group_duplicates, groups_in_several_splits  # noqa: E402
 
 SPLIT_ORDER = ("train", "val", "test")
@@ -180,7 +180,7 @@ def _quarantine_section(rows, usable) -> list[str]:
         md.append(_table(["file", "status", "reason"], [[r.path, r.status, r.reason] for r in quarantined]))
     converted = Counter(r.mode for r in usable if r.mode and r.mode != "RGB")
     if converted:
-        md.append("Converted to 8-bit RGB (`to_rgb` in `client/preprocessing.py` says how): "
+        md.append("Converted to 8-bit RGB (`to_rgb` in `formats/preprocessing.py` says how): "
                   + ", ".join(f"{count} × {mode}" for mode, count in sorted(converted.items())) + ".\n")
     return md
 

@@ -26,7 +26,7 @@ from sklearn.metrics import (  # noqa: E402
 )
 from tqdm import tqdm  # noqa: E402
 
-from histoserve.client.preprocessing import PreprocessSpec  # noqa: E402
+from histoserve.formats.preprocessing import PreprocessSpec  # noqa: E402
 from histoserve.train.augment import evaluation_transform  # noqa: E402
 from histoserve.train.data import ImageDataset, Sample  # noqa: E402
 

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.formats.preprocessing import PreprocessSpec
 from histoserve.train import distributed
 from histoserve.train.augment import training_transform
 from histoserve.train.checkpoint import CheckpointMeta, load_checkpoint, save_atomically, save_checkpoint

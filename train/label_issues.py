@@ -14,7 +14,7 @@ from cleanlab.filter import find_label_issues
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from histoserve.client.preprocessing import PreprocessSpec, preprocess_file
+from histoserve.formats.preprocessing import PreprocessSpec, preprocess_file
 from histoserve.train.manifest import ManifestRow
 
 MODELS = ("pixels", "resnet18")

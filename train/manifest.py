@@ -33,7 +33,7 @@ class ManifestRow:
     phash: str = ""
     width: str = ""
     height: str = ""
-    mode: str = ""  # Pillow mode as stored; to_rgb in client/preprocessing.py says how each becomes RGB
+    mode: str = ""  # Pillow mode as stored; to_rgb in formats/preprocessing.py says how each becomes RGB
     label_issue_score: str = ""  # cleanlab self-confidence (lower: more likely mislabelled)
 
 

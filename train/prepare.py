@@ -31,7 +31,8 @@ from PIL import Image
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
-from histoserve.client.preprocessing import IMAGE_SUFFIXES, ImageLoadError, load_image
+from histoserve.formats.options import NON_NEGATIVE_INT, POSITIVE_INT, Range
+from histoserve.formats.preprocessing import IMAGE_SUFFIXES, ImageLoadError, load_image
 from histoserve.train.config import SplitRatios, check_choices, option
 from histoserve.train.data_report import write_data_report
 from histoserve.train.manifest import META_FILE, NO_GROUP, ManifestRow, groups_in_several_splits, write_manifest
@@ -60,15 +61,16 @@ class PrepareConfig:
     group_regex: str = option("", "regex over the file name; group 'group' (or 1), the patient. '': each file its own")
     groups_csv: str = option("", "CSV with columns path (relative to SRC) and group")
     include_regex: str = option("", "keep only relative paths that match, e.g. '/40X/' for one magnification")
-    val_ratio: float = option(SplitRatios.val, "validation share of the patients")
-    test_ratio: float = option(SplitRatios.test, "test share of the patients")
-    folds: int = option(0, "> 1: K-fold mode (test held out, a fold column over the rest)")
+    val_ratio: float = option(SplitRatios.val, "validation share of the patients", kind=Range(float, 0, 1, True, True))
+    test_ratio: float = option(SplitRatios.test, "test share of the patients", kind=Range(float, 0, 1, True, True))
+    folds: int = option(0, "> 1: K-fold mode (test held out, a fold column over the rest)", kind=NON_NEGATIVE_INT)
     seed: int = option(0, "seed of the split")
-    near_duplicate_distance: int = option(4, "pHash Hamming distance (of 64 bits) that makes a near duplicate; -1: off")
-    max_pixels: int = option(89_478_485, "larger images are unsupported (Pillow's decompression-bomb limit)")
-    workers: int = option(0, "decoding processes (0: one per core)")
+    near_duplicate_distance: int = option(4, "pHash Hamming distance (of 64 bits) that makes a near duplicate; -1: off",
+                                          kind=Range(int, -1, 64))
+    max_pixels: int = option(89_478_485, "larger images are unsupported (Pillow's decompression-bomb limit)", kind=POSITIVE_INT)
+    workers: int = option(0, "decoding processes (0: one per core)", kind=NON_NEGATIVE_INT)
     label_issues: bool = option(False, "search for label issues with cleanlab on out-of-fold probabilities")
-    label_issue_folds: int = option(5, "folds (grouped by patient) for the label-issue search")
+    label_issue_folds: int = option(5, "folds (grouped by patient) for the label-issue search", kind=Range(int, 2))
     label_issue_model: str = option("pixels", "pixels (fast) or resnet18 (slower, stronger)", ("pixels", "resnet18"))
 
     def __post_init__(self) -> None:

@@ -1,6 +1,7 @@
 """`python -m client classify` against the session's real Triton."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from histoserve.client.classifier import TritonClassifier
-from histoserve.client.preprocessing import find_images
+from histoserve.formats.preprocessing import find_images
 from tests.conftest import MODEL, ROOT, make_truncated_png, run_cli
 
 
@@ -165,3 +166,31 @@ def test_ctrl_c_prints_complete_lines_so_far_and_exits_130_without_a_traceback(s
     expected = [str(p) for p in find_images(digits_root)]
     assert 0 < len(lines) < len(expected)
     assert [json.loads(line)["path"] for line in lines] == expected[: len(lines)]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--concurrency", "0"], "argument --concurrency: must be at least 1, got 0"),
+    (["--batch-size", "-1"], "argument --batch-size: must be at least 1, got -1"),
+    (["--top-k", "0"], "argument --top-k: must be at least 1, got 0"),
+    (["--deadline-s", "0"], "argument --deadline-s: must be above 0, got 0"),
+    (["--output", "{tmp}/missing/out.jsonl"], "argument --output: folder {tmp}/missing does not exist"),
+    (["--ssl-root-certificates", "{tmp}/ca.pem"], "--ssl-root-certificates: no such file: {tmp}/ca.pem"),
+    (["--monitor-url", "http://127.0.0.1:9"], "--monitor-token-file"),
+], ids=["concurrency", "batch-size", "top-k", "deadline", "output-folder", "tls-file", "monitor-token"])
+def test_bad_options_are_refused_before_any_call(options, message, test_files, tmp_path):
+    """Checked when the command line is read: the URL points at nothing, so any call would fail differently."""
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    result = run_cli("-m", "client", "classify", test_files[0], "--url", "127.0.0.1:9", "--model", MODEL, *options,
+                     check=False, timeout=60, env={**os.environ, "HISTOSERVE_MONITOR_TOKEN": ""})
+    assert result.returncode == 2 and message.replace("{tmp}", str(tmp_path)) in result.stderr, result.stderr
+    assert "cannot reach Triton" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rollout_status_refuses_bad_options_before_any_call(tmp_path):
+    for options, message in ((["--version", "0"], "argument --version: must be at least 1, got 0"),
+                             (["--version", "1", "--timeout", "-5"], "argument --timeout: must be above 0, got -5"),
+                             (["--version", "1", "--admin-key-file", str(tmp_path / "key")], "admin key file")):
+        result = run_cli("-m", "client", "rollout-status", "--url", "127.0.0.1:9", "--model", MODEL, *options,
+                         check=False, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -6,7 +6,7 @@ from tests.conftest import ROOT
 
 def test_importing_the_client_never_imports_torch():
     code = (
-        "import sys, histoserve.client.preprocessing, histoserve.client.classifier, histoserve.client.aio, histoserve.client.__main__\n"
+        "import sys, histoserve.formats.preprocessing, histoserve.client.classifier, histoserve.client.aio, histoserve.client.__main__\n"
         "heavy = sorted(m for m in ('torch', 'torchvision', 'onnxruntime', 'sklearn') if m in sys.modules)\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"

@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 
-from histoserve.client.preprocessing import find_images
+from histoserve.formats.preprocessing import find_images
 from histoserve.serve.server import TritonServer, free_ports
-from tests.conftest import MODEL, ROOT
+from tests.conftest import MODEL, ROOT, triton_requests, wait_for_requests
 
 
 def start_classify(url: str, folder, *extra) -> subprocess.Popen:
@@ -35,11 +35,14 @@ def test_a_server_restarted_mid_folder_loses_no_file(repository, digits_root):
     ports = free_ports()
     first = TritonServer(repository, ports).start()
     try:
+        warmed_up = triton_requests(first)  # Triton counts its own warm-up requests too
         process = start_classify(first.grpc_url, folder, "--batch-size", 1, "--concurrency", 2, "--deadline-s", 120)
         first_line = process.stdout.readline()
         assert first_line, process.stderr.read()
+        wait_for_requests(first, 20, since=warmed_up)  # stopped well into the folder, not before or after it
     finally:
         first.stop()
+    assert process.poll() is None, "the client finished before the server stopped: nothing was tested"
     time.sleep(1)  # down for a while: calls wait for a server, or are retried
     with TritonServer(repository, ports):
         rest, stderr = rest_of(process)

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from histoserve.client.preprocessing import preprocess_file
 from histoserve.export.onnx_model import ParityError, check_parity
+from histoserve.formats.preprocessing import preprocess_file
 from histoserve.train.checkpoint import load_checkpoint
 from histoserve.train.model import ServingModel, build_classifier
-from tests.conftest import MODEL, run_cli
+from tests.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,16 @@ def test_parity_gate_refuses_a_model_that_differs(parity_inputs):
         check_parity(other, onnx_file, images)
 
 
-def test_export_publishes_nothing_when_parity_fails(trained_run, tmp_path):
-    """A negative tolerance cannot be met: the gate must fail and leave no model folder behind."""
-    result = run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", tmp_path / "repo",
-                     "--name", "gated", "--atol", "-1", check=False)
-    assert result.returncode == 1 and "nothing was published" in result.stderr
+def test_export_publishes_nothing_when_parity_fails(trained_run, tmp_path, monkeypatch, capsys):
+    """An ONNX file that computes something else than the checkpoint (injected: the exporter writes
+    another network) fails the real parity gate, and no model folder is left behind."""
+    from histoserve.export import __main__ as export_cli
+    from histoserve.export.onnx_model import export_onnx
+
+    def export_another_network(model, path, crop_size, opset=18):
+        export_onnx(ServingModel(build_classifier("resnet18", 10)).eval(), path, crop_size, opset)
+
+    monkeypatch.setattr(export_cli, "export_onnx", export_another_network)
+    code = export_cli.main([str(trained_run / "checkpoint.pt"), "--repository", str(tmp_path / "repo"), "--name", "gated"])
+    assert code == 1 and "nothing was published" in capsys.readouterr().err
     assert not (tmp_path / "repo" / "gated").exists()

@@ -18,14 +18,14 @@ from histoserve.export.precision import (
     kept_in_fp32,
     predict,
 )
-from histoserve.export.repository import read_config
-from tests.conftest import MODEL, run_cli
+from histoserve.formats.repository import read_config
+from tests.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
 def held_out(trained_run):
     """The checkpoint's own test split, preprocessed as the client does, with labels."""
-    from histoserve.export.__main__ import load_images
+    from histoserve.export.images import load_images
     from histoserve.train.checkpoint import load_checkpoint, training_splits
 
     _, meta = load_checkpoint(trained_run / "checkpoint.pt")
@@ -76,12 +76,18 @@ def test_gate_refuses_a_model_that_is_really_worse_with_the_numbers(repository, 
     assert check_accuracy_gate("int8", fp32_file, fp32_file, images, labels).agreement == 1.0
 
 
-def test_export_refuses_to_publish_a_variant_that_fails_the_gate(trained_run, tmp_path):
+def test_export_refuses_to_publish_a_variant_that_fails_the_gate(trained_run, tmp_path, monkeypatch, capsys):
+    """A quantization that really loses accuracy (injected: the quantizer writes a copy with a random
+    classifier layer) fails the real accuracy gate, and nothing is published."""
+    from histoserve.export import __main__ as export_cli
+
+    monkeypatch.setattr(export_cli.variants, "quantize_int8", lambda fp32_file, target, *_: damaged_copy(fp32_file, target))
     repo = tmp_path / "repo"
-    result = run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
-                     "--precision", "int8", "--calibration-count", 16, "--min-agreement", 1.01, check=False)
-    assert result.returncode == 1
-    assert "int8 accuracy gate FAILED" in result.stderr and "top-1 agreement with fp32" in result.stderr
+    code = export_cli.main([str(trained_run / "checkpoint.pt"), "--repository", str(repo), "--name", MODEL, "--precision", "int8",
+                            "--calibration-count", "16"])
+    stderr = capsys.readouterr().err
+    assert code == 1
+    assert "int8 accuracy gate FAILED" in stderr and "top-1 agreement with fp32" in stderr
     assert not repo.exists() or not any(repo.iterdir())
 
 

@@ -4,18 +4,9 @@ import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from histoserve.client.preprocessing import PreprocessSpec
-from histoserve.export.repository import (
-    BatchingConfig,
-    CpuTuning,
-    RepositoryError,
-    TensorRTConfig,
-    build_config,
-    cpu_variant,
-    publish,
-    read_config,
-    versions,
-)
+from histoserve.export.repository import BatchingConfig, CpuTuning, TensorRTConfig, build_config, cpu_variant, publish
+from histoserve.formats.preprocessing import PreprocessSpec
+from histoserve.formats.repository import RepositoryError, read_config, versions
 from tests.conftest import MODEL
 
 

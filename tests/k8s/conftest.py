@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from histoserve.client.admin import AdminKey
+from histoserve.formats.admin import AdminKey
 from tests.k8s.kubelet import expand
 from tests.k8s.manifests import deployment_args
 

@@ -246,9 +246,9 @@ def restriction(words: list[str], option: str) -> tuple[list[str], str, str] | N
 
 
 def check_admin_restriction(objects: list[dict]) -> list[str]:
-    """Every Triton restricts exactly the admin groups (client/admin.py) behind the admin key, over
+    """Every Triton restricts exactly the admin groups (formats/admin.py) behind the admin key, over
     gRPC and HTTP, and the key is `$(VAR)` with VAR from a Secret: never written in a manifest."""
-    from histoserve.client.admin import KEY_NAME, RESTRICTED_GROUPS
+    from histoserve.formats.admin import KEY_NAME, RESTRICTED_GROUPS
 
     problems = []
     for workload, template in pod_templates(objects):
@@ -498,7 +498,7 @@ def route_admits(route: dict, service: str, method: str) -> bool:
 def check_edge(objects: list[dict]) -> list[str]:
     """A GRPCRoute to Triton passes only EDGE_RPCS (every admin RPC stays inside) and removes the
     admin-key metadata from every request it forwards."""
-    from histoserve.client.admin import GRPC_HEADER
+    from histoserve.formats.admin import GRPC_HEADER
 
     problems = []
     for route in (o for o in objects if o["kind"] == "GRPCRoute"):

@@ -17,9 +17,9 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from histoserve.client.admin import AdminKey
 from histoserve.client.classifier import TritonClassifier
-from histoserve.client.preprocessing import preprocess_file
+from histoserve.formats.admin import AdminKey
+from histoserve.formats.preprocessing import preprocess_file
 from tests.conftest import MODEL, run_cli
 from tests.k8s.conftest import start_manifest_server
 from tests.k8s.kubelet import grpc_probe

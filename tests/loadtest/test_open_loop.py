@@ -13,7 +13,7 @@ import pytest
 from histoserve.client.classifier import TritonClassifier
 from histoserve.loadtest.expectations import expected_predictions, load_images, write_expected
 from histoserve.serve.server import TritonServer, free_ports
-from tests.conftest import MODEL, ROOT, run_cli, wait_for_requests
+from tests.conftest import MODEL, ROOT, run_cli, triton_requests, wait_for_requests
 
 LOCUST = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py")]
 
@@ -48,10 +48,12 @@ def test_a_stalled_server_shows_in_response_latency_not_in_service_latency(repos
     to be sent they waited. The run is marked invalid: the generator could not keep the rate."""
     summary_file = tmp_path / "stalled.json"
     with TritonServer(repository, free_ports()) as server:
+        warmed_up = triton_requests(server)  # Triton counts its own warm-up requests too
         process = subprocess.Popen(locust_args(server, digits_root / "test", summary_file, "--users", 4, "--spawn-rate", 4,
                                                "--run-time", "9s", "--arrival-rate", 25),
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for_requests(server, 40)  # about 1.5 s into the run, past the warm-up: a busy machine starts Locust late
+        # about 1.5 s into the run, past Locust's warm-up: a busy machine starts Locust late
+        wait_for_requests(server, 40, since=warmed_up)
         os.killpg(server.process.pid, signal.SIGSTOP)
         time.sleep(2)
         os.killpg(server.process.pid, signal.SIGCONT)
@@ -132,8 +134,6 @@ def test_sweep_finds_capacity_under_the_slo(server, digits_root, tmp_path, slo_m
 def test_the_sweep_stops_before_any_load_when_triton_refuses_its_statistics(server, digits_root, tmp_path):
     """Triton's statistics are an admin API: without the key the sweep cannot say where the time goes,
     and says so (exit 2) before it sends any load."""
-    from tests.conftest import triton_requests
-
     before = triton_requests(server)
     result = run_cli("-m", "loadtest", "sweep", "--url", server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
                      "--max-images", 16, "--slo-p99-ms", 1000, "--rates", 10, "--out", tmp_path / "sweep",

@@ -36,3 +36,11 @@ def test_the_knee_is_where_latency_jumps_or_the_server_falls_behind(rows, knee):
     made = steps(*rows)
     mark_knee(made)
     assert [s.offered for s in made if s.knee] == ([knee] if knee else [])
+
+
+@pytest.mark.parametrize("codes, keeps_up, generator_limited", [
+    ([], True, False), (["late"], False, False), (["generator_cpu"], True, True), (["late", "generator_cpu"], False, True),
+])
+def test_a_step_reads_the_runs_structured_verdict_not_its_wording(codes, keeps_up, generator_limited):
+    step = Step(10, 16, 4, sent=10, completed=10, invalid=[{"code": code, "message": "reworded at will"} for code in codes])
+    assert (step.keeps_up, step.generator_limited) == (keeps_up, generator_limited)

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from histoserve.monitor.baseline import build_baseline
+from histoserve.formats.baseline import build_baseline
+from histoserve.formats.image_statistics import input_statistics
 from histoserve.monitor.drift import drift_report
-from histoserve.monitor.image_statistics import input_statistics
 
 CLASSES = [str(c) for c in range(4)]
 

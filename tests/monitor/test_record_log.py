@@ -13,8 +13,8 @@ import urllib.request
 import numpy as np
 import pytest
 
+from histoserve.formats.records import read_records, records_for
 from histoserve.monitor.record_log import RecordLog
-from histoserve.monitor.records import read_records, records_for
 from histoserve.monitor.service import Monitor
 from histoserve.serve.server import free_ports
 from tests.conftest import ROOT

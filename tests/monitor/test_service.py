@@ -14,8 +14,8 @@ from PIL import Image, ImageOps
 from prometheus_client.parser import text_string_to_metric_families
 
 from histoserve.client.classifier import TritonClassifier
-from histoserve.client.preprocessing import find_images, preprocess_file
-from histoserve.monitor.records import records_for
+from histoserve.formats.preprocessing import find_images, preprocess_file
+from histoserve.formats.records import records_for
 from histoserve.monitor.service import Monitor, WriterTokens, make_server
 from tests.conftest import MODEL, run_cli
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from histoserve.monitor.records import records_for
+from histoserve.formats.records import records_for
 from histoserve.monitor.service import Monitor, WriterTokens, make_server
 from tests.conftest import MODEL, run_cli
 

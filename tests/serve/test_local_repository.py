@@ -3,7 +3,8 @@ import shutil
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from histoserve.export.repository import config_to_text, publish, read_config
+from histoserve.export.repository import publish
+from histoserve.formats.repository import config_to_text, read_config
 from histoserve.serve.local_repository import sync_local_repository
 from tests.conftest import MODEL
 

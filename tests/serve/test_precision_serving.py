@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from histoserve.client.classifier import TritonClassifier
-from histoserve.client.preprocessing import preprocess_file
 from histoserve.export.onnx_model import onnx_session
 from histoserve.export.precision import predict
+from histoserve.formats.preprocessing import preprocess_file
 from tests.conftest import MODEL
 
 

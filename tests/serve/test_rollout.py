@@ -12,8 +12,9 @@ import urllib.error
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from histoserve.client.classifier import TritonClassifier
-from histoserve.export.repository import publish, read_config
+from histoserve.client.classifier import TritonClassifier, input_of
+from histoserve.export.repository import publish
+from histoserve.formats.repository import read_config
 from histoserve.serve.server import LOCAL_HTTP, TritonServer, free_ports
 from tests.conftest import MODEL, run_cli
 from tests.k8s.kubelet import grpc_probe
@@ -24,6 +25,35 @@ def served_by_version(server: TritonServer) -> dict[str, int]:
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         stats = client.get_inference_statistics(MODEL, headers=server.admin_key.grpc_headers(), as_json=True)["model_stats"]
     return {s["version"]: int(s.get("inference_count", 0)) for s in stats}
+
+
+def version_states(server: TritonServer) -> dict[str, str]:
+    """version → state, from Triton's repository index (an admin API)."""
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        index = client.get_model_repository_index(headers=server.admin_key.grpc_headers(), as_json=True).get("models", [])
+    return {entry.get("version", ""): entry.get("state", "") for entry in index if entry.get("name") == MODEL}
+
+
+def pinned_calls(server: TritonServer, version: str, count: int) -> int:
+    """How many of `count` requests pinned to `version` (a client that has not moved on yet) succeed."""
+    with TritonClassifier(server.grpc_url, MODEL) as contract:
+        request = input_of(contract.contract, np.zeros((1, 3, contract.spec.crop_size, contract.spec.crop_size), np.uint8))
+    ok = 0
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        for _ in range(count):
+            try:
+                client.infer(MODEL, [request], model_version=version, client_timeout=10)
+                ok += 1
+            except Exception:  # counted: the assertion names how many failed
+                pass
+    return ok
+
+
+def failed_requests(server: TritonServer) -> int:
+    """Triton's own count of failed requests to the model, every version (its Prometheus metrics)."""
+    from histoserve.loadtest.triton_stats import model_metrics
+
+    return int(model_metrics(server.metrics_url, MODEL).get("nv_inference_request_failure", 0))
 
 
 def wait_until(predicate, timeout_s: float, what: str):
@@ -46,11 +76,14 @@ class Traffic:
         self._threads = [threading.Thread(target=self._probe)] + [threading.Thread(target=self._send) for _ in range(clients)]
 
     def _send(self):
-        with TritonClassifier(self.server.grpc_url, MODEL) as client:
-            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+        """Plain tritonclient calls: no retries, no waiting for a server, so every failure a rollout
+        causes is seen (our client would retry some of them away)."""
+        with TritonClassifier(self.server.grpc_url, MODEL) as contract:
+            request = input_of(contract.contract, np.zeros((1, 3, contract.spec.crop_size, contract.spec.crop_size), np.uint8))
+        with grpcclient.InferenceServerClient(self.server.grpc_url) as client:
             while not self._stop.is_set():
                 try:
-                    client.infer(image)
+                    client.infer(MODEL, [request], client_timeout=10)
                     self.ok += 1
                 except Exception as error:  # every failure is collected and asserted on
                     self.failures.append(error)
@@ -107,6 +140,7 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
             publish(repo, config, labels, model_dir / "1" / "model.onnx")  # version 2: a good one
             wait_until(lambda: served_by_version(server).get("2", 0) > 20, 60, "version 2 serves")
             good = rollout_status(server, 2)
+            previous = version_states(server).get("1"), pinned_calls(server, "1", 20)  # still loaded, warm for a rollback
 
             broken = tmp_path / "broken.onnx"
             broken.write_bytes(b"this is not an ONNX model")
@@ -117,17 +151,22 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
             wait_until(lambda: served_by_version(server)["2"] > before + 20, 30, "version 2 keeps serving")
 
             shutil.rmtree(model_dir / "3")  # the rollback: move the broken version out of the repository
-            time.sleep(5)  # the next poll sees it gone
-            attempts = server.log_text().count(f"loading: {MODEL}:3")
-            time.sleep(6)  # three more polls: no more attempts to load version 3
+            wait_until(lambda: not (server.local_repository / MODEL / "3").exists(), 30, "serve's copy drops version 3")
+            syncs = server.repository_syncs  # serve and Triton both poll every 2 s: count Triton's polls by serve's
+            wait_until(lambda: server.repository_syncs >= syncs + 2, 30, "Triton polls the repository without version 3")
+            attempts, syncs = server.log_text().count(f"loading: {MODEL}:3"), server.repository_syncs
+            wait_until(lambda: server.repository_syncs >= syncs + 3, 30, "three more polls")  # no more attempts at version 3
             retried = server.log_text().count(f"loading: {MODEL}:3") - attempts
             before = served_by_version(server)["2"]
             wait_until(lambda: served_by_version(server)["2"] > before + 20, 30, "version 2 serves after the rollback")
+        failures_counted = failed_requests(server)
 
     sent = traffic.ok + len(traffic.failures)
     assert traffic.failures == [], f"{len(traffic.failures)} failed requests of {sent}: {traffic.failures[:3]}"
+    assert failures_counted == 0, f"Triton counted {failures_counted} failed requests"
     assert traffic.unready == [], f"the readiness probe failed {len(traffic.unready)} of {traffic.probes} times: {traffic.unready[:5]}"
     assert traffic.ok > 100
+    assert previous == ("READY", 20), f"version 1 after version 2 took over: {previous}"
     assert good.returncode == 0 and "READY" in good.stdout, good.stdout + good.stderr
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "UNAVAILABLE" in bad.stdout and "Protobuf parsing failed" in bad.stdout

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from histoserve.client.classifier import TritonClassifier
-from histoserve.client.preprocessing import preprocess_file
+from histoserve.formats.preprocessing import preprocess_file
 from histoserve.serve.server import free_ports, wait_for_readiness
 from histoserve.train.checkpoint import load_checkpoint
 from histoserve.train.model import ServingModel
@@ -98,7 +98,7 @@ def test_serve_refuses_a_taken_port_with_a_clear_message(repository):
 
 def test_serve_refuses_a_missing_repository(tmp_path):
     result = run_cli("-m", "serve", "--model-repository", tmp_path / "nothing", check=False, timeout=120)
-    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert result.returncode == 2 and f"argument --model-repository: no such folder: {tmp_path / 'nothing'}" in result.stderr
 
 
 def descendants_alive(pid):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from histoserve.client.preprocessing import PreprocessSpec, preprocess_image
+from histoserve.formats.preprocessing import PreprocessSpec, preprocess_image
 from histoserve.train.augment import PRESETS, HEDJitter, RandomRotate90, training_transform
 from histoserve.train.synthetic import tissue
 from tests.conftest import run_cli

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import torch
 
-from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.formats.preprocessing import PreprocessSpec
 from histoserve.train.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 

@@ -49,3 +49,30 @@ def test_prepare_help_explains_every_option():
     result = run_cli("-m", "train", "prepare", "--help")
     assert "--near-duplicate-distance" in result.stdout and "pHash Hamming distance" in result.stdout
     assert "{pixels,resnet18}" in result.stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--crop-size", "40", "--resize-size", "36"], "--crop-size 40 is larger than --resize-size 36"),
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["--lr", "-1"], "argument --lr: must be above 0, got -1"),
+    (["--dropout", "1"], "argument --dropout: must be in [0, 1), got 1"),
+    (["--val-ratio", "0.6", "--test-ratio", "0.5"], "leave nothing to train on"),
+    (["--batch-size", "many"], "argument --batch-size: not an integer: 'many'"),
+], ids=["crop-over-resize", "no-epochs", "negative-lr", "dropout-one", "ratios", "not-a-number"])
+def test_fit_refuses_a_value_out_of_range_before_writing_anything(options, message, small_digits, tmp_path):
+    result = run_cli("-m", "train", "fit", "--data", small_digits, "--out", tmp_path / "run", "--arch", "resnet18",
+                     *options, check=False, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()  # not even config.json
+
+
+@pytest.mark.parametrize("config, message", [
+    (lambda: FitConfig(epochs=0), "--epochs: must be at least 1, got 0"),
+    (lambda: FitConfig(crop_size=300, resize_size=256), "--crop-size 300 is larger than --resize-size 256"),
+    (lambda: FitConfig(ema_decay=1.0), "--ema-decay: must be in [0, 1), got 1"),
+    (lambda: PrepareConfig(src="a", out="b", near_duplicate_distance=65), "--near-duplicate-distance: must be in [-1, 64]"),
+], ids=["epochs", "crop", "ema", "near-duplicate"])
+def test_ranges_hold_for_configs_built_in_code(config, message):
+    with pytest.raises(ValueError) as refused:
+        config()
+    assert message in str(refused.value)

@@ -185,10 +185,11 @@ def test_freeze_epochs_keep_the_backbone_as_initialised(small_digits, tmp_path):
 
 
 def test_early_stopping_ends_the_run_patience_epochs_after_the_last_improvement(small_digits, tmp_path):
-    """lr 0: only BatchNorm statistics move, so validation soon stops improving; the run must end
-    exactly `patience` epochs after its last strict improvement, long before --epochs."""
+    """A learning rate too small to move the weights (1e-12): only BatchNorm statistics move, so
+    validation soon stops improving; the run must end exactly `patience` epochs after its last strict
+    improvement, long before --epochs."""
     epochs, patience = 8, 1
-    fit(FitConfig(data=str(small_digits), out=str(tmp_path), arch="resnet18", epochs=epochs, batch_size=32, lr=0.0,
+    fit(FitConfig(data=str(small_digits), out=str(tmp_path), arch="resnet18", epochs=epochs, batch_size=32, lr=1e-12,
                   resize_size=36, crop_size=32, early_stopping_patience=patience, seed=1, calibrate=False))
     with open(tmp_path / "metrics.csv") as handle:
         scores = [float(row["val_balanced_accuracy"]) for row in csv.DictReader(handle)]

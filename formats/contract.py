@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from histoserve.client.preprocessing import PreprocessSpec
+from histoserve.formats.preprocessing import PreprocessSpec
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "probabilities"
@@ -60,6 +60,9 @@ class ModelContract:
             preprocess = PreprocessSpec.from_parameters(parameters)
         except ValueError as error:
             raise ContractError(f"model {name!r}: parameters: {error}") from error
+        if parameters.get("contract_version") != CONTRACT_VERSION:
+            raise ContractError(f"model {name!r}: parameters.contract_version is {parameters.get('contract_version')!r}; this "
+                                f"client speaks contract version {CONTRACT_VERSION!r}: use a client of the same release")
         dims = [int(d) for d in tensor_in.get("dims", [])]
         if dims != [3, preprocess.crop_size, preprocess.crop_size]:
             raise ContractError(f"model {name!r}: input.dims {dims}, expected [3, {preprocess.crop_size}, "
@@ -71,7 +74,7 @@ class ModelContract:
             num_classes=int(tensor_out["dims"][-1]),
             max_batch_size=max(1, int(config.get("max_batch_size", 0))),
             preprocess=preprocess,
-            version=parameters.get("contract_version", ""),
+            version=parameters["contract_version"],
         )
 
     def parameters(self) -> dict[str, str]:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from histoserve.client.admin import ENVIRONMENT_VARIABLE, RESTRICTED_GROUPS, AdminKey, AdminKeyError, refused
+from histoserve.formats.admin import ENVIRONMENT_VARIABLE, RESTRICTED_GROUPS, AdminKey, AdminKeyError, refused
 
 
 def test_a_key_comes_from_the_file_first_then_the_environment(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from histoserve.client.preprocessing import (
+from histoserve.formats.preprocessing import (
     INTERPOLATIONS,
     ImageLoadError,
     PreprocessSpec,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoserve.monitor.image_statistics import INPUT_STATISTICS, input_statistics
+from histoserve.formats.image_statistics import INPUT_STATISTICS, input_statistics
 
 
 class RecordError(ValueError):

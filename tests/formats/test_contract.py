@@ -6,9 +6,10 @@ import copy
 import pytest
 from google.protobuf import json_format
 
-from histoserve.client.contract import ContractError, ModelContract
-from histoserve.client.preprocessing import PreprocessSpec
-from histoserve.export.repository import BatchingConfig, build_config, contract_of
+from histoserve.export.repository import BatchingConfig, build_config
+from histoserve.formats.contract import ContractError, ModelContract
+from histoserve.formats.preprocessing import PreprocessSpec
+from histoserve.formats.repository import contract_of
 
 
 def exported(spec=PreprocessSpec(256, 224, "bicubic"), classes=8, max_batch_size=32):
@@ -46,10 +47,20 @@ def no_geometry(c):
     del c["parameters"]["crop_size"]
 
 
+def next_contract_version(c):  # a model exported by a later release, read by this client
+    c["parameters"]["contract_version"] = {"string_value": "2"}
+
+
+def no_contract_version(c):
+    del c["parameters"]["contract_version"]
+
+
 @pytest.mark.parametrize("breakage, field", [
     (two_outputs, "exactly one input and one output"), (fp16_output, "output.data_type TYPE_FP16"),
     (float_input, "input.data_type TYPE_FP32"), (dims_not_the_crop, "input.dims [3, 256, 256]"),
     (no_geometry, "parameters: model config parameters lack ['crop_size']"),
+    (next_contract_version, "parameters.contract_version is '2'; this client speaks contract version '1'"),
+    (no_contract_version, "parameters.contract_version is None"),
 ], ids=lambda v: getattr(v, "__name__", ""))
 def test_a_config_that_breaks_the_contract_is_refused_naming_the_field(breakage, field):
     config = as_json(exported())

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoserve.monitor.image_statistics import INPUT_STATISTICS, input_statistics
+from histoserve.formats.image_statistics import INPUT_STATISTICS, input_statistics
 
 BASELINE_FILE = "drift_baseline.json"
 FORMAT, FORMAT_VERSION = "histoserve.drift-baseline", 1

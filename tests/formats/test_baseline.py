@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from histoserve.client.preprocessing import find_images
-from histoserve.monitor.baseline import BASELINE_FILE, BaselineError, DriftBaseline, build_baseline, read_baseline
-from histoserve.monitor.image_statistics import INPUT_STATISTICS, input_statistics
+from histoserve.formats.baseline import BASELINE_FILE, BaselineError, DriftBaseline, build_baseline, read_baseline
+from histoserve.formats.image_statistics import INPUT_STATISTICS, input_statistics
+from histoserve.formats.preprocessing import find_images
 from tests.conftest import MODEL
 
 

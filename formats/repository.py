@@ -1,0 +1,91 @@
+"""The Triton model repository as every stage reads it, and Triton's own account of it.
+
+Layout (export writes it; Triton, `python -m serve`, the monitor and the k8s manifests read it):
+
+    <repository>/<name>/config.pbtxt           (GPU: the default)
+    <repository>/<name>/configs/cpu.pbtxt      (the same on CPU: tritonserver --model-config-name=cpu)
+    <repository>/<name>/labels.txt
+    <repository>/<name>/<version>/model.onnx   (+ drift_baseline.json, formats/baseline.py)
+
+Version folders are positive integers without leading zeros; anything else (export's hidden
+`.staging-*` folders) is not a version. Configs are read and written with Triton's protobuf types.
+`VersionState` is the rule for reading Triton's repository index (an admin API: see formats/admin.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from histoserve.formats.contract import ModelContract
+
+MODEL_FILE = "model.onnx"
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+
+
+class RepositoryError(RuntimeError):
+    pass
+
+
+def contract_of(config: mc.ModelConfig) -> ModelContract:
+    """The serving contract a config carries, read exactly as the client reads it from the server."""
+    return ModelContract.from_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
+
+
+def config_to_text(config: mc.ModelConfig) -> str:
+    return text_format.MessageToString(config)
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except text_format.ParseError as error:
+        raise RepositoryError(f"{path}: not a valid Triton model config ({error})") from error
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+
+
+def write_text_if_changed(path: Path, text: str) -> None:
+    """Rename into place, and only when the content changes: a polling Triton reloads a model whose
+    config.pbtxt or labels file was touched."""
+    if path.is_file() and path.read_text() == text:
+        return
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass(frozen=True)
+class VersionState:
+    server: str
+    # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE,
+    # REFUSED (the admin key is missing or wrong)
+    state: str
+    reason: str = ""
+    model: str = ""
+    version: str = ""
+
+    @classmethod
+    def from_index_entry(cls, server: str, entry: dict) -> VersionState:
+        """Triton reports a version the policy unloaded as UNAVAILABLE with reason "unloaded"; only
+        the other UNAVAILABLE versions failed to load."""
+        state, reason = entry.get("state", "UNKNOWN"), entry.get("reason", "")
+        if (state, reason) == ("UNAVAILABLE", "unloaded"):
+            state = "UNLOADED"
+        return cls(server, state, reason, entry.get("name", ""), entry.get("version", ""))
