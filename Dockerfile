@@ -1,17 +1,28 @@
-# The project image for the in-cluster jobs (k8s/jobs/loadtest, k8s/jobs/training) and the drift
-# monitor (k8s/components/drift-monitor): the pinned Python environment and this repository.
-# Triton itself runs from NVIDIA's image, not this one.
+# The project's images. Triton itself runs from NVIDIA's image, not these.
+#
+#   docker build --target serve-tools -t registry.example.com/histoserve-serve:0.1.0 .
+#     thin: numpy, Pillow, tritonclient and this repository, no torch. Every Triton pod's model-stage
+#     init container and golden-gate container (python -m histoserve.serve stage / golden-gate).
 #   docker build -t registry.example.com/histoserve:0.1.0 .
-FROM python:3.11.7-slim-bookworm
+#     full: the jobs (k8s/jobs/publish, loadtest, training) and the drift monitor.
+FROM python:3.11.7-slim-bookworm AS source
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN useradd --uid 1000 --create-home histoserve
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
+# Every package folder pyproject.toml maps under histoserve (tests/test_packaging.py keeps this list whole).
+COPY formats formats
 COPY client client
 COPY train train
 COPY export export
 COPY serve serve
 COPY loadtest loadtest
 COPY monitor monitor
+
+FROM source AS serve-tools
+RUN pip install -c constraints.txt .
+USER 1000
+
+FROM source AS full
 RUN pip install -c constraints.txt '.[train,export,loadtest,monitor]'
 USER 1000

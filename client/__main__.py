@@ -9,11 +9,13 @@ through restarts and rollouts until its --deadline-s. Exit code: 0 all files
 classified, 1 some files failed, 2 the server or model could not be used, 130 interrupted (Ctrl-C;
 the lines printed so far are complete).
 
-rollout-status: waits until every server (every pod behind a headless Service) serves version N. It
-reads each server's repository index, an admin API: pass the servers' admin key (--admin-key-file,
-or HISTOSERVE_ADMIN_KEY). Exit code: 0 every server has it READY, 1 a server failed to load it (its
-reason is printed), 2 not every server has it READY (still loading after --timeout, unreachable,
-the admin key refused, or unloaded by the version policy because newer versions exist).
+rollout-status: waits until every server (every Ready pod behind a headless Service) serves version
+N: the check, from the callers' side, that a new ReplicaSet (or a promoted canary) has replaced the
+old one. It reads each server's repository index, an admin API: pass the servers' admin key
+(--admin-key-file, or HISTOSERVE_ADMIN_KEY). Exit code: 0 every server has it READY, 1 a server
+failed to load it (poll mode; its reason is printed), 2 not every server has it READY after
+--timeout (old pods still serve another version, still loading, unreachable, the admin key refused,
+or unloaded by the version policy because newer versions exist).
 """
 
 from __future__ import annotations
@@ -204,6 +206,11 @@ def rollout_status(args: argparse.Namespace) -> int:
     if not all(s.state == "READY" for s in states):
         print(f"error: {args.model} version {args.version} is not READY on every server (states above; "
               f"waited up to {args.timeout:.0f}s)", file=sys.stderr)
+        if old := sum(s.state == "OTHER_VERSION" for s in states):
+            print(f"{old} server(s) still serve another version: pods of the previous ReplicaSet, kept while the new pods "
+                  f"are not Ready. `kubectl rollout status deploy/triton` tells whether the rollout still progresses; the new "
+                  f"pods' model-stage and golden-gate logs say why one is not Ready (k8s/README.md, \"Rollout and rollback\")",
+                  file=sys.stderr)
         return 2
     return 0
 

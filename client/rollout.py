@@ -1,10 +1,13 @@
-"""Has a published model version reached every Triton server? Asked of each server's repository index.
+"""Has a model version reached every Triton server? Asked of each server's repository index.
 
-Triton in poll mode loads a new version folder within its poll interval, and keeps serving the
-versions it had when the new one fails to load; nothing in its metrics says so. This check waits
-until every server reports the version READY, and fails as soon as every server has answered and
-one reports it UNAVAILABLE, naming the server and Triton's reason. Behind a Kubernetes headless
-Service, `dns:///name:port` expands to one server per ready pod. The repository index is an admin API:
+Production pods serve one pinned version each (k8s/README.md, "Rollout and rollback"): a rollout is a
+new ReplicaSet, and a server that answers is a Ready pod, old or new. Behind a Kubernetes headless
+Service, `dns:///name:port` expands to one server per Ready pod, so the rollout of version N is done,
+from the callers' side, when every server has N READY; until then the old pods report the versions
+they serve (OTHER_VERSION), and a new pod that fails its checksums or golden answers never appears.
+Triton in poll mode (`python -m serve`, the dev overlay) loads a new version folder within its poll
+interval and keeps serving the versions it had when the new one fails to load; there the check fails
+as soon as every server has answered and one reports the version UNAVAILABLE, naming Triton's reason. The repository index is an admin API:
 the calls carry the admin key (formats/admin.py), and a server that refuses it is reported as REFUSED.
 Over TLS each pod is called by address with the Service's name as the certificate's expected name.
 """
@@ -65,7 +68,13 @@ def version_state(server: str, model: str, version: str, caller: Caller = Caller
         if refused(message):
             return VersionState(server, "REFUSED", f"{REFUSED_HINT} ({message})", model, version)
         return VersionState(server, "UNREACHABLE", message, model, version)
-    return next((s for s in states if (s.model, s.version) == (model, version)), VersionState(server, "UNKNOWN", "", model, version))
+    found = next((s for s in states if (s.model, s.version) == (model, version)), None)
+    if found is not None:
+        return found
+    serving = sorted((s.version for s in states if s.model == model and s.state == "READY"), key=lambda v: int(v) if v.isdigit() else 0)
+    if serving:
+        return VersionState(server, "OTHER_VERSION", f"serves version {', '.join(serving)}", model, version)
+    return VersionState(server, "UNKNOWN", "", model, version)
 
 
 def wait_for_version(url: str, model: str, version: str, timeout_s: float, poll_s: float = 2.0,

@@ -2,7 +2,9 @@
 
 Checkpoint → ONNX (dynamic batch) → onnx.checker → parity gate on real images → [INT8 or FP16 variant
 → accuracy gate against FP32 on the held-out split] → drift baseline (the published model on the
-held-out split, for the monitor) → Triton repository. A variant is published as its
+held-out split, for the monitor) and golden answers (held-out images and what every server of the
+version must answer, for readiness) → Triton repository, the version folder with SHA256SUMS over
+its every file (formats/version.py). A variant is published as its
 own model, NAME-int8 or NAME-fp16, with the same contract, labels and warmup. Nothing is written to the
 repository unless every check passes, and what can be checked before the work (every option, the
 version number, the model name, the contract of a model already in the repository) is checked first.
@@ -15,7 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from histoserve.export import precision as variants
+from histoserve.export.golden import golden_answers, npy_bytes, tolerance_for
 from histoserve.export.images import load_images, parity_images, spread
 from histoserve.export.onnx_model import ParityError, check_parity, export_onnx, onnx_session
 from histoserve.export.precision import CALIBRATION_METHODS, PRECISIONS, AccuracyGate, AccuracyGateError, QuantizationConfig
@@ -28,8 +33,9 @@ from histoserve.export.repository import (
     publish,
 )
 from histoserve.formats.baseline import BASELINE_FILE, BaselineError, DriftBaseline, build_baseline
-from histoserve.formats.options import FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, existing_file, existing_folder
+from histoserve.formats.options import FRACTION, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, existing_file, existing_folder, output_file
 from histoserve.formats.repository import RepositoryError, config_to_text
+from histoserve.formats.version import CHECKSUMS_FILE, GOLDEN_FILE, GOLDEN_INPUTS_FILE, GoldenAnswers, Published, write_published
 
 
 def make_variant(precision: str, fp32_file: Path, target: Path, splits, meta, args) -> None:
@@ -51,8 +57,9 @@ def make_variant(precision: str, fp32_file: Path, target: Path, splits, meta, ar
     print(variants.check_accuracy_gate(precision, fp32_file, target, images, labels, gate), flush=True)
 
 
-def measure_baseline(name: str, onnx_file: Path, splits, meta, args) -> DriftBaseline:
-    """The published model's predictions and inputs on the held-out split: the monitor's reference."""
+def measure_held_out(name: str, onnx_file: Path, splits, meta, args, reference) -> tuple[DriftBaseline, GoldenAnswers, np.ndarray]:
+    """The published model on the held-out split: its predictions and inputs (the monitor's drift
+    baseline) and, from the same run, the golden answers every server of this version must give."""
     images, labels = load_images(splits.get(args.baseline_split, []), meta.preprocess, "drift baseline")
     if len(images) == 0:
         raise BaselineError(f"the {args.baseline_split!r} split has no readable images for the drift baseline")
@@ -60,7 +67,11 @@ def measure_baseline(name: str, onnx_file: Path, splits, meta, args) -> DriftBas
     baseline = build_baseline(name, args.precision, args.baseline_split, meta.class_names, probabilities, images, labels)
     print(f"drift baseline: {baseline.sample_size} {args.baseline_split} images, accuracy {baseline.accuracy:.4f}, "
           f"mean top-1 probability {baseline.expected_accuracy:.4f}", flush=True)
-    return baseline
+    tolerance = tolerance_for(args.precision, args.tensorrt)
+    golden, golden_inputs = golden_answers(name, args.precision, tolerance, meta.class_names, images, labels, probabilities, reference)
+    print(f"golden answers: {len(golden.top1)} {args.baseline_split} images (classes {sorted(set(golden.labels))}), "
+          f"probabilities within {tolerance:g}", flush=True)
+    return baseline, golden, golden_inputs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parity-count", type=POSITIVE_INT, default=32)
     parser.add_argument("--atol", type=POSITIVE, default=1e-4, help="max |Δprob| allowed by the parity gate")
     parser.add_argument("--opset", type=POSITIVE_INT, default=18, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--result-file", type=output_file,
+                        help="after publishing, write NAME=, VERSION= and FOLDER= lines here (sh can source it; "
+                             "`python -m serve stage --published FILE` reads it): the publish Job's hand-over")
     return parser
 
 
@@ -154,11 +168,18 @@ def export(args: argparse.Namespace) -> int:
             variant = Path(workdir) / f"model-{args.precision}.onnx"
             make_variant(args.precision, onnx_file, variant, splits, meta, args)
             onnx_file = variant
-        baseline = measure_baseline(name, onnx_file, splits, meta, args)
-        target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu,
-                         version_files={BASELINE_FILE: lambda version: baseline.with_version(version).to_json()})
-    print(f"published {target / 'model.onnx'} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB)")
+        baseline, golden, golden_inputs = measure_held_out(name, onnx_file, splits, meta, args, model)
+        target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu, version_files={
+            BASELINE_FILE: lambda version: baseline.with_version(version).to_json(),
+            GOLDEN_FILE: lambda version: golden.with_version(version).to_json(),
+            GOLDEN_INPUTS_FILE: lambda _version: npy_bytes(golden_inputs),
+        })
+    print(f"published {target} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB model; every file listed with "
+          f"its sha256 in {target / CHECKSUMS_FILE})")
     print(f"config: {target.parent / 'config.pbtxt'}\n" + config_to_text(config))
+    print(f"deploy it: set the model knob to name {name}, version {target.name} (k8s/README.md, \"Rollout and rollback\")")
+    if args.result_file:
+        write_published(args.result_file, Published(name, int(target.name), target))
     return 0
 
 

@@ -28,6 +28,7 @@ from histoserve.formats.repository import (
     versions,
     write_text_if_changed,
 )
+from histoserve.formats.version import VERSION_CONFIG, VERSION_CPU_CONFIG, VERSION_LABELS, write_checksums
 
 
 @dataclass(frozen=True)
@@ -179,12 +180,16 @@ def cpu_variant(config: mc.ModelConfig, tuning: CpuTuning = CpuTuning()) -> mc.M
 
 def publish(
     repository: Path, config: mc.ModelConfig, labels: list[str], onnx_file: Path, version: int | None = None,
-    cpu_tuning: CpuTuning = CpuTuning(), version_files: dict[str, Callable[[int], str]] | None = None,
+    cpu_tuning: CpuTuning = CpuTuning(), version_files: dict[str, Callable[[int], str | bytes]] | None = None,
 ) -> Path:
-    """Write config.pbtxt, labels.txt and `<version>/model.onnx`; returns the version folder.
+    """Write config.pbtxt, labels.txt and the version folder; returns the version folder.
 
-    `version_files` {name: render(version) → text} are written beside model.onnx (the drift baseline)
-    and appear with it in one rename: a version folder is complete or absent.
+    The version folder is self-contained (formats/version.py): model.onnx, the config, its CPU
+    variant and the labels as published with it, the `version_files` {name: render(version) → text
+    or bytes} (drift baseline, golden answers), and SHA256SUMS over all of them. It is assembled in
+    a hidden folder and appears by one rename: complete or absent. The model-level config.pbtxt,
+    configs/cpu.pbtxt and labels.txt are what a Triton in poll mode reads over the whole store; a pod
+    that serves one version builds its own from that version's copies (python -m serve stage).
 
     A model that already exists keeps its contract: a new version with other labels, input
     geometry or preprocessing is refused instead of silently breaking the versions being served.
@@ -193,16 +198,25 @@ def publish(
     model_dir = Path(repository) / config.name
     model_dir.mkdir(parents=True, exist_ok=True)
     target = model_dir / str(version)
+    labels_text = "".join(f"{label}\n" for label in labels)
+    config_text, cpu_text = config_to_text(config), config_to_text(cpu_variant(config, cpu_tuning))
 
-    write_text_if_changed(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
-    write_text_if_changed(model_dir / "config.pbtxt", config_to_text(config))
+    write_text_if_changed(model_dir / LABELS_FILE, labels_text)
+    write_text_if_changed(model_dir / "config.pbtxt", config_text)
     (model_dir / "configs").mkdir(exist_ok=True)
-    write_text_if_changed(model_dir / "configs" / "cpu.pbtxt", config_to_text(cpu_variant(config, cpu_tuning)))
+    write_text_if_changed(model_dir / "configs" / "cpu.pbtxt", cpu_text)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
     try:
         shutil.copyfile(onnx_file, staging / MODEL_FILE)
-        for name, render in (version_files or {}).items():
-            (staging / name).write_text(render(version))
+        snapshots = {VERSION_CONFIG: config_text, VERSION_CPU_CONFIG: cpu_text, VERSION_LABELS: labels_text}
+        for name, content in {**snapshots, **{n: render(version) for n, render in (version_files or {}).items()}}.items():
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(content)
+        write_checksums(staging)
+        for path in staging.iterdir():
+            os.chmod(path, 0o444)  # a version is immutable: its files are read-only from the start
         os.chmod(staging, 0o755)
         os.rename(staging, target)
     finally:

@@ -74,8 +74,9 @@ def write_text_if_changed(path: Path, text: str) -> None:
 @dataclass(frozen=True)
 class VersionState:
     server: str
-    # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), UNKNOWN, UNREACHABLE,
-    # REFUSED (the admin key is missing or wrong)
+    # READY, LOADING, UNAVAILABLE (failed to load), UNLOADED (by version policy), OTHER_VERSION (the
+    # server serves other versions of the model only: a pod pinned to another one), UNKNOWN,
+    # UNREACHABLE, REFUSED (the admin key is missing or wrong)
     state: str
     reason: str = ""
     model: str = ""

@@ -1,9 +1,11 @@
 """The main job, end to end on the bundled digits: `make demo` (or `.venv/bin/python scripts/demo.py`).
 
 prepare data → train ResNet50 → test report → export ONNX to model_repository/ (fp32, and int8 through
-its accuracy gate) → real Triton and the drift monitor → classify the test split over gRPC with both,
-fp32's predictions recorded by the monitor (no drift), then the test split with inverted contrast (drift
-flagged) → 30 s Locust run on fp32, 15 s on int8 → stop Triton and the monitor → summary.
+its accuracy gate) → stage the fp32 version as a Kubernetes pod does (every file against its
+SHA256SUMS) → real Triton and the drift monitor → the version's golden answers from the server →
+classify the test split over gRPC with both, fp32's predictions recorded by the monitor (no drift),
+then the test split with inverted contrast (drift flagged) → 30 s Locust run on fp32, 15 s on int8 →
+stop Triton and the monitor → summary.
 Every step is the documented command line, printed before it runs, so each can be rerun by hand.
 """
 
@@ -21,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from histoserve.formats.version import GoldenAnswers, read_published
 from histoserve.loadtest.report import plot_history, read_summary
 from histoserve.serve.server import free_ports, wait_for_readiness
 
@@ -159,9 +162,13 @@ def main() -> int:
         PYTHON, "-m", "train", "fit", "--data", data, "--out", run, "--arch", args.arch, "--weights", "none",
         "--epochs", args.epochs, "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light",
     ])
-    step("3. export: ONNX, parity gate, Triton model repository",
-         [PYTHON, "-m", "export", run / "checkpoint.pt", "--repository", repository, "--name", model],
+    published = run / "published"
+    step("3. export: ONNX, parity gate, golden answers, Triton model repository",
+         [PYTHON, "-m", "export", run / "checkpoint.pt", "--repository", repository, "--name", model, "--result-file", published],
          stdout=subprocess.DEVNULL)
+    version = read_published(ROOT / published).version
+    step(f"3a. stage version {version} as a pod's init container does: copy it, check every file against SHA256SUMS",
+         [PYTHON, "-m", "serve", "stage", "--store", repository, "--published", published, "--target", run / "pod"])
     gate = step("3b. export int8: calibrate on training images, accuracy gate against fp32, publish as digits-int8", [
         PYTHON, "-m", "export", run / "checkpoint.pt", "--repository", repository, "--name", model, "--precision", "int8",
     ], stdout=subprocess.PIPE, text=True)
@@ -175,6 +182,9 @@ def main() -> int:
     monitor = start_monitor(repository, monitor_port, records, token)
     writer = (f"http://127.0.0.1:{monitor_port}", token)
     try:
+        step(f"3c. golden answers: version {version} must give them before a pod serving it is Ready", [
+            PYTHON, "-m", "serve", "golden-gate", "--once", "--repository", run / "pod", "--model", model, "--version", version,
+            "--url", f"127.0.0.1:{ports.grpc}"])
         served, served_accuracy = classify(data, ports, model, "4. classify the test split over gRPC, records to the monitor "
                                            "(first lines shown)", show=8, monitor=writer)
         unshifted = monitor_verdict(monitor_port, model)
@@ -196,6 +206,7 @@ def main() -> int:
         stop_server(monitor)
 
     metrics = json.loads((ROOT / run / "test_metrics.json").read_text())
+    golden_count = len(GoldenAnswers.read(ROOT / run / "pod" / model / str(version))[0].top1)
     load = read_summary(ROOT / reports / "locust")
     load_int8 = read_summary(ROOT / reports / "locust-int8")
     plot = plot_history(ROOT / reports / "locust")
@@ -205,6 +216,7 @@ def main() -> int:
   test accuracy (PyTorch, {metrics['images']} images)   {metrics['accuracy']:.4f}
   served accuracy (Triton, {len(served)} images)  {served_accuracy:.4f}
   served accuracy, int8 model          {int8_accuracy:.4f}  ({100 * (int8_accuracy - served_accuracy):+.2f} points)
+  version {version}, as a pod checks it      every file matches SHA256SUMS; all {golden_count} golden answers right
   monitor, the test split              {unshifted}
   monitor, inverted contrast           {shifted}
       (served accuracy on the inverted images {shifted_accuracy:.4f}; offline, with plots:

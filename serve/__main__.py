@@ -12,11 +12,17 @@ statistics, trace and log settings) answer only callers that send the admin key:
 --admin-key-file or HISTOSERVE_ADMIN_KEY, else one made for this run, whose file is printed at
 start (pass it to the admin tools with --admin-key-file). Inference, metadata, model config and
 health need no key. --no-http turns Triton's HTTP/REST endpoint off, as the Kubernetes Deployment does.
+
+Two more commands run in each Kubernetes Triton pod, which serves one pinned version:
+  python -m serve stage --store S --model M --version N --target T   copy one version, verified against its SHA256SUMS
+  python -m serve golden-gate --repository T --model M --version N   ready only once Triton gives the golden answers
+(`python -m serve stage --help`, `python -m serve golden-gate --help`.)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 from pathlib import Path
@@ -52,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = {"stage": "histoserve.serve.stage", "golden-gate": "histoserve.serve.golden_gate"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):

@@ -1,6 +1,7 @@
 """The installed distribution claims one top-level name, histoserve; the repository keeps one folder
 per stage and its `python -m <stage>` commands."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -38,3 +39,10 @@ def test_stages_run_as_histoserve_modules_outside_the_repository(tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout
+
+
+def test_the_image_copies_every_package_the_distribution_maps():
+    """`pip install .` in the Dockerfile fails on a package folder it was not given (formats/ once)."""
+    mapped = set(re.findall(r'^"histoserve\.\w+" = "(\w+)"$', (ROOT / "pyproject.toml").read_text(), flags=re.MULTILINE))
+    copied = set(re.findall(r"^COPY (\w+) \1$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE))
+    assert mapped == set(PACKAGES) == copied

@@ -48,7 +48,7 @@ def strict(schema: dict) -> dict:
     return schema
 
 
-CUSTOM_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "gateway.envoyproxy.io/")
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "gateway.envoyproxy.io/", "argoproj.io/")
 
 
 def is_custom(obj: dict) -> bool:

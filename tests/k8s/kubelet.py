@@ -10,6 +10,8 @@ grpcio need protobuf 7.
 from __future__ import annotations
 
 import re
+import sys
+from pathlib import Path
 
 import grpc
 
@@ -42,18 +44,57 @@ def grpc_probe(address: str, timeout_s: float = 1.0, service: str = "") -> str:
             return f"error {error.code().name}"
 
 
-def expand(words: list[str], container: dict, secrets: dict[tuple[str, str], str]) -> list[str]:
+def expand(words: list[str], container: dict, secrets: dict[tuple[str, str], str], annotations: dict[str, str] | None = None) -> list[str]:
     """`$(VAR)` in the arguments replaced by the container's environment, as the kubelet does: `value`
-    entries as written, `secretKeyRef` entries from `secrets[(name, key)]`. An unknown variable stays as
-    written (the kubelet's rule); `$$` escapes a `$`."""
+    entries as written, `secretKeyRef` entries from `secrets[(name, key)]`, downward-API `fieldRef`s
+    to `metadata.annotations['k']` from the pod's `annotations`. An unknown variable stays as written
+    (the kubelet's rule); `$$` escapes a `$`."""
     values = {}
     for entry in container.get("env", []):
+        source = entry.get("valueFrom", {})
         if "value" in entry:
             values[entry["name"]] = entry["value"]
-        elif reference := entry.get("valueFrom", {}).get("secretKeyRef"):
+        elif reference := source.get("secretKeyRef"):
             values[entry["name"]] = secrets[(reference["name"], reference["key"])]
+        elif field := ANNOTATION_FIELD.fullmatch(source.get("fieldRef", {}).get("fieldPath", "")):
+            values[entry["name"]] = (annotations or {})[field.group(1)]
 
     def one(word: str) -> str:
         return re.sub(r"\$\$|\$\((\w+)\)", lambda m: "$" if m.group(0) == "$$" else values.get(m.group(1), m.group(0)), word)
 
     return [one(word) for word in words]
+
+
+ANNOTATION_FIELD = re.compile(r"metadata\.annotations\['([^']+)'\]")
+
+
+def local_command(container: dict, template: dict, mounts: dict[str, Path], secrets: dict | None = None) -> list[str]:
+    """The container's command line, expanded as the kubelet does, with each volume's mount path
+    replaced by the local folder `mounts[volume name]` stands in for, and `python` by this interpreter."""
+    words = expand(container.get("command", []) + container.get("args", []), container, secrets or {},
+                   template["metadata"].get("annotations", {}))
+    paths = {m["mountPath"]: Path(mounts[m["name"]]) for m in container.get("volumeMounts", []) if m["name"] in mounts}
+
+    def local(word: str) -> str:
+        for mount_path, folder in paths.items():
+            if word == mount_path or word.startswith(mount_path + "/"):
+                return str(folder) + word[len(mount_path):]
+        return word
+
+    words = [local(word) for word in words]
+    return [sys.executable, *words[1:]] if words[:1] == ["python"] else words
+
+
+def http_probe(url: str, timeout_s: float = 1.0) -> str:
+    """An httpGet probe's verdict: `success` for a status from 200 to 399, else the status or error."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout_s) as response:
+            return "success" if 200 <= response.status < 400 else f"status {response.status}"
+    except urllib.error.HTTPError as error:
+        return f"status {error.code}"
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
+        return f"error {error}"

@@ -6,6 +6,7 @@ manifests pass and that a deliberately broken copy fails.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -16,8 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUBECTL = Path(sys.executable).parent / "kubectl"
-OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/gpu-gateway", "overlays/cpu", "overlays/dev"]
-JOBS = ["jobs/loadtest", "jobs/training", "jobs/publish"]
+OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/gpu-gateway", "overlays/gpu-canary", "overlays/cpu", "overlays/dev"]
+JOBS = ["jobs/loadtest", "jobs/training", "jobs/publish", "jobs/publish-s3"]
 KUSTOMIZATIONS = OVERLAYS + JOBS
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -381,8 +382,11 @@ def check_storage(objects: list[dict]) -> list[str]:
                 problems.append(f"Deployment/{deployment['metadata']['name']}: ReadWriteOnce PVC {name} with a rolling update: "
                                 "the new pod waits for a volume the old one holds")
     for workload, template in pod_templates(objects):
-        limits = [c.get("resources", {}).get("limits", {}).get("ephemeral-storage") for c in template["spec"]["containers"]]
-        if None in limits:
+        # The kubelet evicts a pod whose disk use (emptyDirs included) exceeds the sum of the limits its
+        # containers set (containers without one add nothing); no limit anywhere: no pod-level limit.
+        limits = [limit for c in template["spec"]["containers"]
+                  if (limit := c.get("resources", {}).get("limits", {}).get("ephemeral-storage")) is not None]
+        if not limits:
             continue
         on_disk = [v["emptyDir"].get("sizeLimit") for v in template["spec"].get("volumes", [])
                    if "emptyDir" in v and (v["emptyDir"] or {}).get("medium") != "Memory"]
@@ -516,6 +520,194 @@ def check_edge(objects: list[dict]) -> list[str]:
     return problems
 
 
+MODEL_ANNOTATION, VERSION_ANNOTATION = "histoserve.io/model", "histoserve.io/model-version"
+
+
+def serve_command(container: dict, command: str) -> list[str] | None:
+    """The words after `python -m histoserve.serve <command>` (or `serve <command>`), else None."""
+    words = container.get("command", []) + container.get("args", [])
+    for module in ("histoserve.serve", "serve"):
+        head = ["python", "-m", module, command]
+        if words[:4] == head:
+            return words[4:]
+    return None
+
+
+def option(words: list[str], name: str) -> str | None:
+    """The value of `--name value` or `--name=value` (the last one wins)."""
+    found = None
+    for index, word in enumerate(words):
+        if word == f"--{name}" and index + 1 < len(words):
+            found = words[index + 1]
+        elif word.startswith(f"--{name}="):
+            found = word.split("=", 1)[1]
+    return found
+
+
+def env_sources(container: dict) -> dict[str, str]:
+    """Each environment variable's value, or `fieldRef:<path>` for a downward-API one."""
+    return {e["name"]: e["value"] if "value" in e else f"fieldRef:{e.get('valueFrom', {}).get('fieldRef', {}).get('fieldPath')}"
+            for e in container.get("env", [])}
+
+
+def mounted_volume(container: dict, path: str) -> dict | None:
+    """The volumeMount whose mountPath holds `path`."""
+    return next((m for m in container.get("volumeMounts", []) if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")), None)
+
+
+def check_pinned_model(objects: list[dict]) -> list[str]:
+    """A Triton pod serves either one pinned version (--model-control-mode=none) or, in poll mode, the
+    store claim itself. Pinned: strict readiness; the pod template names the model and a version;
+    model-stage copies that version (name and version read from those annotations) from the store,
+    mounted read-only, into a pod-local emptyDir that is Triton's --model-repository; golden-gate
+    reads the same version from there, asks this pod's Triton and is the /ready readiness probe; a
+    download, where there is one, runs before the stage into the store folder the stage reads."""
+    problems = []
+    for workload, template in pod_templates(objects):
+        spec, name = template["spec"], workload["metadata"]["name"]
+        triton = next((c for c in spec["containers"] if triton_command(c)), None)
+        if triton is None:
+            continue
+        words = triton_command(triton)
+        repository = (flag(words, "model-repository") or "").replace("$(MODEL_REPOSITORY)", env_sources(triton).get("MODEL_REPOSITORY", ""))
+        mode = flag(words, "model-control-mode") or "none"
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        repository_mount = mounted_volume(triton, repository)
+        if mode == "poll":
+            if (flag(words, "strict-readiness") or "true") != "false":
+                problems.append(f"{name}: poll mode with strict readiness: every publish takes every pod out while it loads")
+            continue
+        if mode != "none":
+            problems.append(f"{name}: --model-control-mode={mode}: a pod serves one pinned version (none) or, in dev, polls")
+            continue
+        if (flag(words, "strict-readiness") or "true") != "true":
+            problems.append(f"{name}: a pinned pod must be strictly ready: its one model loaded")
+        annotations = template["metadata"].get("annotations", {})
+        model, version = annotations.get(MODEL_ANNOTATION, ""), annotations.get(VERSION_ANNOTATION, "")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", model) or not re.fullmatch(r"[1-9][0-9]*", version):
+            problems.append(f"{name}: pod template pins model {model!r} version {version!r}: the overlay's model.yaml is not applied")
+        pinned = {"MODEL_NAME": f"fieldRef:metadata.annotations['{MODEL_ANNOTATION}']",
+                  "MODEL_VERSION": f"fieldRef:metadata.annotations['{VERSION_ANNOTATION}']"}
+        init = spec.get("initContainers", [])
+        stages = [(i, c, serve_command(c, "stage")) for i, c in enumerate(init) if serve_command(c, "stage") is not None]
+        gates = [(c, serve_command(c, "golden-gate")) for c in spec["containers"] if serve_command(c, "golden-gate") is not None]
+        if len(stages) != 1 or len(gates) != 1:
+            problems.append(f"{name}: a pinned pod needs one model-stage init container and one golden-gate container, has "
+                            f"{len(stages)} and {len(gates)}")
+            continue
+        (index, stage, stage_words), (gate, gate_words) = stages[0], gates[0]
+        if repository_mount is None or "emptyDir" not in volumes.get(repository_mount["name"], {}):
+            problems.append(f"{name}: Triton's repository {repository!r} is not a pod-local emptyDir (the staged copy)")
+            continue
+        for container, its_words in ((stage, stage_words), (gate, gate_words)):
+            sources = env_sources(container)
+            for variable, wanted in pinned.items():
+                if f"$({variable})" not in its_words or sources.get(variable) != wanted:
+                    problems.append(f"{name}/{container['name']}: {variable} is not read from the pod's {wanted[9:]}")
+        target = mounted_volume(stage, option(stage_words, "target") or "")
+        if target is None or target["name"] != repository_mount["name"]:
+            problems.append(f"{name}: model-stage's --target is not the volume Triton serves ({repository_mount['name']})")
+        store = mounted_volume(stage, option(stage_words, "store") or "")
+        if store is None or not store.get("readOnly"):
+            problems.append(f"{name}: model-stage must read the store from a read-only mount")
+        served = mounted_volume(gate, option(gate_words, "repository") or "")
+        if served is None or served["name"] != repository_mount["name"]:
+            problems.append(f"{name}: golden-gate does not read the golden answers from Triton's repository")
+        if option(gate_words, "url") != f"127.0.0.1:{flag(words, 'grpc-port')}":
+            problems.append(f"{name}: golden-gate asks {option(gate_words, 'url')}, not this pod's Triton")
+        probe = gate.get("readinessProbe", {}).get("httpGet", {})
+        ports = {p.get("name"): p["containerPort"] for p in gate.get("ports", [])}
+        if probe.get("path") != "/ready" or str(ports.get(probe.get("port"), probe.get("port"))) != option(gate_words, "port"):
+            problems.append(f"{name}: golden-gate's /ready on port {option(gate_words, 'port')} is not its readiness probe")
+        for earlier in init[:index]:
+            if earlier["name"] == "model-download" and mounted_volume(earlier, "/store") is None:
+                problems.append(f"{name}: model-download does not write the store model-stage reads")
+        for later in init[index + 1:]:
+            if later["name"] == "model-download":
+                problems.append(f"{name}: model-download runs after model-stage: the stage finds nothing to verify")
+    return problems
+
+
+ARG_REFERENCE = re.compile(r"\{\{\s*args\.([\w-]+)\s*\}\}")
+
+
+def named(objects: list[dict], kind: str | None, name: str | None) -> dict | None:
+    return next((o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name), None)
+
+
+def check_canary(objects: list[dict]) -> list[str]:
+    """An Argo Rollouts canary is wired end to end: the Rollout takes its pods from the Triton
+    Deployment (workloadRef) and is what the HPA scales; its stable and canary Services select those
+    pods and are the GRPCRoute's weighted backends the Gateway API plugin rewrites; each analysis
+    step names AnalysisTemplates that exist and gets every argument they need, every `{{args.x}}` of
+    a template is declared; the Rollout's pinned version is the pod template's; Prometheus labels
+    Triton's series with the pod-template hash the queries select on."""
+    problems = []
+    templates = {o["metadata"]["name"]: o for o in objects if o["kind"] == "AnalysisTemplate"}
+    for template in templates.values():
+        declared = {a["name"] for a in template["spec"].get("args", [])}
+        if used := set(ARG_REFERENCE.findall(json.dumps(template["spec"]["metrics"]))) - declared:
+            problems.append(f"AnalysisTemplate/{template['metadata']['name']}: uses undeclared args {sorted(used)}")
+    for rollout in (o for o in objects if o["kind"] == "Rollout"):
+        name, spec = rollout["metadata"]["name"], rollout["spec"]
+        reference = spec.get("workloadRef", {})
+        deployment = named(objects, reference.get("kind"), reference.get("name"))
+        if deployment is None:
+            problems.append(f"Rollout/{name}: workloadRef {reference.get('kind')}/{reference.get('name')} does not exist")
+            continue
+        pod = deployment["spec"]["template"]
+        if not matches(spec["selector"]["matchLabels"], pod["metadata"].get("labels", {})):
+            problems.append(f"Rollout/{name}: selector does not match the pods of {reference['name']}")
+        for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+            if hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment" and hpa["spec"]["scaleTargetRef"]["name"] == reference["name"]:
+                problems.append(f"HPA/{hpa['metadata']['name']}: scales the Deployment the Rollout {name} replaces")
+        for key in (MODEL_ANNOTATION, VERSION_ANNOTATION):
+            if rollout["metadata"].get("annotations", {}).get(key) != pod["metadata"].get("annotations", {}).get(key):
+                problems.append(f"Rollout/{name}: {key} {rollout['metadata'].get('annotations', {}).get(key)!r} is not the pod "
+                                f"template's {pod['metadata'].get('annotations', {}).get(key)!r}: the analysis would judge another version")
+        canary = spec["strategy"].get("canary", {})
+        services = {role: named(objects, "Service", canary.get(f"{role}Service")) for role in ("stable", "canary")}
+        for role, service in services.items():
+            if service is None or not matches(service["spec"].get("selector", {}), pod["metadata"].get("labels", {})):
+                problems.append(f"Rollout/{name}: {role}Service {canary.get(f'{role}Service')!r} is missing or selects other pods")
+        plugin = canary.get("trafficRouting", {}).get("plugins", {}).get("argoproj-labs/gatewayAPI", {})
+        route = named(objects, "GRPCRoute", plugin.get("grpcRoute"))
+        if route is None or plugin.get("namespace") != route["metadata"].get("namespace"):
+            problems.append(f"Rollout/{name}: the Gateway API plugin's grpcRoute {plugin.get('grpcRoute')!r} in "
+                            f"{plugin.get('namespace')!r} is no GRPCRoute of this overlay")
+        else:
+            for index, rule in enumerate(route["spec"]["rules"]):
+                weights = {b["name"]: b.get("weight", 1) for b in rule.get("backendRefs", [])}
+                wanted = {canary.get("stableService"): 100, canary.get("canaryService"): 0}
+                if weights != wanted:
+                    problems.append(f"GRPCRoute/{route['metadata']['name']}: rule {index} backends {weights}, not the Rollout's "
+                                    f"stable and canary Services {wanted}")
+        labels = pod["metadata"].get("labels", {})
+        pod_services = [o for o in objects if o["kind"] == "Service" and matches(o["spec"].get("selector", {}), labels)]
+        monitors = [o for o in objects if o["kind"] == "ServiceMonitor"
+                    and any(matches(o["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {})) for s in pod_services)]
+        if not any("rollouts-pod-template-hash" in m["spec"].get("podTargetLabels", []) for m in monitors):
+            problems.append(f"Rollout/{name}: no ServiceMonitor of its pods keeps rollouts-pod-template-hash, which the analyses select on")
+        for index, step in enumerate(canary.get("steps", [])):
+            if "analysis" not in step:
+                continue
+            given = {a["name"] for a in step["analysis"].get("args", [])}
+            for reference in step["analysis"]["templates"]:
+                template = templates.get(reference["templateName"])
+                if template is None:
+                    problems.append(f"Rollout/{name}: step {index} uses AnalysisTemplate {reference['templateName']!r}, which is missing")
+                    continue
+                missing = {a["name"] for a in template["spec"].get("args", []) if "value" not in a and "valueFrom" not in a} - given
+                if missing:
+                    problems.append(f"Rollout/{name}: step {index} gives {reference['templateName']} no {sorted(missing)}")
+            for argument in step["analysis"].get("args", []):
+                path = argument.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
+                field = re.fullmatch(r"metadata\.annotations\['([^']+)'\]", path)
+                if field and field.group(1) not in rollout["metadata"].get("annotations", {}):
+                    problems.append(f"Rollout/{name}: argument {argument['name']} reads annotation {field.group(1)!r}, which it lacks")
+    return problems
+
+
 CHECKS = {
     "selectors": check_selectors,
     "ports": check_ports,
@@ -529,6 +721,8 @@ CHECKS = {
     "storage": check_storage,
     "wiring": check_wiring,
     "edge": check_edge,
+    "pinned": check_pinned_model,
+    "canary": check_canary,
 }
 
 

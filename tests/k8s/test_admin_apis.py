@@ -69,7 +69,7 @@ def outcome(call, headers) -> str:
 
 def refusals(client, key: AdminKey, shm_key: str, refused_message: str, headers_of) -> dict[str, list[str]]:
     """For each admin call: what happened with no key, a wrong key and the right key. A call may fail
-    with the key for reasons of its own (poll mode forbids load/unload, a CPU server has no CUDA), but
+    with the key for reasons of its own (a pinned pod's Triton allows no load/unload, a CPU server has no CUDA), but
     never with the refusal."""
     wrong = AdminKey.generate()
     problems: dict[str, list[str]] = {}

@@ -10,6 +10,7 @@ import kubernetes_validate
 import pytest
 
 from tests.k8s import custom_resources
+from tests.k8s.kubelet import expand
 from tests.k8s.manifests import CHECKS, KUSTOMIZATIONS, OVERLAYS, all_problems, render
 
 KUBERNETES_VERSIONS = ["1.27.0", "1.37.0"]  # oldest and newest supported
@@ -58,17 +59,21 @@ def misspell(path, wrong):
     return breakage
 
 
-@pytest.mark.parametrize("kind, breakage", [
-    ("ServiceMonitor", misspell(["spec", "endpoints", 0, "scrapeTimeout"], "scrapeTimeOut")),
-    ("PrometheusRule", misspell(["spec", "groups", 0, "rules", 0, "expr"], "exp")),
-    ("Gateway", misspell(["spec", "listeners", 0, "protocol"], "protocl")),
-    ("GRPCRoute", misspell(["spec", "rules", 0, "backendRefs"], "backendRef")),
-    ("ClientTrafficPolicy", misspell(["spec", "tls", "clientValidation", "caCertificateRefs"], "caCertificateRef")),
-    ("SecurityPolicy", misspell(["spec", "authorization", "defaultAction"], "default")),
-    ("BackendTrafficPolicy", misspell(["spec", "requestBuffer", "limit"], "maxSize")),
+@pytest.mark.parametrize("overlay, kind, breakage", [
+    ("overlays/gpu-gateway", "ServiceMonitor", misspell(["spec", "endpoints", 0, "scrapeTimeout"], "scrapeTimeOut")),
+    ("overlays/gpu-gateway", "PrometheusRule", misspell(["spec", "groups", 0, "rules", 0, "expr"], "exp")),
+    ("overlays/gpu-gateway", "Gateway", misspell(["spec", "listeners", 0, "protocol"], "protocl")),
+    ("overlays/gpu-gateway", "GRPCRoute", misspell(["spec", "rules", 0, "backendRefs"], "backendRef")),
+    ("overlays/gpu-gateway", "ClientTrafficPolicy", misspell(["spec", "tls", "clientValidation", "caCertificateRefs"], "caCertificateRef")),
+    ("overlays/gpu-gateway", "SecurityPolicy", misspell(["spec", "authorization", "defaultAction"], "default")),
+    ("overlays/gpu-gateway", "BackendTrafficPolicy", misspell(["spec", "requestBuffer", "limit"], "maxSize")),
+    ("overlays/gpu-canary", "Rollout", misspell(["spec", "workloadRef", "scaleDown"], "scaledown")),
+    ("overlays/gpu-canary", "Rollout", misspell(["spec", "strategy", "canary", "canaryService"], "canaryServiceName")),
+    ("overlays/gpu-canary", "AnalysisTemplate", misspell(["spec", "metrics", 0, "successCondition"], "successCriteria")),
+    ("overlays/gpu-canary", "AnalysisTemplate", misspell(["spec", "metrics", 0, "provider", "prometheus", "query"], "expr")),
 ], ids=lambda v: v if isinstance(v, str) else v.__name__)
-def test_crd_validation_fails_on_a_misspelt_field(kind, breakage):
-    obj = next(o for o in objects_of("overlays/gpu-gateway") if o["kind"] == kind)
+def test_crd_validation_fails_on_a_misspelt_field(overlay, kind, breakage):
+    obj = next(o for o in objects_of(overlay) if o["kind"] == kind)
     custom_resources.validate(obj)
     breakage(obj)
     with pytest.raises(jsonschema.ValidationError):
@@ -291,6 +296,80 @@ def break_expected_workers(objects):
     find(objects, "Job", "locust")["spec"]["completions"] = 9
 
 
+def pod_spec(objects):
+    return find(objects, "Deployment", "triton")["spec"]["template"]
+
+
+def break_poll_mode(objects):  # back to polling the shared store, strict readiness kept
+    args = triton(objects)["args"]
+    args[args.index("--model-control-mode=none")] = "--model-control-mode=poll"
+
+
+def break_unpinned(objects):  # the overlay forgot its model.yaml
+    pod_spec(objects)["metadata"]["annotations"]["histoserve.io/model-version"] = "UNSET"
+
+
+def break_triton_reads_the_store(objects):  # Triton mounts the claim, not the verified copy
+    mount = next(m for m in triton(objects)["volumeMounts"] if m["mountPath"] == "/models")
+    mount["name"] = "model-store"
+
+
+def break_writable_store(objects):
+    stage = pod_spec(objects)["spec"]["initContainers"][0]
+    next(m for m in stage["volumeMounts"] if m["name"] == "model-store").pop("readOnly")
+
+
+def break_gate_without_probe(objects):
+    pod_spec(objects)["spec"]["containers"][1].pop("readinessProbe")
+
+
+def break_stage_pinned_by_hand(objects):  # a literal version beside the annotation: the two can disagree
+    stage = pod_spec(objects)["spec"]["initContainers"][0]
+    stage["env"] = [e if e["name"] != "MODEL_VERSION" else {"name": "MODEL_VERSION", "value": "2"} for e in stage["env"]]
+
+
+def break_download_after_stage(objects):
+    init = pod_spec(objects)["spec"]["initContainers"]
+    init.reverse()
+
+
+def break_gate_asks_another_server(objects):
+    command = pod_spec(objects)["spec"]["containers"][1]["command"]
+    command[command.index("127.0.0.1:8001")] = "triton-grpc:8001"
+
+
+def break_hpa_scales_the_deployment(objects):  # the HPA and Argo would fight over the pods
+    find(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"] = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "triton"}
+
+
+def break_route_to_one_service(objects):  # the plugin finds no canary backend to weigh
+    find(objects, "GRPCRoute")["spec"]["rules"][0]["backendRefs"] = [{"name": "triton-grpc", "port": 8001}]
+
+
+def break_missing_template(objects):
+    objects.remove(find(objects, "AnalysisTemplate", "triton-canary-predictions"))
+
+
+def break_missing_argument(objects):
+    steps = find(objects, "Rollout")["spec"]["strategy"]["canary"]["steps"]
+    for step in steps:
+        if "analysis" in step:
+            step["analysis"]["args"] = [a for a in step["analysis"]["args"] if a["name"] != "canary-hash"]
+
+
+def break_rollout_judges_another_version(objects):  # the knob not copied into the Rollout
+    find(objects, "Rollout")["metadata"]["annotations"]["histoserve.io/model-version"] = "UNSET"
+
+
+def break_hash_label_dropped(objects):
+    find(objects, "ServiceMonitor", "triton")["spec"].pop("podTargetLabels")
+
+
+def break_undeclared_argument(objects):
+    metric = find(objects, "AnalysisTemplate", "triton-canary-serving")["spec"]["metrics"][0]
+    metric["successCondition"] = metric["successCondition"].replace("max-error-ratio", "max-error-rate")
+
+
 BROKEN = {  # breakage: (the check that must notice it, the kustomization it breaks)
     break_selector: ("selectors", "overlays/gpu"), break_probe_port: ("ports", "overlays/gpu"),
     break_service_port: ("ports", "overlays/gpu"), break_gpu_limit: ("resources", "overlays/gpu"),
@@ -314,6 +393,14 @@ BROKEN = {  # breakage: (the check that must notice it, the kustomization it bre
     break_secret_in_manifests: ("admin", "overlays/gpu"), break_route_admits_the_whole_service: ("edge", "overlays/gpu-gateway"),
     break_route_admits_statistics: ("edge", "overlays/gpu-gateway"), break_route_keeps_the_admin_header: ("edge", "overlays/gpu-gateway"),
     break_namespace: ("names", "overlays/gpu-s3"),
+    break_poll_mode: ("pinned", "overlays/gpu"), break_unpinned: ("pinned", "overlays/gpu"),
+    break_triton_reads_the_store: ("pinned", "overlays/gpu"), break_writable_store: ("pinned", "overlays/cpu"),
+    break_gate_without_probe: ("pinned", "overlays/gpu"), break_stage_pinned_by_hand: ("pinned", "overlays/gpu"),
+    break_download_after_stage: ("pinned", "overlays/gpu-s3"), break_gate_asks_another_server: ("pinned", "overlays/cpu"),
+    break_hpa_scales_the_deployment: ("canary", "overlays/gpu-canary"), break_route_to_one_service: ("canary", "overlays/gpu-canary"),
+    break_missing_template: ("canary", "overlays/gpu-canary"), break_missing_argument: ("canary", "overlays/gpu-canary"),
+    break_rollout_judges_another_version: ("canary", "overlays/gpu-canary"), break_hash_label_dropped: ("canary", "overlays/gpu-canary"),
+    break_undeclared_argument: ("canary", "overlays/gpu-canary"),
 }
 
 
@@ -357,30 +444,41 @@ def test_deployment_is_hardened_and_drains_gracefully():
     assert grace > pre_stop + exit_timeout
     # Triton's gRPC health is its readiness, NOT_SERVING while it drains: liveness must outlast the drain
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > exit_timeout
-    for flag in ("--model-control-mode=poll", "--strict-readiness=false", "--exit-on-error=true", "--allow-http=false",
+    for flag in ("--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true", "--allow-http=false",
                  "--grpc-max-connection-age=60000", "--grpc-keepalive-permit-without-calls=true"):
         assert flag in container["args"], flag
+    for other in pod["initContainers"] + pod["containers"][1:]:  # model-stage, golden-gate: as locked down
+        assert other["securityContext"] == container["securityContext"], other["name"]
     pdb = find(objects, "PodDisruptionBudget", "triton")
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # a crash-looping pod never blocks a drain
     assert container["args"][0] == "tritonserver" and "command" not in container  # the NGC entrypoint runs it
 
 
-def test_s3_overlay_downloads_the_models_in_an_init_container_and_triton_holds_no_credentials():
+def test_s3_overlay_downloads_only_the_pinned_version_before_the_stage_and_triton_holds_no_credentials():
     objects = objects_of("overlays/gpu-s3")
-    pod = find(objects, "Deployment", "triton")["spec"]["template"]["spec"]
-    [download] = pod["initContainers"]
-    assert download["args"][:2] == ["s3", "sync"] and download["args"][-1] == "/models"
-    env = {e["name"]: e["value"] for e in download["env"]}
+    template = find(objects, "Deployment", "triton")["spec"]["template"]
+    pod, annotations = template["spec"], template["metadata"]["annotations"]
+    download, stage = pod["initContainers"]
+    assert (download["name"], stage["name"]) == ("model-download", "model-stage")  # downloaded, then verified
+    env = {e["name"]: e.get("value") or e["valueFrom"]["fieldRef"]["fieldPath"] for e in download["env"]}
     assert env["MODEL_SOURCE"] == "s3://histoserve-models/model_repository"
+    assert env["MODEL_NAME"] == "metadata.annotations['histoserve.io/model']"
+    assert env["MODEL_VERSION"] == "metadata.annotations['histoserve.io/model-version']"
+    assert expand(download["args"], download, {}, annotations)[-2:] == [  # that version's folder, nothing else
+        f"s3://histoserve-models/model_repository/{annotations['histoserve.io/model']}/{annotations['histoserve.io/model-version']}/",
+        f"/store/{annotations['histoserve.io/model']}/{annotations['histoserve.io/model-version']}/"]
     credentials = next(m for m in download["volumeMounts"] if m["name"] == "model-store-credentials")
     assert env["AWS_SHARED_CREDENTIALS_FILE"].startswith(credentials["mountPath"] + "/") and credentials["readOnly"]
-    assert {"name": "model-repository", "mountPath": "/models"} in download["volumeMounts"]
-    container = triton(objects)
-    assert "envFrom" not in container and all("AWS" not in e["name"] for e in container["env"])
-    assert all(m["name"] != "model-store-credentials" for m in container["volumeMounts"])
-    assert {"name": "model-repository", "mountPath": "/models", "readOnly": True} in container["volumeMounts"]
-    volume = next(v for v in pod["volumes"] if v["name"] == "model-repository")
-    assert volume == {"name": "model-repository", "emptyDir": {"sizeLimit": "20Gi"}}
+    assert {"name": "model-store", "mountPath": "/store"} in download["volumeMounts"]
+    assert {"name": "model-store", "mountPath": "/store", "readOnly": True} in stage["volumeMounts"]
+    for container in pod["containers"] + [stage]:
+        assert "envFrom" not in container and all("AWS" not in e["name"] for e in container.get("env", []))
+        assert all(m["name"] != "model-store-credentials" for m in container["volumeMounts"])
+    skipped = set(annotations["eks.amazonaws.com/skip-containers"].split(","))
+    assert skipped == {c["name"] for c in pod["containers"] + pod["initContainers"]} - {"model-download"}
+    assert {"name": "model-repository", "mountPath": "/models", "readOnly": True} in triton(objects)["volumeMounts"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model-store")
+    assert volume == {"name": "model-store", "emptyDir": {"sizeLimit": "2Gi"}}
     assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
     secret = next(v for v in pod["volumes"] if v["name"] == "model-store-credentials")["secret"]
     assert secret == {"secretName": "model-store-s3-credentials", "optional": True, "defaultMode": 0o400}

@@ -48,20 +48,32 @@ def adapter_queries() -> list[str]:
     return queries
 
 
-def test_alert_rules_pass_promtool_unit_tests(tmp_path):
-    rule = next(o for o in render("overlays/gpu") if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == "triton")
-    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule) == {"apiVersion", "kind", "metadata", "spec"}
-    (tmp_path / "alerts.rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
-    shutil.copy(Path(__file__).parent / "promtool" / "alerts-test.yaml", tmp_path)
-    check = subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", "alerts.rules.yaml"],
-                           cwd=tmp_path, capture_output=True, text=True)
+def promtool_unit_tests(tmp_path: Path, overlay: str, rule_name: str, test_file: str) -> tuple[dict, set[str], set[str]]:
+    """`promtool check rules` and `promtool test rules` on a rendered PrometheusRule's spec (written
+    where the unit-test file's rule_files expects it); the rule, its alerts, and the alerts tested."""
+    rule = next(o for o in render(overlay) if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == rule_name)
+    tests = Path(__file__).parent / "promtool" / test_file
+    rules_file = yaml.safe_load(tests.read_text())["rule_files"][0]
+    (tmp_path / rules_file).write_text(yaml.safe_dump(rule["spec"]))
+    shutil.copy(tests, tmp_path)
+    check = subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", rules_file], cwd=tmp_path, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    tested = subprocess.run([PROMTOOL, "test", "rules", "alerts-test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    tested = subprocess.run([PROMTOOL, "test", "rules", test_file], cwd=tmp_path, capture_output=True, text=True)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    tested_alerts = set(re.findall(r"alertname: (\w+)", (tmp_path / "alerts-test.yaml").read_text()))
-    assert alerts == tested_alerts == {"TritonP99LatencyHigh", "TritonErrorRatioHigh", "TritonQueueTimeHigh", "TritonPodsNotReady",
-                                       "TritonScrapeFailing", "TritonMetricsAbsent", "TritonModelPublishFailed"}
+    return rule, alerts, set(re.findall(r"alertname: (\w+)", tests.read_text()))
+
+
+def test_alert_rules_pass_promtool_unit_tests(tmp_path):
+    rule, alerts, tested = promtool_unit_tests(tmp_path, "overlays/gpu", "triton", "alerts-test.yaml")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    assert alerts == tested == {"TritonP99LatencyHigh", "TritonErrorRatioHigh", "TritonQueueTimeHigh", "TritonPodsNotReady",
+                                "TritonScrapeFailing", "TritonMetricsAbsent", "TritonModelPublishFailed", "TritonRolloutStalled"}
+
+
+def test_canary_alerts_pass_promtool_unit_tests(tmp_path):
+    _, alerts, tested = promtool_unit_tests(tmp_path, "overlays/gpu-canary", "triton-canary", "canary-alerts-test.yaml")
+    assert alerts == tested == {"TritonCanaryAborted", "TritonCanaryWaiting"}
 
 
 def test_promtool_check_fails_on_a_broken_expression(tmp_path):
@@ -178,19 +190,10 @@ DRIFT = K8S / "components" / "drift-monitor"
 
 
 def test_drift_alerts_pass_promtool_unit_tests(tmp_path):
-    rule = next(o for o in render("overlays/gpu") if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == "histoserve-drift")
-    (tmp_path / "drift.rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
-    shutil.copy(Path(__file__).parent / "promtool" / "drift-alerts-test.yaml", tmp_path)
-    check = subprocess.run([require(PROMTOOL, "promtool"), "check", "rules", "drift.rules.yaml"], cwd=tmp_path,
-                           capture_output=True, text=True)
-    assert check.returncode == 0, check.stdout + check.stderr
-    tested = subprocess.run([PROMTOOL, "test", "rules", "drift-alerts-test.yaml"], cwd=tmp_path, capture_output=True, text=True)
-    assert tested.returncode == 0, tested.stdout + tested.stderr
-    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
-    tested_alerts = set(re.findall(r"alertname: (\w+)", (tmp_path / "drift-alerts-test.yaml").read_text()))
-    assert alerts == tested_alerts == {"HistoserveInputDrift", "HistoservePredictionDrift", "HistoserveEstimatedAccuracyDrop",
-                                       "HistoserveDriftBaselineMissing", "HistoserveDriftMonitorAbsent",
-                                       "HistoserveDriftRecordFileFailing", "HistoserveDriftMonitorForgedWrites"}
+    _, alerts, tested = promtool_unit_tests(tmp_path, "overlays/gpu", "histoserve-drift", "drift-alerts-test.yaml")
+    assert alerts == tested == {"HistoserveInputDrift", "HistoservePredictionDrift", "HistoserveEstimatedAccuracyDrop",
+                                "HistoserveDriftBaselineMissing", "HistoserveDriftMonitorAbsent",
+                                "HistoserveDriftRecordFileFailing", "HistoserveDriftMonitorForgedWrites"}
 
 
 def test_drift_alerts_and_panels_use_metrics_the_monitor_exports(tmp_path):

@@ -65,10 +65,10 @@ def expectations(overlay: str, pods: dict) -> list[tuple]:
         (STRANGER, triton, "grpc", False),
         (STRANGER, triton, "metrics", False),
         (neighbour, triton, "grpc", False),
-        # the in-cluster load test and the publish job's rollout check, in production's namespace (dev:
-        # render the jobs into histoserve-dev to use them there)
+        # the in-cluster load test, in production's namespace (dev: render the jobs into histoserve-dev
+        # to use them there); the publish job writes and verifies the store and calls no Triton
         (locust, triton, "grpc", not dev),
-        (publish, triton, "grpc", not dev),
+        (publish, triton, "grpc", False),
         (locust, locust, "locust", True),         # workers reach the master
         (STRANGER, locust, "locust", False),
         (NEIGHBOUR, locust, "locust", False),
@@ -77,7 +77,7 @@ def expectations(overlay: str, pods: dict) -> list[tuple]:
         (NEIGHBOUR, train, "rendezvous", False),
         (locust, train, 45123, False),
         (STRANGER, publish, 8080, False),
-        (OUR_GATEWAY_PROXY, triton, "grpc", overlay == "overlays/gpu-gateway"),
+        (OUR_GATEWAY_PROXY, triton, "grpc", overlay in ("overlays/gpu-gateway", "overlays/gpu-canary")),
         (OUR_GATEWAY_PROXY, triton, "metrics", False),
         (OTHER_GATEWAY_PROXY, triton, "grpc", False),  # another team's Gateway on the same controller
         # what Triton itself may reach: DNS; the object store only where an init container downloads

@@ -1,6 +1,7 @@
 """Publishing model versions into a repository that a real Triton polls, while clients stream
-requests: the design of k8s/base/deployment.yaml (non-strict readiness, exit on error at start-up)
-with export's two loaded versions. A good version takes over with no failed request and no moment of
+requests: poll mode as `python -m serve --model-control-mode poll` and the dev overlay run it
+(non-strict readiness, exit on error at start-up) with export's two loaded versions. (Production pods
+serve one pinned version instead: tests/k8s/test_pinned_version.py.) A good version takes over with no failed request and no moment of
 unreadiness; a broken one is named (serve's log, `python -m client rollout-status`) while the
 previous version keeps serving; moving it out of the repository is the rollback."""
 
@@ -129,7 +130,7 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
     model_dir = repo / MODEL
     config, labels = read_config(model_dir / "config.pbtxt"), (model_dir / "labels.txt").read_text().splitlines()
     assert config.version_policy.latest.num_versions == 2  # export's default: the previous version stays loaded
-    args, container = deployment_args("overlays/cpu")
+    args, container = deployment_args("overlays/dev")
     readiness = [f"--{name}={flag(args, name)}" for name in ("strict-readiness", "exit-on-error")]
     assert readiness == ["--strict-readiness=false", "--exit-on-error=true"]
     probe = container["readinessProbe"]
@@ -176,15 +177,15 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
 
 
 def test_strict_readiness_would_take_the_pod_out_during_every_publish(repository, tmp_path):
-    """Why the Deployment is not strict: with --strict-readiness=true (Triton's default), the server
-    reports unready while a published version loads, on every pod at once. Probed as the kubelet
+    """Why poll mode (the dev overlay) is not strict: with --strict-readiness=true (Triton's default),
+    the server reports unready while a published version loads, on every pod at once. Probed as the kubelet
     probes the Deployment (gRPC health): Triton's grpc.health.v1 answer follows its readiness."""
     repo = tmp_path / "model_repository"
     shutil.copytree(repository / MODEL, repo / MODEL)  # the fp32 model only: one model rolling out
     config, labels = read_config(repo / MODEL / "config.pbtxt"), (repo / MODEL / "labels.txt").read_text().splitlines()
     with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=1,
                       extra_args=["--strict-readiness=true"]) as server:
-        with Traffic(server, deployment_args("overlays/cpu")[1]["readinessProbe"], clients=1) as traffic:
+        with Traffic(server, deployment_args("overlays/dev")[1]["readinessProbe"], clients=1) as traffic:
             wait_until(lambda: traffic.probes > 10, 30, "probes run")
             publish(repo, config, labels, repo / MODEL / "1" / "model.onnx")
             wait_until(lambda: served_by_version(server).get("2", 0) > 5, 60, "version 2 serves")

@@ -1,0 +1,176 @@
+"""python -m serve stage --store /store --model NAME --version N --target /models
+python -m serve stage --store /store --published RESULT_FILE --target /tmp/check
+
+Copies exactly one published version out of the model store into a serving repository of its own,
+and proves the copy intact first. What a Kubernetes pod's init container runs (the store is the
+model claim mounted read-only, or the folder an S3 download filled); Triton then starts with
+--model-control-mode=none on the result:
+
+    <target>/<model>/config.pbtxt          the version's own config.pbtxt
+    <target>/<model>/configs/cpu.pbtxt     its own CPU variant (--model-config-name=cpu)
+    <target>/<model>/labels.txt            its own labels
+    <target>/<model>/<version>/            every file of the version: model.onnx, golden answers, ...
+
+Every file is checked against the version's SHA256SUMS *after* it was copied, so what Triton reads is
+what `python -m export` wrote: a file missing, altered on the way or added to the version stops the
+stage with a message naming the file, and nothing is left in the target. The config must name the
+model, keep the serving contract and agree with the labels. Exit code 0: staged; 1: refused.
+
+A target folder already holding a model is replaced only when an earlier stage wrote it (a pod's
+init container runs again when the pod restarts); anything else there is refused, never deleted.
+With --published, the model and version are the ones `python -m export --result-file` wrote: how
+the publish Job proves that what it put in the store verifies before anyone deploys it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from histoserve.formats.contract import LABELS_FILE, ContractError
+from histoserve.formats.options import POSITIVE_INT, existing_file, existing_folder
+from histoserve.formats.repository import MODEL_FILE, NAME_PATTERN, RepositoryError, contract_of, read_config, versions
+from histoserve.formats.version import (
+    VERSION_CONFIG,
+    VERSION_CPU_CONFIG,
+    VERSION_LABELS,
+    GoldenAnswers,
+    VersionFilesError,
+    read_published,
+    verify_checksums,
+)
+
+STAGE_MARKER = ".histoserve-stage.json"
+
+
+class StageError(RuntimeError):
+    """The version cannot be served as it is; the message names the file or the option."""
+
+
+@dataclass(frozen=True)
+class StagedVersion:
+    model: str
+    version: int
+    folder: Path  # <target>/<model>
+    files: int
+
+
+def stage(store: Path, model: str, version: int, target: Path) -> StagedVersion:
+    if not NAME_PATTERN.match(model):
+        raise StageError(f"--model {model!r} must match {NAME_PATTERN.pattern}")
+    source = Path(store) / model / str(version)
+    if not source.is_dir():
+        known = versions(Path(store) / model)
+        raise StageError(f"{source}: no such version in the store"
+                         + (f" (it holds versions {', '.join(map(str, known))})" if known else f" (no model {model!r} there)"))
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    destination = target / model
+    if destination.exists() and not (destination / STAGE_MARKER).is_file():
+        raise StageError(f"{destination} exists and was not written by `serve stage`: stage into an empty --target")
+    work = Path(tempfile.mkdtemp(dir=target, prefix=f".stage-{model}-"))
+    try:
+        copied = work / str(version)
+        copy_version(source, copied)
+        try:
+            problems = verify_checksums(copied)
+        except VersionFilesError as error:
+            raise StageError(str(error).replace(str(copied), str(source))) from None
+        if problems:
+            raise StageError(f"{source} does not match its SHA256SUMS after copying ({len(problems)} problem(s)):\n  "
+                             + "\n  ".join(p.replace(str(copied), str(source)) for p in problems))
+        check_version(copied, model, version, source)
+        for name, placed in ((VERSION_CONFIG, "config.pbtxt"), (VERSION_CPU_CONFIG, "configs/cpu.pbtxt"), (VERSION_LABELS, LABELS_FILE)):
+            (work / placed).parent.mkdir(exist_ok=True)
+            shutil.copyfile(copied / name, work / placed)
+        (work / STAGE_MARKER).write_text(json.dumps({"model": model, "version": version, "source": str(source)}) + "\n")
+        os.chmod(work, 0o755)
+        if destination.exists():  # an earlier stage of this pod: swap it out, then remove it
+            retired = target / f".retired-{model}-{os.getpid()}"
+            os.rename(destination, retired)
+            os.rename(work, destination)
+            shutil.rmtree(retired)
+        else:
+            os.rename(work, destination)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return StagedVersion(model, version, destination, sum(1 for p in (destination / str(version)).iterdir() if p.is_file()))
+
+
+def copy_version(source: Path, destination: Path) -> None:
+    """Regular files only, read through any symlink; subfolders kept (SHA256SUMS names them)."""
+    for path in sorted(source.rglob("*")):
+        relative = path.relative_to(source)
+        if path.is_dir():
+            (destination / relative).mkdir(parents=True, exist_ok=True)
+        elif path.is_file():
+            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, destination / relative)
+    destination.mkdir(parents=True, exist_ok=True)
+
+
+def check_version(folder: Path, model: str, version: int, source: Path) -> None:
+    """What checksums cannot say: the files belong to this model and version and fit together."""
+
+    def named(path: Path) -> Path:
+        return source / path.relative_to(folder)
+
+    if not (folder / MODEL_FILE).is_file():
+        raise StageError(f"{named(folder / MODEL_FILE)}: missing (not listed in SHA256SUMS either)")
+    labels = (folder / VERSION_LABELS).read_text().splitlines() if (folder / VERSION_LABELS).is_file() else None
+    for name in (VERSION_CONFIG, VERSION_CPU_CONFIG):
+        path = folder / name
+        if not path.is_file():
+            raise StageError(f"{named(path)}: missing (not listed in SHA256SUMS either)")
+        try:
+            config = read_config(path)
+            contract = contract_of(config)
+        except (RepositoryError, ContractError) as error:
+            raise StageError(str(error).replace(str(folder), str(source))) from None
+        if config.name != model:
+            raise StageError(f"{named(path)}: name: the config is for model {config.name!r}, not {model!r}")
+        if labels is None or len(labels) != contract.num_classes:
+            raise StageError(f"{named(folder / VERSION_LABELS)}: {len(labels or [])} labels for the config's "
+                             f"{contract.num_classes} classes")
+    try:
+        golden, _ = GoldenAnswers.read(folder)
+    except VersionFilesError as error:
+        raise StageError(str(error).replace(str(folder), str(source))) from None
+    if (golden.model, golden.version) != (model, version):
+        raise StageError(f"{source / 'golden.json'}: answers for {golden.model} version {golden.version}, "
+                         f"not {model} version {version}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serve stage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=existing_folder, required=True, help="the model store (a repository written by export)")
+    parser.add_argument("--model")
+    parser.add_argument("--version", type=POSITIVE_INT)
+    parser.add_argument("--published", type=existing_file, help="instead of --model and --version: export's --result-file")
+    parser.add_argument("--target", type=Path, required=True, help="the serving repository to assemble")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.published) == bool(args.model and args.version) or (args.published and (args.model or args.version)):
+        parser.error("give --model and --version, or --published (not both)")
+    try:
+        if args.published:
+            published = read_published(args.published)
+            args.model, args.version = published.name, published.version
+        staged = stage(args.store, args.model, args.version, args.target)
+    except (StageError, VersionFilesError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    print(f"staged {staged.model} version {staged.version} into {staged.folder}: {staged.files} files, every one "
+          f"matching its SHA256SUMS", flush=True)
+    return 0

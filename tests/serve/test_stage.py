@@ -1,0 +1,149 @@
+"""`python -m serve stage`: a pod's repository holds exactly one version, copied and proven intact
+against the SHA256SUMS export wrote; any missing, altered or added file stops it, naming the file."""
+
+import json
+import os
+
+import pytest
+
+from histoserve.formats.repository import read_config
+from histoserve.formats.version import CHECKSUMS_FILE, GoldenAnswers, verify_checksums
+from histoserve.serve.stage import STAGE_MARKER, StageError, stage
+from tests.conftest import MODEL, run_cli
+from tests.serve.published import copy_model, republish, swap_labels
+
+
+@pytest.fixture
+def store(repository, tmp_path):
+    """A writable copy of the digits model: the tests alter it as a careless or broken writer would."""
+    copy_model(repository, MODEL, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_a_published_version_is_staged_whole_with_its_own_config_and_labels(repository, store, tmp_path):
+    staged = stage(store, MODEL, 1, tmp_path / "pod")
+    model_dir = tmp_path / "pod" / MODEL
+    published = repository / MODEL / "1"
+    assert staged.folder == model_dir and staged.files == len(list(published.iterdir()))
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted([STAGE_MARKER, "1", "config.pbtxt", "configs", "labels.txt"])
+    for name in os.listdir(published):
+        assert (model_dir / "1" / name).read_bytes() == (published / name).read_bytes(), name
+    assert (model_dir / "config.pbtxt").read_bytes() == (published / "config.pbtxt").read_bytes()
+    assert (model_dir / "configs" / "cpu.pbtxt").read_bytes() == (published / "cpu.pbtxt").read_bytes()
+    assert (model_dir / "labels.txt").read_bytes() == (published / "labels.txt").read_bytes()
+    assert read_config(model_dir / "config.pbtxt").name == MODEL
+    assert verify_checksums(model_dir / "1") == []
+
+
+def test_the_version_brings_its_own_config_not_the_stores_current_one(store, tmp_path):
+    """The model-level config.pbtxt follows the newest export; a pod of version 1 keeps version 1's."""
+    current = store / MODEL / "config.pbtxt"
+    current.write_text(current.read_text().replace("max_batch_size: 16", "max_batch_size: 4"))
+    stage(store, MODEL, 1, tmp_path / "pod")
+    assert read_config(tmp_path / "pod" / MODEL / "config.pbtxt").max_batch_size == 16
+
+
+def flip_a_byte(folder):
+    path = folder / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def edit_labels(folder):
+    swap_labels(folder)
+
+
+def remove_golden(folder):
+    (folder / "golden.json").unlink()
+
+
+def add_a_file(folder):
+    (folder / "model.onnx.bak").write_bytes(b"left behind by hand")
+
+
+def truncate_model(folder):
+    path = folder / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("alter, file, problem", [
+    (flip_a_byte, "model.onnx", "altered"),
+    (truncate_model, "model.onnx", "altered"),
+    (edit_labels, "labels.txt", "altered"),
+    (remove_golden, "golden.json", "missing"),
+    (add_a_file, "model.onnx.bak", "not in SHA256SUMS"),
+], ids=lambda v: getattr(v, "__name__", v))
+def test_a_missing_altered_or_added_file_stops_the_stage_naming_it(store, tmp_path, alter, file, problem):
+    alter(store / MODEL / "1")
+    with pytest.raises(StageError) as error:
+        stage(store, MODEL, 1, tmp_path / "pod")
+    assert f"{store / MODEL / '1' / file}: {problem}" in str(error.value)
+    assert os.listdir(tmp_path / "pod") == []  # nothing half-staged for Triton to load
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, f"{CHECKSUMS_FILE}: cannot read"),
+    ("", "lists no file"),
+    ("not a checksum line\n", "not a `sha256sum` line"),
+    ("0" * 64 + "  ../../etc/passwd\n", "not a `sha256sum` line"),
+])
+def test_a_missing_or_malformed_checksums_file_stops_the_stage(store, tmp_path, content, message):
+    sums = store / MODEL / "1" / CHECKSUMS_FILE
+    if content is None:
+        sums.unlink()
+    else:
+        sums.write_text(content)
+    with pytest.raises(StageError, match=message.replace("`", ".")):
+        stage(store, MODEL, 1, tmp_path / "pod")
+    assert str(sums) in str(pytest.raises(StageError, stage, store, MODEL, 1, tmp_path / "pod").value)
+
+
+def test_a_version_whose_files_check_out_but_belong_to_another_model_is_refused(store, tmp_path):
+    version = store / MODEL / "1"
+    (version / "cpu.pbtxt").write_text((version / "cpu.pbtxt").read_text().replace(f'name: "{MODEL}"', 'name: "other"'))
+    republish(version)
+    with pytest.raises(StageError, match=f"{version / 'cpu.pbtxt'}: name: the config is for model 'other'"):
+        stage(store, MODEL, 1, tmp_path / "pod")
+
+
+def test_golden_answers_for_another_version_are_refused(store, tmp_path):
+    version = store / MODEL / "1"
+    golden = version / "golden.json"
+    golden.write_text(json.dumps({**json.loads(golden.read_text()), "version": 7}))
+    republish(version)
+    with pytest.raises(StageError, match="answers for digits version 7, not digits version 1"):
+        stage(store, MODEL, 1, tmp_path / "pod")
+
+
+def test_a_version_not_in_the_store_names_the_versions_there(store, tmp_path):
+    with pytest.raises(StageError, match=r"digits/9: no such version in the store \(it holds versions 1\)"):
+        stage(store, MODEL, 9, tmp_path / "pod")
+
+
+def test_staging_again_replaces_its_own_earlier_copy_and_never_a_foreign_folder(store, tmp_path):
+    pod = tmp_path / "pod"
+    stage(store, MODEL, 1, pod)
+    (pod / MODEL / "1" / "leftover").write_text("x")
+    stage(store, MODEL, 1, pod)  # the init container again, after a pod restart
+    assert not (pod / MODEL / "1" / "leftover").exists() and verify_checksums(pod / MODEL / "1") == []
+    assert [p.name for p in pod.iterdir()] == [MODEL]
+    foreign = tmp_path / "foreign"
+    (foreign / MODEL).mkdir(parents=True)
+    (foreign / MODEL / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="was not written by `serve stage`"):
+        stage(store, MODEL, 1, foreign)
+    assert (foreign / MODEL / "notes.txt").read_text() == "mine"
+
+
+def test_the_stage_command_exits_1_naming_the_file_and_0_when_intact(store, tmp_path):
+    args = ("-m", "serve", "stage", "--store", store, "--model", MODEL, "--version", 1)
+    flip_a_byte(store / MODEL / "1")
+    failed = run_cli(*args, "--target", tmp_path / "bad", check=False)
+    assert failed.returncode == 1
+    assert f"{store / MODEL / '1' / 'model.onnx'}: altered" in failed.stderr
+    republish(store / MODEL / "1")  # the flipped byte, now vouched for: only the golden answers can tell
+    done = run_cli(*args, "--target", tmp_path / "good")
+    assert "staged digits version 1" in done.stdout
+    answers, inputs = GoldenAnswers.read(tmp_path / "good" / MODEL / "1")
+    assert (answers.model, answers.version, len(inputs)) == (MODEL, 1, len(answers.top1))
