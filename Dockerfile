@@ -5,6 +5,10 @@
 #     init container and golden-gate container (python -m histoserve.serve stage / golden-gate).
 #   docker build -t registry.example.com/histoserve:0.1.0 .
 #     full: the jobs (k8s/jobs/publish, loadtest, training) and the drift monitor.
+#   docker build --target triton -t registry.example.com/histoserve/tritonserver:26.10-histoserve .
+#     NVIDIA's Triton with the thin package in the python backend's interpreter: needed to serve an
+#     encoded model (`python -m export --encoded`: its preprocessing step imports histoserve). Set it
+#     in k8s/base/kustomization.yaml (images: tritonserver) when you publish encoded twins.
 FROM python:3.11.7-slim-bookworm AS source
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN useradd --uid 1000 --create-home histoserve
@@ -23,6 +27,14 @@ FROM source AS serve-tools
 RUN pip install -c constraints.txt .
 USER 1000
 
+FROM nvcr.io/nvidia/tritonserver:26.10-py3 AS triton
+# The image's own python3 runs the python backend's stub; Ubuntu marks its site-packages as
+# system-managed, hence --break-system-packages (this image has no other Python users).
+COPY --from=source /app /opt/histoserve
+RUN python3 -m pip install --no-cache-dir --break-system-packages -c /opt/histoserve/constraints.txt /opt/histoserve \
+    && rm -rf /opt/histoserve
+
+# The default target (last): the full image.
 FROM source AS full
 RUN pip install -c constraints.txt '.[train,export,loadtest,monitor]'
 USER 1000

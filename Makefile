@@ -1,7 +1,8 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each builds .venv from scratch
 # when it is missing (pinned by constraints.txt), so both work on a fresh clone. `make test` also
 # installs the offline Kubernetes checks: checkov in its own venv (its pins clash with ours) and
-# promtool from Debian's prometheus package (needs root and apt, as on CI).
+# promtool from Debian's prometheus package (needs root and apt, as on CI), and the Node.js client's
+# packages (npm ci).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,13 +10,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+NODE_STAMP := client/node/node_modules/.installed
 
 .PHONY: demo test install constraints clean promtool
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP) $(CHECKOV_STAMP) promtool
+test: $(STAMP) $(CHECKOV_STAMP) $(NODE_STAMP) promtool
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
@@ -31,6 +33,11 @@ $(CHECKOV_STAMP): constraints-checkov.txt
 	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet -c constraints-checkov.txt pip
 	$(CHECKOV_VENV)/bin/python -m pip install --quiet --progress-bar off -c constraints-checkov.txt checkov
+	touch $@
+
+# The Node.js client's dependencies (client/node), exactly as package-lock.json pins them.
+$(NODE_STAMP): client/node/package-lock.json
+	npm ci --prefix client/node --no-audit --no-fund --loglevel=error
 	touch $@
 
 promtool:

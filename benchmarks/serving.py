@@ -21,7 +21,12 @@ One run, one machine, so the ratios mean something (these machines are noisy):
 5. the same, served rows and client, with Triton pinned to most cores and the client (or the load
    generator) to the rest (1 of 2 here), as when the client runs in another pod: does it keep the
    server busy? On shared cores the client's decoding takes CPU from the server, so that ratio is
-   bounded by the client's CPU per file against the server's.
+   bounded by the client's CPU per file against the server's;
+6. the encoded models (`export --encoded`): one PNG per request to `<name>-encoded` at concurrency
+   1/2/4/8/16 on the same cores, and the client command's requests (4 in flight, 16 files each), with
+   the queue and compute time of each step from Triton's statistics (the preprocessing model, the
+   pixel model) and the ensemble's own share of the latency; the client's decode-and-resize time per
+   file with the faster decoders and with Pillow alone.
 
 Prints a table and the ratios (served at its best concurrency ≥ 4 ÷ in process at its best batch,
 measured before and after the served rows and averaged, since these machines drift; INT8 ÷ FP32), writes
@@ -63,6 +68,7 @@ from histoserve.serve.server import TritonServer, free_ports  # noqa: E402
 MODEL = "resnet50"
 VARIANTS = {"fp32": MODEL, "int8": f"{MODEL}-int8"}
 CONCURRENCY = (1, 2, 4, 8, 16)
+CLIENT_CONCURRENCY, CLIENT_BATCH = 4, 16  # python -m client classify's requests in flight and files per request here
 BATCHES = (1, 4, 8, 16)
 SWEEP = [  # (instances, intra-op threads per instance, max_queue_delay_us, preferred batch sizes), for 2 cores
     CpuTuning(instance_count=i, intra_op_threads=t, max_queue_delay_us=d, preferred_batch_sizes=p)
@@ -118,7 +124,7 @@ def build_model(work: Path, images: int, classes: int = 4) -> Path:
 
 
 def export(checkpoint: Path, repository: Path, precisions: list[str]) -> None:
-    common = ["-m", "export", checkpoint, "--repository", repository, "--name", MODEL, "--parity-count", 8]
+    common = ["-m", "export", checkpoint, "--repository", repository, "--name", MODEL, "--parity-count", 8, "--encoded"]
     run([sys.executable, *common])
     wide_open = ["--calibration-count", 32, "--min-agreement", 0, "--max-accuracy-drop", 1]
     for precision in precisions:
@@ -186,19 +192,19 @@ def timed(call, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def served(variant: str, server: TritonServer, model: str, images: np.ndarray, concurrency: int, seconds: float) -> Row:
-    """`concurrency` callers, each its own gRPC channel, sending batch-1 requests back to back."""
+def closed_loop(server: TritonServer, model: str, request_of, concurrency: int, seconds: float,
+                statistics_of: tuple[str, ...]) -> tuple[list[float], float, dict]:
+    """`concurrency` callers, each its own gRPC channel, sending `request_of(caller index)` to `model`
+    back to back. Returns the latencies measured, the seconds measured and, for each model of
+    `statistics_of`, what Triton's statistics gained over those seconds."""
     url = server.grpc_url
     latencies: list[float] = []
-    lock = threading.Lock()
-    stop = threading.Event()
-    measuring = threading.Event()
+    lock, stop, measuring = threading.Lock(), threading.Event(), threading.Event()
 
     def caller(index: int) -> None:
         client = grpcclient.InferenceServerClient(url)
         mine = []
-        request = grpcclient.InferInput(INPUT_NAME, [1, *images.shape[1:]], "UINT8")
-        request.set_data_from_numpy(images[index % len(images)][None])
+        request = request_of(index)
         try:
             while not stop.is_set():
                 started = time.perf_counter()
@@ -214,16 +220,28 @@ def served(variant: str, server: TritonServer, model: str, images: np.ndarray, c
     for thread in threads:
         thread.start()
     time.sleep(min(1.0, seconds / 4))  # every caller connected and the batcher in its steady state
-    before = snapshot(url, model, admin_key=server.admin_key)  # statistics: an admin API
+    before = {name: snapshot(url, name, admin_key=server.admin_key) for name in statistics_of}  # an admin API
     measuring.set()
     started = time.perf_counter()
     time.sleep(seconds)
     measuring.clear()
     elapsed = time.perf_counter() - started
-    delta = snapshot(url, model, admin_key=server.admin_key).since(before)
+    delta = {name: snapshot(url, name, admin_key=server.admin_key).since(before[name]) for name in statistics_of}
     stop.set()
     for thread in threads:
         thread.join()
+    return latencies, elapsed, delta
+
+
+def served(variant: str, server: TritonServer, model: str, images: np.ndarray, concurrency: int, seconds: float) -> Row:
+    """`concurrency` callers sending batch-1 pixel requests back to back."""
+    def request_of(index: int) -> grpcclient.InferInput:
+        request = grpcclient.InferInput(INPUT_NAME, [1, *images.shape[1:]], "UINT8")
+        request.set_data_from_numpy(images[index % len(images)][None])
+        return request
+
+    latencies, elapsed, statistics = closed_loop(server, model, request_of, concurrency, seconds, (model,))
+    delta = statistics[model]
     triton = {
         "queue_ms_per_request": delta["queue_ms_per_request"],
         "compute_ms_per_request": sum(delta[f"{stage}_ms_per_request"] or 0.0 for stage in STAGES if stage != "queue"),
@@ -232,6 +250,62 @@ def served(variant: str, server: TritonServer, model: str, images: np.ndarray, c
     p50, p95, p99 = (float(np.percentile(latencies, q) * 1000) for q in (50, 95, 99))
     return Row(variant, "triton gRPC", f"concurrency {concurrency}", len(latencies) / elapsed, p50, p95, p99, triton,
                concurrency=concurrency)
+
+
+def encoded_served(variant: str, server: TritonServer, model: str, files: list[bytes], concurrency: int, seconds: float,
+                   per_request: int = 1) -> Row:
+    """`concurrency` callers sending `per_request` image files per request to the encoded model (1: a
+    service classifying what arrives; the client's batch: a caller working through a folder, as the
+    client command does), and from Triton's statistics each step's queue and compute time per
+    request: the preprocessing model, then the pixel model. The ensemble's own share is the served p50
+    beyond the two steps' own times."""
+    preprocess, pixel = f"{model}-preprocess", model
+
+    def request_of(index: int) -> grpcclient.InferInput:
+        request = grpcclient.InferInput("image_file", [per_request, 1], "BYTES")
+        request.set_data_from_numpy(np.array([[files[(index + i) % len(files)]] for i in range(per_request)], dtype=np.object_))
+        return request
+
+    latencies, elapsed, delta = closed_loop(server, f"{model}-encoded", request_of, concurrency, seconds, (preprocess, pixel))
+    p50, p95, p99 = (float(np.percentile(latencies, q) * 1000) for q in (50, 95, 99))
+
+    def step_ms(name: str) -> float:
+        return sum(delta[name][f"{stage}_ms_per_request"] or 0.0 for stage in STAGES)
+
+    triton = {
+        "queue_ms_per_request": sum(delta[name]["queue_ms_per_request"] or 0.0 for name in delta),
+        "compute_ms_per_request": sum(step_ms(name) - (delta[name]["queue_ms_per_request"] or 0.0) for name in delta),
+        "average_batch": delta[pixel]["average_batch"],
+        "preprocess_ms_per_request": step_ms(preprocess), "pixel_model_ms_per_request": step_ms(pixel),
+        "ensemble_own_ms_at_p50": p50 - step_ms(preprocess) - step_ms(pixel),
+    }
+    what = "PNG per request" if per_request == 1 else f"{per_request} PNGs per request"
+    return Row(variant, "triton gRPC, encoded", f"concurrency {concurrency}, {what}", len(latencies) * per_request / elapsed,
+               p50, p95, p99, triton, concurrency=concurrency, batch=per_request)
+
+
+def decode_ms(paths: list[Path], spec: PreprocessSpec, repeats: int = 3) -> dict[str, float]:
+    """The client's decode-and-resize time per file on one thread (median of `repeats` passes over
+    `paths`): with the faster decoders where they apply, and with Pillow alone."""
+    from histoserve.formats import preprocessing
+
+    def per_file() -> float:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for path in paths:
+                preprocess_file(path, spec)
+            times.append((time.perf_counter() - started) * 1000 / len(paths))
+        return statistics.median(times)
+
+    fast = per_file()
+    original = preprocessing.fast_pixels
+    preprocessing.fast_pixels = lambda image, data: None
+    try:
+        pillow = per_file()
+    finally:
+        preprocessing.fast_pixels = original
+    return {"decode+resize ms/file, faster decoders": fast, "decode+resize ms/file, Pillow alone": pillow}
 
 
 def client_folder(folder: Path, work: Path, files: int) -> Path:
@@ -252,7 +326,8 @@ def client_command(variant: str, url: str, model: str, folder: Path, note: str =
     start and reading the contract included) and in its steady state (from its first result line to
     its last, each line time-stamped as it arrives), and the CPU time the client process used per file."""
     files = len(find_images(folder))
-    command = [sys.executable, "-m", "client", "classify", str(folder), "--url", url, "--model", model, "--concurrency", "4"]
+    command = [sys.executable, "-m", "client", "classify", str(folder), "--url", url, "--model", model,
+               "--concurrency", str(CLIENT_CONCURRENCY), "--batch-size", str(CLIENT_BATCH)]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -364,6 +439,11 @@ def ratios(rows: list[Row]) -> dict[str, float]:
 
     result["int8 ÷ fp32, client command (steady)"] = client("int8", "steady") / client("fp32", "steady")
     for variant in VARIANTS:
+        if any(r.path == "triton gRPC, encoded" for r in rows):
+            result[f"{variant} encoded (best concurrency) ÷ client + pixel model (steady), same cores"] = (
+                best(variant, "triton gRPC, encoded", 1) / client(variant, "steady"))
+
+    for variant in VARIANTS:
         for kind in ("whole command", "steady"):
             result[f"{variant} client ({kind}) ÷ served (best concurrency), shared cores"] = (
                 client(variant, kind) / best(variant, "triton gRPC", 1))
@@ -437,6 +517,8 @@ def main() -> int:
         images = np.stack([preprocess_file(p, PreprocessSpec(256, 224)) for p in find_images(folder / "test")[:16]])
         images = np.concatenate([images] * (16 // len(images) + 1))[:16]
         client_files = client_folder(folder / "test", work, args.client_files)
+        pngs = [p.read_bytes() for p in find_images(folder / "test")[:16]]
+        decoding = decode_ms(find_images(folder / "test")[:16], PreprocessSpec(256, 224))
         rows: list[Row] = []
         if args.sweep:
             rows = sweep(repository, images, args.seconds)
@@ -458,6 +540,11 @@ def main() -> int:
                         rows.append(served(variant, server, name, images, concurrency, args.seconds))
                     print(f"{variant}: python -m client classify ...", flush=True)
                     rows += client_command(variant, server.grpc_url, name, client_files)
+                    for concurrency in CONCURRENCY:
+                        print(f"{variant}: encoded model, concurrency {concurrency} ...", flush=True)
+                        rows.append(encoded_served(variant, server, name, pngs, concurrency, args.seconds))
+                    print(f"{variant}: encoded model, the client's batches ...", flush=True)
+                    rows.append(encoded_served(variant, server, name, pngs, CLIENT_CONCURRENCY, args.seconds, CLIENT_BATCH))
             rows += client_on_own_cores(repository, images, client_files, args.seconds)
             for variant, name in VARIANTS.items():  # the machine drifts: measure the best batch again, after
                 best = max((r for r in rows if r.variant == variant and r.path == "onnxruntime in process"), key=lambda r: r.images_per_s)
@@ -485,11 +572,25 @@ def main() -> int:
         print(f"\nwrote {args.out / name} ({(time.monotonic() - started) / 60:.1f} min)")
         return 0
     summary["ratios"] = ratios(rows)
+    for variant in VARIANTS:  # what moving the decode into the server adds to a lone request
+        one = {r.path: r for r in rows if r.variant == variant and r.concurrency == 1
+               and r.path in ("triton gRPC", "triton gRPC, encoded")}
+        if len(one) == 2:
+            summary["ratios"][f"{variant} encoded p50 overhead at concurrency 1, ms (vs client preprocessing + pixel p50)"] = (
+                one["triton gRPC, encoded"].p50_ms - one["triton gRPC"].p50_ms - decoding["decode+resize ms/file, faster decoders"])
+    summary["client_preprocessing"] = decoding
     (args.out / "serving.json").write_text(json.dumps(summary, indent=2))
     plot(rows, args.out / "serving.png")
     print("\nratios (one run)")
     for name, value in summary["ratios"].items():
         print(f"  {name:62} {value:5.2f}")
+    print("\nthe client's preprocessing, one thread, 700×460 PNG → 224²")
+    for name, value in decoding.items():
+        print(f"  {name:62} {value:5.2f}")
+    for r in (r for r in rows if r.path == "triton gRPC, encoded" and r.concurrency == 1):
+        t = r.triton
+        print(f"  {r.variant} encoded, concurrency 1: p50 {r.p50_ms:.1f} ms = preprocess {t['preprocess_ms_per_request']:.1f} + "
+              f"pixel model {t['pixel_model_ms_per_request']:.1f} + ensemble and gRPC {t['ensemble_own_ms_at_p50']:.1f} ms")
     print(f"\nwrote {args.out / 'serving.json'} and {args.out / 'serving.png'} ({(time.monotonic() - started) / 60:.1f} min)")
     return 0
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from histoserve.export import precision as variants
+from histoserve.export.encoded import EncodedOptions, check_twins_publishable, publish_encoded
 from histoserve.export.golden import golden_answers, npy_bytes, tolerance_for
 from histoserve.export.images import load_images, parity_images, spread
 from histoserve.export.onnx_model import ParityError, check_parity, export_onnx, onnx_session
@@ -120,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parity-count", type=POSITIVE_INT, default=32)
     parser.add_argument("--atol", type=POSITIVE, default=1e-4, help="max |Δprob| allowed by the parity gate")
     parser.add_argument("--opset", type=POSITIVE_INT, default=18, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--encoded", action="store_true",
+                        help="also publish NAME-encoded (image files in, the same probabilities out; NAME-preprocess "
+                             "decodes in the server with the package's preprocessing) at the same version")
+    parser.add_argument("--preprocess-instances", type=POSITIVE_INT, default=EncodedOptions.instances,
+                        help="--encoded: CPU instances decoding files (default: %(default)s)")
+    parser.add_argument("--max-file-mb", type=POSITIVE, default=EncodedOptions.max_file_bytes / 2**20,
+                        help="--encoded: larger files are refused (default: %(default)g)")
+    parser.add_argument("--max-image-megapixels", type=POSITIVE, default=EncodedOptions.max_image_pixels / 1e6,
+                        help="--encoded: larger images are refused before decoding (default: %(default)g)")
     parser.add_argument("--result-file", type=output_file,
                         help="after publishing, write NAME=, VERSION= and FOLDER= lines here (sh can source it; "
                              "`python -m serve stage --published FILE` reads it): the publish Job's hand-over")
@@ -153,7 +163,10 @@ def export(args: argparse.Namespace) -> int:
     )
     cpu = CpuTuning(args.cpu_instances, args.cpu_threads, CpuTuning.inter_op_threads, args.cpu_max_queue_delay_us,
                     tuple(args.cpu_preferred_batch_sizes))
-    check_publishable(args.repository, config, meta.class_names, args.version, cpu)  # before minutes of work, not after
+    version = check_publishable(args.repository, config, meta.class_names, args.version, cpu)  # before minutes of work
+    encoded = EncodedOptions(args.preprocess_instances, int(args.max_file_mb * 2**20), int(args.max_image_megapixels * 1e6))
+    if args.encoded:
+        check_twins_publishable(args.repository, name, version)
     model = ServingModel(classifier, meta.temperature).eval()
     splits = training_splits(meta).splits
     samples = list_image_folder(args.parity_images)[1] if args.parity_images else splits["test"]
@@ -176,6 +189,10 @@ def export(args: argparse.Namespace) -> int:
         })
     print(f"published {target} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB model; every file listed with "
           f"its sha256 in {target / CHECKSUMS_FILE})")
+    if args.encoded:
+        _, twin = publish_encoded(args.repository, config, meta.class_names, int(target.name), encoded)
+        print(f"published {twin}: image files in ({twin.parent.name}, input image_file, TYPE_STRING), the same "
+              f"probabilities out; decoded by {twin.parent.name.removesuffix('-encoded')}-preprocess")
     print(f"config: {target.parent / 'config.pbtxt'}\n" + config_to_text(config))
     print(f"deploy it: set the model knob to name {name}, version {target.name} (k8s/README.md, \"Rollout and rollback\")")
     if args.result_file:

@@ -197,7 +197,6 @@ def publish(
     version = check_publishable(repository, config, labels, version, cpu_tuning)  # again: the repository may have moved on
     model_dir = Path(repository) / config.name
     model_dir.mkdir(parents=True, exist_ok=True)
-    target = model_dir / str(version)
     labels_text = "".join(f"{label}\n" for label in labels)
     config_text, cpu_text = config_to_text(config), config_to_text(cpu_variant(config, cpu_tuning))
 
@@ -205,12 +204,22 @@ def publish(
     write_text_if_changed(model_dir / "config.pbtxt", config_text)
     (model_dir / "configs").mkdir(exist_ok=True)
     write_text_if_changed(model_dir / "configs" / "cpu.pbtxt", cpu_text)
+    snapshots = {VERSION_CONFIG: config_text, VERSION_CPU_CONFIG: cpu_text, VERSION_LABELS: labels_text}
+    return publish_version_folder(model_dir, version, {MODEL_FILE: Path(onnx_file), **snapshots,
+                                                       **{n: render(version) for n, render in (version_files or {}).items()}})
+
+
+def publish_version_folder(model_dir: Path, version: int, files: dict[str, str | bytes | Path]) -> Path:
+    """`model_dir/<version>/` holding `files` (name → text, bytes, or a file to copy) and SHA256SUMS
+    over them, read-only, assembled in a hidden folder (Triton ignores those) and renamed into place:
+    complete or absent."""
+    target = Path(model_dir) / str(version)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
     try:
-        shutil.copyfile(onnx_file, staging / MODEL_FILE)
-        snapshots = {VERSION_CONFIG: config_text, VERSION_CPU_CONFIG: cpu_text, VERSION_LABELS: labels_text}
-        for name, content in {**snapshots, **{n: render(version) for n, render in (version_files or {}).items()}}.items():
-            if isinstance(content, bytes):
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, staging / name)
+            elif isinstance(content, bytes):
                 (staging / name).write_bytes(content)
             else:
                 (staging / name).write_text(content)

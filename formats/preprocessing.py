@@ -1,21 +1,31 @@
 """The one preprocessing implementation: decode → RGB → resize shorter side → center crop → uint8 CHW.
 
+Decoding is lossless and exact, so a faster decoder may take over where it gives the very pixels
+Pillow gives: 8-bit RGB, RGBA and greyscale PNGs go to libspng (pyspng) when no chunk of theirs
+changes a pixel (colour key, orientation), RGB JPEGs to libjpeg-turbo (simplejpeg) when no orientation
+is recorded; everything else, and anything a fast decoder stumbles on, is Pillow's
+(tests/formats/test_decoders.py holds them to identical pixels).
+
 Training's evaluation path, the export parity gate, the gRPC client and the load test all call these
 functions, so what the served model receives is pixel for pixel what it was evaluated on. The geometry
 matches torchvision's ``Resize(resize_size)`` followed by ``CenterCrop(crop_size)`` on a PIL image.
 Normalization (mean/std) is *not* here: it is the first layer of the model.
 
-Only numpy and Pillow: importing this module must never import torch.
+Only numpy, Pillow and the two decoders: importing this module must never import torch.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+import pyspng
+import simplejpeg
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -93,26 +103,89 @@ class PreprocessSpec:
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Fully decode a file into an RGB image with its EXIF orientation applied.
 
-    `Image.open` only reads the header; `load()` decodes every pixel, so truncated files fail here,
-    with the file named, instead of deep inside a batch.
+    Every pixel is decoded here, so truncated files fail here, with the file named, instead of deep
+    inside a batch.
     """
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
-    except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, f"refused as a decompression bomb ({error})") from error
+        with open(path, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError as error:
         raise ImageLoadError(path, "no such file") from error
     except IsADirectoryError as error:
         raise ImageLoadError(path, "is a directory") from error
-    except (OSError, SyntaxError, ValueError) as error:
-        # Pillow raises UnidentifiedImageError (an OSError) for non-images, OSError for truncation.
-        reason = str(error) or type(error).__name__
-        if os.path.exists(path) and os.path.getsize(path) == 0:
-            reason = "empty file (0 bytes)"
-        raise ImageLoadError(path, f"cannot decode image: {reason}") from error
+    except OSError as error:
+        raise ImageLoadError(path, f"cannot read: {error.strerror or error}") from error
+    if not data:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    return _decode(data, path)
+
+
+def load_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """`load_image` for the bytes of a file (what the encoded model receives); `name` goes into errors."""
+    if not data:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    return _decode(data, name)
+
+
+def fast_pixels(image: Image.Image, data: bytes) -> np.ndarray | None:
+    """The RGB pixels of an opened (header only) image from a faster exact decoder, or None when this
+    file is Pillow's: another format or mode, 16-bit, a colour key, an orientation, or any error."""
+    try:
+        if image.format == "PNG" and image.mode in ("RGB", "RGBA", "L") and data[24] == 8 and plain_png(data):
+            pixels = pyspng.load(data)
+            if pixels.ndim == 2:
+                return np.repeat(pixels[:, :, None], 3, axis=2)
+            return np.ascontiguousarray(pixels[:, :, :3])
+        if image.format == "JPEG" and image.mode == "RGB" and image.getexif().get(ORIENTATION, 1) == 1:
+            # (Pillow's getexif reads the JPEG's EXIF and XMP orientation from the header it has parsed)
+            return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    except Exception:  # noqa: BLE001 - a file a fast decoder stumbles on is Pillow's to decode or refuse
+        return None
+    return None
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+# PNG chunks that change no pixel Pillow gives (colour-management and text chunks Pillow does not
+# apply), so libspng's pixels are Pillow's. Any other chunk (tRNS, eXIf, sBIT, an unknown one) sends
+# the file to Pillow. Text chunks may carry an orientation Pillow applies: those keywords do too.
+PLAIN_PNG_CHUNKS = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"pHYs",
+                              b"tIME", b"bKGD", b"tEXt", b"zTXt", b"iTXt"})
+ORIENTING_KEYWORDS = (b"XML:com.adobe.xmp", b"Raw profile type exif")
+
+
+def plain_png(data: bytes) -> bool:
+    """Whether every chunk of this PNG is one that changes no pixel: a walk over the chunk headers,
+    not a scan of the compressed data (a byte search over a 600 kB tile costs as much as libspng
+    saves)."""
+    position = 8
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"IEND":
+            return True
+        if kind not in PLAIN_PNG_CHUNKS:
+            return False
+        if kind in (b"tEXt", b"zTXt", b"iTXt") and data[position + 8:position + 8 + min(length, 80)].startswith(ORIENTING_KEYWORDS):
+            return False
+        position += 12 + length
+    return False  # truncated: Pillow's to decode or refuse
+
+
+def _decode(data: bytes, name) -> Image.Image:
+    source = io.BytesIO(data)
+    try:
+        with Image.open(source) as image:  # the header only (and Pillow's decompression-bomb check)
+            pixels = fast_pixels(image, data)
+            if pixels is not None and pixels.shape[:2] == (image.height, image.width):
+                return Image.fromarray(pixels, "RGB")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(name, f"refused as a decompression bomb ({error})") from error
+    except UnidentifiedImageError as error:  # Pillow's own message would show the buffer's repr
+        raise ImageLoadError(name, "cannot identify image file: no decoder recognises it") from error
+    except (OSError, SyntaxError, ValueError) as error:  # OSError: a truncated or corrupt file
+        raise ImageLoadError(name, f"cannot decode image: {str(error) or type(error).__name__}") from error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -155,3 +228,8 @@ def preprocess_image(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 def preprocess_file(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray:
     """Decode, resize and crop one file into the (3, crop, crop) uint8 array the model takes."""
     return preprocess_image(load_image(path), spec)
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, name: str = "<bytes>") -> np.ndarray:
+    """`preprocess_file` for a file's bytes: the encoded model's server-side step runs this."""
+    return preprocess_image(load_image_bytes(data, name), spec)

@@ -90,3 +90,12 @@ class VersionState:
         if (state, reason) == ("UNAVAILABLE", "unloaded"):
             state = "UNLOADED"
         return cls(server, state, reason, entry.get("name", ""), entry.get("version", ""))
+
+
+PREPROCESS_SUFFIX, ENCODED_SUFFIX = "-preprocess", "-encoded"
+
+
+def encoded_twins(name: str) -> tuple[str, str]:
+    """The models `python -m export --encoded` publishes beside `name`, at its version numbers: the
+    server-side preprocessing and the ensemble that takes image files (export/encoded.py)."""
+    return name + PREPROCESS_SUFFIX, name + ENCODED_SUFFIX

@@ -3,7 +3,8 @@
 Production configs say `backend: "onnxruntime"`; this Triton build does not have it. Each model
 becomes a python-backend model (serve/onnxruntime_model.py) that runs the *same* model.onnx (linked,
 not copied) on the CPU. The source is the model's CPU config (configs/cpu.pbtxt, what a CPU node
-runs; config.pbtxt when there is none). Everything in it — tensors, max_batch_size, instance count,
+runs; config.pbtxt when there is none). Ensembles and python-backend models (an encoded model and its
+preprocessing) run as written. Everything in it — tensors, max_batch_size, instance count,
 dynamic batching, warmup, labels, the preprocessing parameters and the onnxruntime backend's thread
 parameters, which the python model applies to its session — is kept as written.
 
@@ -48,6 +49,12 @@ def local_config(config: mc.ModelConfig) -> mc.ModelConfig:
     return local
 
 
+def runs_as_written(config: mc.ModelConfig) -> bool:
+    """Ensembles and python-backend models (an encoded model and its preprocessing, export/encoded.py)
+    run here as exported: their version folders are linked file by file."""
+    return config.platform == "ensemble" or config.backend == "python"
+
+
 def sync_local_repository(repository: Path, target: Path) -> list[str]:
     """Make `target` the CPU/python-backend derivative of `repository`; returns the model names."""
     repository, target = Path(repository).resolve(), Path(target)
@@ -58,19 +65,24 @@ def sync_local_repository(repository: Path, target: Path) -> list[str]:
     for model_dir in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
         cpu_config = model_dir / "configs" / "cpu.pbtxt"
         config = read_config(cpu_config if cpu_config.is_file() else model_dir / "config.pbtxt")
-        published = [v for v in versions(model_dir) if (model_dir / str(v) / MODEL_FILE).is_file()]
+        as_written = runs_as_written(config)
+        published = [v for v in versions(model_dir) if as_written or (model_dir / str(v) / MODEL_FILE).is_file()]
         if not published:
             raise LocalRepositoryError(f"{model_dir} has no <version>/{MODEL_FILE}")
         name = config.name or model_dir.name
         out = target / name
         out.mkdir(exist_ok=True)
-        write_text_if_changed(out / "config.pbtxt", config_to_text(local_config(config)))
+        write_text_if_changed(out / "config.pbtxt", config_to_text(config if as_written else local_config(config)))
         if (model_dir / LABELS_FILE).is_file() and not (out / LABELS_FILE).is_symlink():
             os.symlink(model_dir / LABELS_FILE, out / LABELS_FILE)
         for version in sorted(set(published) - set(versions(out))):
             staging = Path(tempfile.mkdtemp(dir=out, prefix=f".staging-{version}-"))
-            os.symlink(model_dir / str(version) / MODEL_FILE, staging / MODEL_FILE)
-            shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+            if as_written:
+                for path in (model_dir / str(version)).iterdir():
+                    os.symlink(path, staging / path.name)
+            else:
+                os.symlink(model_dir / str(version) / MODEL_FILE, staging / MODEL_FILE)
+                shutil.copyfile(PYTHON_MODEL, staging / "model.py")
             os.chmod(staging, 0o755)
             os.rename(staging, out / str(version))
         for version in set(versions(out)) - set(published):

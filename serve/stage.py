@@ -11,6 +11,9 @@ model claim mounted read-only, or the folder an S3 download filled); Triton then
     <target>/<model>/labels.txt            its own labels
     <target>/<model>/<version>/            every file of the version: model.onnx, golden answers, ...
 
+and, when the store has them at the same version, the model's encoded twins (`<model>-preprocess`,
+`<model>-encoded`: `python -m export --encoded`), each checked the same way.
+
 Every file is checked against the version's SHA256SUMS *after* it was copied, so what Triton reads is
 what `python -m export` wrote: a file missing, altered on the way or added to the version stops the
 stage with a message naming the file, and nothing is left in the target. The config must name the
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from histoserve.formats.contract import LABELS_FILE, ContractError
 from histoserve.formats.options import POSITIVE_INT, existing_file, existing_folder
-from histoserve.formats.repository import MODEL_FILE, NAME_PATTERN, RepositoryError, contract_of, read_config, versions
+from histoserve.formats.repository import MODEL_FILE, NAME_PATTERN, RepositoryError, contract_of, encoded_twins, read_config, versions
 from histoserve.formats.version import (
     VERSION_CONFIG,
     VERSION_CPU_CONFIG,
@@ -59,9 +62,11 @@ class StagedVersion:
     version: int
     folder: Path  # <target>/<model>
     files: int
+    twins: tuple[str, ...] = ()  # the encoded model and its preprocessing, staged beside it
 
 
 def stage(store: Path, model: str, version: int, target: Path) -> StagedVersion:
+    """Stage `model` at `version`, and its encoded twins at the same version when the store has them."""
     if not NAME_PATTERN.match(model):
         raise StageError(f"--model {model!r} must match {NAME_PATTERN.pattern}")
     source = Path(store) / model / str(version)
@@ -71,9 +76,30 @@ def stage(store: Path, model: str, version: int, target: Path) -> StagedVersion:
                          + (f" (it holds versions {', '.join(map(str, known))})" if known else f" (no model {model!r} there)"))
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    destination = target / model
-    if destination.exists() and not (destination / STAGE_MARKER).is_file():
-        raise StageError(f"{destination} exists and was not written by `serve stage`: stage into an empty --target")
+    twins = tuple(name for name in encoded_twins(model) if (Path(store) / name / str(version)).is_dir())
+    for name in (model, *twins):
+        if (target / name).exists() and not (target / name / STAGE_MARKER).is_file():
+            raise StageError(f"{target / name} exists and was not written by `serve stage`: stage into an empty --target")
+    placed = {VERSION_CONFIG: "config.pbtxt", VERSION_CPU_CONFIG: "configs/cpu.pbtxt", VERSION_LABELS: LABELS_FILE}
+    twin_placed = {VERSION_CONFIG: "config.pbtxt", VERSION_LABELS: LABELS_FILE}
+    prepared: list[tuple[str, Path]] = []
+    try:  # every folder verified before any is placed: a bad twin leaves nothing for Triton either
+        prepared.append((model, prepare_folder(Path(store), model, version, target, placed, check_version)))
+        for name in twins:
+            prepared.append((name, prepare_folder(Path(store), name, version, target, twin_placed, check_twin)))
+        for name, work in prepared:
+            place(work, target, name)
+    finally:
+        for _, work in prepared:
+            shutil.rmtree(work, ignore_errors=True)
+    folder = target / model
+    return StagedVersion(model, version, folder, sum(1 for p in (folder / str(version)).iterdir() if p.is_file()), twins)
+
+
+def prepare_folder(store: Path, model: str, version: int, target: Path, placed: dict[str, str], check) -> Path:
+    """Copy store/model/version into a hidden folder of `target`, verify it and place its own config
+    files (`placed`: file of the version → path in the model folder; absent ones skipped)."""
+    source = store / model / str(version)
     work = Path(tempfile.mkdtemp(dir=target, prefix=f".stage-{model}-"))
     try:
         copied = work / str(version)
@@ -85,22 +111,29 @@ def stage(store: Path, model: str, version: int, target: Path) -> StagedVersion:
         if problems:
             raise StageError(f"{source} does not match its SHA256SUMS after copying ({len(problems)} problem(s)):\n  "
                              + "\n  ".join(p.replace(str(copied), str(source)) for p in problems))
-        check_version(copied, model, version, source)
-        for name, placed in ((VERSION_CONFIG, "config.pbtxt"), (VERSION_CPU_CONFIG, "configs/cpu.pbtxt"), (VERSION_LABELS, LABELS_FILE)):
-            (work / placed).parent.mkdir(exist_ok=True)
-            shutil.copyfile(copied / name, work / placed)
+        check(copied, model, version, source)
+        for name, where in placed.items():
+            if (copied / name).is_file():
+                (work / where).parent.mkdir(exist_ok=True)
+                shutil.copyfile(copied / name, work / where)
         (work / STAGE_MARKER).write_text(json.dumps({"model": model, "version": version, "source": str(source)}) + "\n")
         os.chmod(work, 0o755)
-        if destination.exists():  # an earlier stage of this pod: swap it out, then remove it
-            retired = target / f".retired-{model}-{os.getpid()}"
-            os.rename(destination, retired)
-            os.rename(work, destination)
-            shutil.rmtree(retired)
-        else:
-            os.rename(work, destination)
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
-    return StagedVersion(model, version, destination, sum(1 for p in (destination / str(version)).iterdir() if p.is_file()))
+        raise
+    return work
+
+
+def place(work: Path, target: Path, model: str) -> None:
+    """Rename a prepared folder to target/model, replacing an earlier stage's."""
+    destination = target / model
+    if destination.exists():  # an earlier stage of this pod: swap it out, then remove it
+        retired = target / f".retired-{model}-{os.getpid()}"
+        os.rename(destination, retired)
+        os.rename(work, destination)
+        shutil.rmtree(retired)
+    else:
+        os.rename(work, destination)
 
 
 def copy_version(source: Path, destination: Path) -> None:
@@ -147,6 +180,21 @@ def check_version(folder: Path, model: str, version: int, source: Path) -> None:
                          f"not {model} version {version}")
 
 
+def check_twin(folder: Path, model: str, version: int, source: Path) -> None:
+    """An encoded twin's version: its config names it, and an ensemble's steps name this version."""
+    path = folder / VERSION_CONFIG
+    if not path.is_file():
+        raise StageError(f"{source / VERSION_CONFIG}: missing (not listed in SHA256SUMS either)")
+    try:
+        config = read_config(path)
+    except RepositoryError as error:
+        raise StageError(str(error).replace(str(folder), str(source))) from None
+    if config.name != model:
+        raise StageError(f"{source / VERSION_CONFIG}: name: the config is for model {config.name!r}, not {model!r}")
+    if other := [step.model_version for step in config.ensemble_scheduling.step if step.model_version != version]:
+        raise StageError(f"{source / VERSION_CONFIG}: its steps call version(s) {other}, not {version}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m serve stage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,5 +220,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     print(f"staged {staged.model} version {staged.version} into {staged.folder}: {staged.files} files, every one "
-          f"matching its SHA256SUMS", flush=True)
+          f"matching its SHA256SUMS" + (f"; and its encoded twins {', '.join(staged.twins)}" if staged.twins else ""), flush=True)
     return 0

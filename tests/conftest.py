@@ -76,6 +76,25 @@ def repository(trained_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def encoded_repository(repository, tmp_path_factory) -> Path:
+    """`repository` with the encoded twins of both models (MODEL-encoded, MODEL-int8-encoded and their
+    -preprocess models), published by export's own code at version 1. Apart from `repository`: every
+    Triton started on that one would load four more models for nothing. (`python -m export --encoded`
+    itself runs in tests/serve/test_encoded_model.py.)"""
+    import shutil
+
+    from histoserve.export.encoded import publish_encoded
+    from histoserve.formats.repository import read_config
+
+    repo = tmp_path_factory.mktemp("encoded_repository")
+    for model in (MODEL, f"{MODEL}-int8"):
+        shutil.copytree(repository / model, repo / model)
+        labels = (repo / model / "labels.txt").read_text().splitlines()
+        publish_encoded(repo, read_config(repo / model / "config.pbtxt"), labels, 1)
+    return repo
+
+
+@pytest.fixture(scope="session")
 def server(repository):
     from histoserve.serve.server import TritonServer, free_ports
 

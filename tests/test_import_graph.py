@@ -22,7 +22,7 @@ ALLOWED = {
     "loadtest": {"formats", "client"},  # the load generator drives the client library
 }
 # what the thin floor may depend on besides the standard library: the base install of pyproject.toml
-THIN = {"numpy", "PIL", "tritonclient", "google", "grpc"}
+THIN = {"numpy", "PIL", "pyspng", "simplejpeg", "tritonclient", "google", "grpc"}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:

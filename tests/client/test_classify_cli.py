@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -155,12 +154,13 @@ def test_ctrl_c_prints_complete_lines_so_far_and_exits_130_without_a_traceback(s
     command = [sys.executable, "-m", "client", "classify", str(digits_root), "--url", server.grpc_url, "--model", MODEL,
                "--json", "--batch-size", "1", "--concurrency", "2"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first_line = process.stdout.readline()  # results are flowing
-    time.sleep(0.5)
+    # Interrupt as soon as results flow (a few lines in), not after a fixed sleep: the digits model
+    # answers ~1800 batch-1 requests in about a second, so a sleep can outlast the whole run.
+    first_lines = [process.stdout.readline() for _ in range(5)]
     process.send_signal(signal.SIGINT)
     rest, stderr = process.stdout.read(), process.stderr.read()  # not communicate(): it skips lines readline() buffered
     process.wait(60)
-    lines = [first_line, *rest.splitlines()]
+    lines = [*(line.rstrip("\n") for line in first_lines), *rest.splitlines()]
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted:" in stderr
     expected = [str(p) for p in find_images(digits_root)]

@@ -106,3 +106,14 @@ def test_every_flag_exists_in_the_release_we_pin(overlay):
                 if name in ("grpc-restricted-protocol", "http-restricted-api"):
                     groups = word.split("=", 1)[1].split(":", 1)[0].split(",")
                     assert set(groups) <= categories, groups
+
+
+def test_the_image_with_the_package_builds_on_the_release_the_manifests_pin():
+    """The Dockerfile's `triton` target (Triton plus the package, for encoded models) starts from
+    the very release base/kustomization.yaml pins: one release, whichever image the pods run."""
+    from tests.conftest import ROOT
+
+    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    pin = next(image for image in base["images"] if image["name"] == "tritonserver")
+    built = re.search(r"^FROM (\S+):(\S+) AS triton$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
+    assert built and (built.group(1), built.group(2)) == (pin["newName"], pin["newTag"])

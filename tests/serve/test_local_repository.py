@@ -4,9 +4,20 @@ import shutil
 from tritonclient.grpc import model_config_pb2 as mc
 
 from histoserve.export.repository import publish
-from histoserve.formats.repository import config_to_text, read_config
+from histoserve.formats.repository import config_to_text, encoded_twins, read_config
 from histoserve.serve.local_repository import sync_local_repository
 from tests.conftest import MODEL
+
+
+def test_encoded_models_and_their_preprocessing_run_as_exported(encoded_repository, tmp_path):
+    pixel_models = [MODEL, f"{MODEL}-int8"]
+    twins = [name for model in pixel_models for name in encoded_twins(model)]
+    assert sync_local_repository(encoded_repository, tmp_path / "local") == sorted(pixel_models + twins)
+    for name in twins:  # file for file: their configs and version folders as published
+        local, published = tmp_path / "local" / name, encoded_repository / name
+        assert (local / "config.pbtxt").read_bytes() == (published / "config.pbtxt").read_bytes()
+        assert sorted(p.name for p in (local / "1").iterdir()) == sorted(p.name for p in (published / "1").iterdir())
+        assert all(os.path.realpath(p) == str((published / "1" / p.name).resolve()) for p in (local / "1").iterdir())
 
 
 def test_local_derivative_runs_the_same_onnx_and_the_cpu_config(repository, tmp_path):

@@ -4,10 +4,14 @@ against the SHA256SUMS export wrote; any missing, altered or added file stops it
 import json
 import os
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
-from histoserve.formats.repository import read_config
+from histoserve.formats.preprocessing import preprocess_file
+from histoserve.formats.repository import config_to_text, contract_of, encoded_twins, read_config
 from histoserve.formats.version import CHECKSUMS_FILE, GoldenAnswers, verify_checksums
+from histoserve.serve.server import TritonServer, free_ports
 from histoserve.serve.stage import STAGE_MARKER, StageError, stage
 from tests.conftest import MODEL, run_cli
 from tests.serve.published import copy_model, republish, swap_labels
@@ -147,3 +151,54 @@ def test_the_stage_command_exits_1_naming_the_file_and_0_when_intact(store, tmp_
     assert "staged digits version 1" in done.stdout
     answers, inputs = GoldenAnswers.read(tmp_path / "good" / MODEL / "1")
     assert (answers.model, answers.version, len(inputs)) == (MODEL, 1, len(answers.top1))
+
+
+@pytest.fixture
+def store_with_twins(encoded_repository, tmp_path):
+    """The digits model and its encoded twins (`python -m export --encoded`), writable."""
+    for name in (MODEL, *encoded_twins(MODEL)):
+        copy_model(encoded_repository, name, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_the_encoded_twins_are_staged_with_their_version_and_serve_from_the_pod_s_folder(store_with_twins, tmp_path, test_files):
+    """What a pod's Triton then loads (--model-control-mode=none): the pixel model and, beside it, the
+    encoded model answering a file as the pixel model answers the client's pixels."""
+    pod = tmp_path / "pod"
+    staged = stage(store_with_twins, MODEL, 1, pod)
+    assert staged.twins == encoded_twins(MODEL)
+    assert sorted(p.name for p in pod.iterdir()) == sorted([MODEL, *encoded_twins(MODEL)])
+    for name in encoded_twins(MODEL):
+        assert verify_checksums(pod / name / "1") == []
+        assert (pod / name / "config.pbtxt").read_bytes() == (store_with_twins / name / "1" / "config.pbtxt").read_bytes()
+    assert (pod / f"{MODEL}-encoded" / "labels.txt").is_file()
+    spec = contract_of(read_config(pod / MODEL / "config.pbtxt")).preprocess
+    with TritonServer(pod, free_ports()) as server, grpcclient.InferenceServerClient(server.grpc_url) as client:
+        files = np.array([[path.read_bytes()] for path in test_files[:4]], dtype=np.object_)
+        encoded = grpcclient.InferInput("image_file", list(files.shape), "BYTES")
+        encoded.set_data_from_numpy(files)
+        pixels = np.stack([preprocess_file(path, spec) for path in test_files[:4]])
+        direct = grpcclient.InferInput("image", list(pixels.shape), "UINT8")
+        direct.set_data_from_numpy(pixels)
+        assert np.allclose(client.infer(f"{MODEL}-encoded", [encoded]).as_numpy("probabilities"),
+                           client.infer(MODEL, [direct]).as_numpy("probabilities"), atol=1e-6, rtol=0)
+
+
+def test_an_altered_twin_stops_the_stage_naming_its_file_and_leaves_nothing(store_with_twins, tmp_path):
+    preprocess, _ = encoded_twins(MODEL)
+    code = store_with_twins / preprocess / "1" / "model.py"
+    code.write_text(code.read_text() + "\n# edited in the store\n")
+    with pytest.raises(StageError, match=f"{code}: altered"):
+        stage(store_with_twins, MODEL, 1, tmp_path / "pod")
+    assert os.listdir(tmp_path / "pod") == []  # not even the pixel model, verified before it
+
+
+def test_an_encoded_twin_whose_steps_call_another_version_is_refused(store_with_twins, tmp_path):
+    _, encoded = encoded_twins(MODEL)
+    version = store_with_twins / encoded / "1"
+    config = read_config(version / "config.pbtxt")
+    config.ensemble_scheduling.step[1].model_version = 2
+    (version / "config.pbtxt").write_text(config_to_text(config))
+    republish(version)
+    with pytest.raises(StageError, match=r"its steps call version\(s\) \[2\], not 1"):
+        stage(store_with_twins, MODEL, 1, tmp_path / "pod")
