@@ -29,6 +29,7 @@ from histoserve.formats.version import VERSION_CONFIG, VERSION_LABELS
 
 PREPROCESS_MODEL_FILE = Path(__file__).with_name("preprocess_model.py")
 FILE_INPUT, PIXELS = "image_file", "image"
+FILE_TENSOR = mc.ModelInput(name=FILE_INPUT, data_type=mc.TYPE_STRING, dims=[1])  # one file per batch element
 # A model's versions share its config.pbtxt, so an ensemble's steps (pinned to its version) hold for
 # its newest version only: serve that one. A pod serving one pinned version has no other anyway.
 NEWEST_ONLY = mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1))
@@ -50,7 +51,7 @@ def preprocess_config(pixel: mc.ModelConfig, options: EncodedOptions) -> mc.Mode
     name, _ = encoded_twins(pixel.name)
     config = mc.ModelConfig(
         name=name, backend="python", max_batch_size=pixel.max_batch_size,
-        input=[mc.ModelInput(name=FILE_INPUT, data_type=mc.TYPE_STRING, dims=[1])],
+        input=[FILE_TENSOR],
         output=[mc.ModelOutput(name=PIXELS, data_type=mc.TYPE_UINT8, dims=[3, contract.preprocess.crop_size,
                                                                           contract.preprocess.crop_size])],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=options.instances)],
@@ -70,7 +71,7 @@ def encoded_config(pixel: mc.ModelConfig, version: int) -> mc.ModelConfig:
     preprocess, name = encoded_twins(pixel.name)
     config = mc.ModelConfig(
         name=name, platform="ensemble", max_batch_size=pixel.max_batch_size,
-        input=[mc.ModelInput(name=FILE_INPUT, data_type=mc.TYPE_STRING, dims=[1])],
+        input=[FILE_TENSOR],
         output=[mc.ModelOutput(name=contract.output_name, data_type=mc.TYPE_FP32, dims=[contract.num_classes],
                                label_filename=LABELS_FILE)],
         version_policy=NEWEST_ONLY,

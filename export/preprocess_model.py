@@ -14,18 +14,12 @@ INVALID_ARGUMENT naming the batch element and the reason; the other requests of 
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from PIL import Image
 
 from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, preprocess_bytes
-
-
-class FileRefused(ValueError):
-    pass
 
 
 class TritonPythonModel:
@@ -40,19 +34,8 @@ class TritonPythonModel:
     def pixels(self, data: bytes, index: int) -> np.ndarray:
         name = f"{self.input_name}[{index}]"
         if len(data) > self.max_file_bytes:
-            raise FileRefused(f"{name}: {len(data)} bytes, over the limit of {self.max_file_bytes}")
-        try:  # the header only: refuse a huge image before decoding a pixel of it
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-        except Exception:  # noqa: BLE001 - preprocess_bytes names the reason below
-            width = height = 0
-        if width * height > self.max_image_pixels:
-            raise FileRefused(f"{name}: {width}×{height} pixels, over the limit of {self.max_image_pixels} "
-                              "(a decompression bomb, or a slide to tile first)")
-        try:
-            return preprocess_bytes(data, self.spec, name)
-        except ImageLoadError as error:
-            raise FileRefused(str(error)) from error
+            raise ImageLoadError(name, f"{len(data)} bytes, over the limit of {self.max_file_bytes}")
+        return preprocess_bytes(data, self.spec, name, max_pixels=self.max_image_pixels)
 
     def execute(self, requests):
         responses = []
@@ -60,7 +43,7 @@ class TritonPythonModel:
             files = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1)
             try:
                 batch = np.stack([self.pixels(bytes(data), index) for index, data in enumerate(files)])
-            except FileRefused as error:
+            except ImageLoadError as error:
                 responses.append(pb_utils.InferenceResponse(
                     error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)))
                 continue

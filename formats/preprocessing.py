@@ -120,11 +120,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return _decode(data, path)
 
 
-def load_image_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """`load_image` for the bytes of a file (what the encoded model receives); `name` goes into errors."""
+def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> Image.Image:
+    """`load_image` for the bytes of a file (what the encoded model receives); `name` goes into errors.
+    An image of more than `max_pixels` pixels is refused from its header, before a pixel is decoded."""
     if not data:
         raise ImageLoadError(name, "empty file (0 bytes)")
-    return _decode(data, name)
+    return _decode(data, name, max_pixels)
 
 
 def fast_pixels(image: Image.Image, data: bytes) -> np.ndarray | None:
@@ -170,16 +171,21 @@ def plain_png(data: bytes) -> bool:
     return False  # truncated: Pillow's to decode or refuse
 
 
-def _decode(data: bytes, name) -> Image.Image:
+def _decode(data: bytes, name, max_pixels: int | None = None) -> Image.Image:
     source = io.BytesIO(data)
     try:
         with Image.open(source) as image:  # the header only (and Pillow's decompression-bomb check)
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageLoadError(name, f"{image.width}×{image.height} pixels, over the limit of {max_pixels} "
+                                           "(a decompression bomb, or a slide to tile first)")
             pixels = fast_pixels(image, data)
             if pixels is not None and pixels.shape[:2] == (image.height, image.width):
                 return Image.fromarray(pixels, "RGB")
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
+    except ImageLoadError:
+        raise
     except Image.DecompressionBombError as error:
         raise ImageLoadError(name, f"refused as a decompression bomb ({error})") from error
     except UnidentifiedImageError as error:  # Pillow's own message would show the buffer's repr
@@ -230,6 +236,6 @@ def preprocess_file(path: str | os.PathLike, spec: PreprocessSpec) -> np.ndarray
     return preprocess_image(load_image(path), spec)
 
 
-def preprocess_bytes(data: bytes, spec: PreprocessSpec, name: str = "<bytes>") -> np.ndarray:
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, name: str = "<bytes>", max_pixels: int | None = None) -> np.ndarray:
     """`preprocess_file` for a file's bytes: the encoded model's server-side step runs this."""
-    return preprocess_image(load_image_bytes(data, name), spec)
+    return preprocess_image(load_image_bytes(data, name, max_pixels), spec)

@@ -158,16 +158,11 @@ def check_version(folder: Path, model: str, version: int, source: Path) -> None:
         raise StageError(f"{named(folder / MODEL_FILE)}: missing (not listed in SHA256SUMS either)")
     labels = (folder / VERSION_LABELS).read_text().splitlines() if (folder / VERSION_LABELS).is_file() else None
     for name in (VERSION_CONFIG, VERSION_CPU_CONFIG):
-        path = folder / name
-        if not path.is_file():
-            raise StageError(f"{named(path)}: missing (not listed in SHA256SUMS either)")
+        config = own_config(folder, name, model, source)
         try:
-            config = read_config(path)
             contract = contract_of(config)
-        except (RepositoryError, ContractError) as error:
-            raise StageError(str(error).replace(str(folder), str(source))) from None
-        if config.name != model:
-            raise StageError(f"{named(path)}: name: the config is for model {config.name!r}, not {model!r}")
+        except ContractError as error:
+            raise StageError(f"{source / name}: {error}") from None
         if labels is None or len(labels) != contract.num_classes:
             raise StageError(f"{named(folder / VERSION_LABELS)}: {len(labels or [])} labels for the config's "
                              f"{contract.num_classes} classes")
@@ -180,17 +175,23 @@ def check_version(folder: Path, model: str, version: int, source: Path) -> None:
                          f"not {model} version {version}")
 
 
-def check_twin(folder: Path, model: str, version: int, source: Path) -> None:
-    """An encoded twin's version: its config names it, and an ensemble's steps name this version."""
-    path = folder / VERSION_CONFIG
-    if not path.is_file():
-        raise StageError(f"{source / VERSION_CONFIG}: missing (not listed in SHA256SUMS either)")
+def own_config(folder: Path, name: str, model: str, source: Path):
+    """The config file `name` of a copied version, which must be there, parse and name `model`
+    (errors name the file in the store, `source`)."""
+    if not (folder / name).is_file():
+        raise StageError(f"{source / name}: missing (not listed in SHA256SUMS either)")
     try:
-        config = read_config(path)
+        config = read_config(folder / name)
     except RepositoryError as error:
         raise StageError(str(error).replace(str(folder), str(source))) from None
     if config.name != model:
-        raise StageError(f"{source / VERSION_CONFIG}: name: the config is for model {config.name!r}, not {model!r}")
+        raise StageError(f"{source / name}: name: the config is for model {config.name!r}, not {model!r}")
+    return config
+
+
+def check_twin(folder: Path, model: str, version: int, source: Path) -> None:
+    """An encoded twin's version: its config names it, and an ensemble's steps name this version."""
+    config = own_config(folder, VERSION_CONFIG, model, source)
     if other := [step.model_version for step in config.ensemble_scheduling.step if step.model_version != version]:
         raise StageError(f"{source / VERSION_CONFIG}: its steps call version(s) {other}, not {version}")
 

@@ -13,7 +13,7 @@ from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
 from histoserve.formats import preprocessing
 from histoserve.formats.preprocessing import fast_pixels, load_image, to_rgb
-from tests.odd_images import _scene, write_odd_images
+from tests.odd_images import _scene, png_header_only, write_odd_images
 
 
 def pillow_only(data: bytes) -> np.ndarray:
@@ -117,3 +117,13 @@ def test_a_file_the_fast_decoder_stumbles_on_is_pillow_s_to_refuse():
     broken = data[: len(data) // 2] + bytes(4096) + data[len(data) // 2 + 4096:]
     with pytest.raises(preprocessing.ImageLoadError, match="cannot decode image"):
         preprocessing.load_image_bytes(broken, "broken.png")
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header():
+    """The encoded model's limit: a header announcing 8000×8000 pixels (and no pixel data to decode)
+    is refused for its size, where without the limit it gets as far as decoding."""
+    header_only = png_header_only(8000, 8000)
+    with pytest.raises(preprocessing.ImageLoadError, match=r"^upload: 8000×8000 pixels, over the limit of 50000000"):
+        preprocessing.load_image_bytes(header_only, "upload", max_pixels=50_000_000)
+    with pytest.raises(preprocessing.ImageLoadError, match="cannot decode image"):
+        preprocessing.load_image_bytes(header_only, "upload")
