@@ -67,11 +67,15 @@ def trained_run(digits_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def repository(trained_run, tmp_path_factory) -> Path:
-    """The digits model at fp32 (MODEL) and int8 (MODEL-int8, through the default accuracy gate)."""
+    """The digits model at fp32 (MODEL) and int8 (MODEL-int8, through the accuracy gate). The gate asks
+    int8 to agree with fp32 on at least 95 % of held-out images instead of the default 99 %: a one-epoch
+    model leaves many images near its decision boundaries, where quantization flips them (measured on an
+    AVX2-only machine: 96.7 % after one epoch, 98.9 % after two; AVX-512 machines passed 99 %). The gate
+    itself is tested in tests/export/test_precision.py."""
     repo = tmp_path_factory.mktemp("model_repository")
     for precision in ("fp32", "int8"):
         run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
-                "--max-batch-size", 16, "--max-queue-delay-us", 2000, "--precision", precision)
+                "--max-batch-size", 16, "--max-queue-delay-us", 2000, "--precision", precision, "--min-agreement", 0.95)
     return repo
 
 
