@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serving.py [--seconds 4] [--out reports/serving]
     .venv/bin/python benchmarks/serving.py --sweep      # the CPU config sweep (threads, instances, batcher)
     .venv/bin/python benchmarks/serving.py --provider tensorrt   # on a GPU machine, with onnxruntime-gpu
+    .venv/bin/python benchmarks/serving.py --metrics-cost   # only step 7: what Triton's latency summaries cost
 
 One run, one machine, so the ratios mean something (these machines are noisy):
 1. builds the model it measures through the project's own code: a randomly initialised ResNet50
@@ -26,7 +27,12 @@ One run, one machine, so the ratios mean something (these machines are noisy):
    1/2/4/8/16 on the same cores, and the client command's requests (4 in flight, 16 files each), with
    the queue and compute time of each step from Triton's statistics (the preprocessing model, the
    pixel model) and the ensemble's own share of the latency; the client's decode-and-resize time per
-   file with the faster decoders and with Pillow alone.
+   file with the faster decoders and with Pillow alone;
+7. what Triton's latency metrics cost: fp32 served at concurrency 4 and 8 by a server started with the
+   production Deployment's `--metrics-config=histogram_latencies=true` and by one with
+   `summary_latencies=true` (what every overlay ran before), alternating A B A B so that the machine's
+   drift falls on both (2.51 exports no histogram for these models, so "histogram" here measures the
+   counters alone; NVIDIA's server#8561 reports summaries costing a third of throughput on a GPU).
 
 Prints a table and the ratios (served at its best concurrency ≥ 4 ÷ in process at its best batch,
 measured before and after the served rows and averaged, since these machines drift; INT8 ÷ FP32), writes
@@ -417,6 +423,35 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+METRICS_SETTINGS = {  # the latency metrics Triton keeps, as --metrics-config arguments
+    "histogram (production)": ["--metrics-config=histogram_latencies=true"],
+    "summaries": ["--metrics-config=summary_latencies=true"],
+}
+
+
+def metrics_cost_rows(repository: Path, images: np.ndarray, seconds: float, rounds: int = 2) -> list[Row]:
+    """fp32 served at concurrency 4 and 8 with each METRICS_SETTINGS, a fresh server each, the settings
+    alternating `rounds` times."""
+    rows = []
+    for round_ in range(rounds):
+        for setting, arguments in METRICS_SETTINGS.items():
+            with TritonServer(repository, free_ports(), extra_args=arguments) as server:
+                for concurrency in (4, 8):
+                    print(f"fp32: served with {setting}, concurrency {concurrency} (round {round_ + 1}) ...", flush=True)
+                    row = served("fp32", server, MODEL, images, concurrency, seconds)
+                    row.path, row.setting = f"triton gRPC, {setting}", f"concurrency {concurrency}, round {round_ + 1}"
+                    rows.append(row)
+    return rows
+
+
+def metrics_cost(rows: list[Row]) -> dict[str, float]:
+    def mean(setting: str) -> float:
+        rates = [r.images_per_s for r in rows if r.path == f"triton gRPC, {setting}"]
+        return statistics.fmean(rates) if rates else float("nan")
+
+    return {"fp32 served with summaries ÷ with the production histogram setting": mean("summaries") / mean("histogram (production)")}
+
+
 def ratios(rows: list[Row]) -> dict[str, float]:
     def best(variant: str, path: str, min_concurrency: int = 0) -> float:
         rates = [r.images_per_s for r in rows if r.variant == variant and r.path == path
@@ -450,6 +485,8 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         if any(r.path == "triton gRPC, own cores" for r in rows):
             result[f"{variant} client (steady) ÷ served (best concurrency), client on its own core"] = (
                 client(variant, "steady", "python -m client classify, own cores") / best(variant, "triton gRPC, own cores"))
+    if any(r.path.startswith("triton gRPC, summaries") for r in rows):
+        result.update(metrics_cost(rows))
     if any(r.path == "openvino in process" for r in rows):
         for variant in VARIANTS:
             for precision in sorted({r.precision for r in rows if r.path == "openvino in process"}):
@@ -496,6 +533,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "serving")
     parser.add_argument("--sweep", action="store_true", help="sweep the CPU config instead (concurrency 4 and 16)")
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it (default: a temporary one)")
+    parser.add_argument("--metrics-cost", action="store_true",
+                        help="only what Triton's latency summaries cost against the production histogram setting")
     parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                         help="cuda/tensorrt: fp32, fp16 and int8 in process on the GPU with onnxruntime-gpu "
                              "(the local Triton is CPU-only, so no served rows)")
@@ -522,6 +561,8 @@ def main() -> int:
         rows: list[Row] = []
         if args.sweep:
             rows = sweep(repository, images, args.seconds)
+        elif args.metrics_cost:
+            rows = metrics_cost_rows(repository, images, args.seconds)
         elif args.provider != "cpu":
             for variant in ("fp32", "fp16", "int8"):
                 onnx_file = repository / (MODEL if variant == "fp32" else f"{MODEL}-{variant}") / "1" / "model.onnx"
@@ -546,6 +587,7 @@ def main() -> int:
                     print(f"{variant}: encoded model, the client's batches ...", flush=True)
                     rows.append(encoded_served(variant, server, name, pngs, CLIENT_CONCURRENCY, args.seconds, CLIENT_BATCH))
             rows += client_on_own_cores(repository, images, client_files, args.seconds)
+            rows += metrics_cost_rows(repository, images, args.seconds)
             for variant, name in VARIANTS.items():  # the machine drifts: measure the best batch again, after
                 best = max((r for r in rows if r.variant == variant and r.path == "onnxruntime in process"), key=lambda r: r.images_per_s)
                 batch = best.batch
@@ -566,6 +608,13 @@ def main() -> int:
         "seconds_per_row": args.seconds,
         "rows": [asdict(r) for r in rows],
     }
+    if args.metrics_cost:
+        summary["ratios"] = metrics_cost(rows)
+        (args.out / "metrics-cost.json").write_text(json.dumps(summary, indent=2))
+        for name, value in summary["ratios"].items():
+            print(f"\n{name}: {value:.3f}")
+        print(f"wrote {args.out / 'metrics-cost.json'} ({(time.monotonic() - started) / 60:.1f} min)")
+        return 0
     if args.sweep or args.provider != "cpu":
         name = "sweep.json" if args.sweep else f"serving-{args.provider}.json"
         (args.out / name).write_text(json.dumps(summary, indent=2))

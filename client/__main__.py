@@ -9,6 +9,11 @@ through restarts and rollouts until its --deadline-s. Exit code: 0 all files
 classified, 1 some files failed, 2 the server or model could not be used, 130 interrupted (Ctrl-C;
 the lines printed so far are complete).
 
+Metrics: with OTEL_METRICS_EXPORTER set (otlp, prometheus, console) and OpenTelemetry's other standard
+variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...), classify exports what it got: calls and
+attempts by model, version and gRPC status, and call durations (histoserve.client.telemetry; needs
+`pip install histoserve[telemetry]`). Unset, nothing is exported.
+
 rollout-status: waits until every server (every Ready pod behind a headless Service) serves version
 N: the check, from the callers' side, that a new ReplicaSet (or a promoted canary) has replaced the
 old one. It reads each server's repository index, an admin API: pass the servers' admin key
@@ -32,6 +37,7 @@ from pathlib import Path
 from histoserve.client.classifier import ClientError, FileResult, TritonClassifier
 from histoserve.client.monitoring import TOKEN_VARIABLE, MonitorSender, MonitorTokenError, monitor_token
 from histoserve.client.rollout import wait_for_version
+from histoserve.client.telemetry import TelemetryConfigError, configure_from_environment
 from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
 from histoserve.formats.options import POSITIVE, POSITIVE_INT, OptionError, add_tls_arguments, output_file, tls_from
 from histoserve.formats.preprocessing import find_images
@@ -109,6 +115,19 @@ def classify(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
+    try:  # OTEL_METRICS_EXPORTER and the other standard variables; nothing when unset (client.telemetry)
+        telemetry = configure_from_environment()
+    except TelemetryConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        return classify_paths(paths, args)
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()  # exports what the periodic reader has not sent yet
+
+
+def classify_paths(paths: list[str], args: argparse.Namespace) -> int:
     monitor = MonitorSender(args.monitor_url, args.monitor_token) if args.monitor_url else None
     try:
         classifier = TritonClassifier(args.url, args.model, args.model_version, deadline_s=args.deadline_s, tls=args.tls,

@@ -29,14 +29,17 @@ from histoserve.client.classifier import (
     batched,
     channel_arguments,
     contract_from,
+    counted_attempt,
     failure,
     input_of,
+    last_error,
     not_ready_message,
     predictions_of,
     retry_policy,
     top_k_output,
     unreachable,
 )
+from histoserve.client.telemetry import CallMetrics, grpc_code, process_metrics
 from histoserve.formats.contract import ModelContract
 from histoserve.formats.options import ClientTls, OptionError
 
@@ -45,8 +48,10 @@ class AsyncTritonClassifier(ContractView):
     """`async with AsyncTritonClassifier(url, model) as classifier:` reads the contract once on entry
     (ClientError if the server or model cannot be used) and closes the channel on exit."""
 
-    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None):
+    def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None,
+                 metrics: CallMetrics | None = None):
         self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
+        self.metrics = metrics or process_metrics()
         try:
             self._security = tls.client_arguments() if tls else {}
         except OptionError as error:
@@ -76,14 +81,17 @@ class AsyncTritonClassifier(ContractView):
     async def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
         """Top-k predictions for a uint8 batch (N, 3, crop, crop); raises InferenceFailed."""
         request, output = input_of(self.contract, images), top_k_output(self.contract, top_k)
-        deadline = time.monotonic() + self.deadline_s
+        started = time.monotonic()
+        deadline = started + self.deadline_s
         try:
             async for attempt in AsyncRetrying(**retry_policy(self.deadline_s)):
-                with attempt:
+                with attempt, counted_attempt(self):
                     result = await self.client.infer(self.model, [request], self.version, outputs=[output],
                                                      client_timeout=max(0.001, deadline - time.monotonic()))
         except (RetryError, InferenceServerException) as error:
+            self.metrics.call(self.model, self.version, grpc_code(last_error(error)), time.monotonic() - started)
             raise failure(error, self.deadline_s) from None
+        self.metrics.call(self.model, result.get_response().model_version, "OK", time.monotonic() - started)
         return predictions_of(result.as_numpy(self.contract.output_name))
 
     async def classify_files(

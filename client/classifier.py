@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay
 from tritonclient.utils import InferenceServerException
 
 from histoserve.client.monitoring import MonitorSender
+from histoserve.client.telemetry import CallMetrics, grpc_code, process_metrics
 from histoserve.formats.contract import ContractError, ModelContract
 from histoserve.formats.options import ClientTls, OptionError
 from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
@@ -139,9 +141,10 @@ class TritonClassifier(ContractView):
     """
 
     def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None,
-                 monitor: MonitorSender | None = None):
+                 monitor: MonitorSender | None = None, metrics: CallMetrics | None = None):
         self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
         self.monitor = monitor  # classify_files sends a record per classified file to it (client.monitoring)
+        self.metrics = metrics or process_metrics()  # OpenTelemetry; no-ops until the process configures it (client.telemetry)
         try:
             security = tls.client_arguments() if tls else {}
         except OptionError as error:
@@ -188,14 +191,17 @@ class TritonClassifier(ContractView):
     def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> grpcclient.InferResult:
         """Raises InferenceFailed when the request fails for good or its deadline passes."""
         request = input_of(self.contract, images)
-        deadline = time.monotonic() + self.deadline_s
+        started = time.monotonic()
+        deadline = started + self.deadline_s
         try:
             for attempt in Retrying(**retry_policy(self.deadline_s)):
-                with attempt:
+                with attempt, counted_attempt(self):
                     result = self.client.infer(self.model, [request], self.version, outputs=[output],
                                                client_timeout=max(0.001, deadline - time.monotonic()))
         except (RetryError, InferenceServerException) as error:
+            self.metrics.call(self.model, self.version, grpc_code(last_error(error)), time.monotonic() - started)
             raise failure(error, self.deadline_s) from None
+        self.metrics.call(self.model, result.get_response().model_version, "OK", time.monotonic() - started)
         return result
 
     def classify_files(
@@ -271,6 +277,22 @@ def top_k_output(contract: ModelContract, top_k: int) -> grpcclient.InferRequest
 
 def predictions_of(rows: np.ndarray) -> list[list[Prediction]]:
     return [[parse_classification(entry) for entry in row] for row in rows]
+
+
+@contextmanager
+def counted_attempt(classifier):
+    """One RPC attempt counted with the status it got (OK, or the error it raised)."""
+    try:
+        yield
+    except InferenceServerException as error:
+        classifier.metrics.attempt(classifier.model, classifier.version, grpc_code(error))
+        raise
+    classifier.metrics.attempt(classifier.model, classifier.version, "OK")
+
+
+def last_error(error: BaseException) -> BaseException | None:
+    """The error a call ended with: the last attempt's, when retries gave up."""
+    return error.last_attempt.exception() if isinstance(error, RetryError) else error
 
 
 def retry_policy(deadline_s: float) -> dict:

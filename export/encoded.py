@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from histoserve.export.repository import publish_version_folder
+from histoserve.export.repository import latency_histogram, publish_version_folder
 from histoserve.formats.contract import LABELS_FILE
 from histoserve.formats.repository import RepositoryError, config_to_text, contract_of, encoded_twins, write_text_if_changed
 from histoserve.formats.version import VERSION_CONFIG, VERSION_LABELS
@@ -63,6 +63,7 @@ def preprocess_config(pixel: mc.ModelConfig, options: EncodedOptions) -> mc.Mode
     for key, value in {**contract.parameters(), "max_file_bytes": str(options.max_file_bytes),
                        "max_image_pixels": str(options.max_image_pixels)}.items():
         config.parameters[key].string_value = value
+    config.model_metrics.CopyFrom(latency_histogram())
     return config
 
 
@@ -82,6 +83,7 @@ def encoded_config(pixel: mc.ModelConfig, version: int) -> mc.ModelConfig:
         model_name=pixel.name, model_version=version, input_map={contract.input_name: "pixels"},
         output_map={contract.output_name: contract.output_name}))
     config.parameters["pixel_model"].string_value = pixel.name
+    config.model_metrics.CopyFrom(latency_histogram())  # what callers of the encoded model wait, same buckets
     return config
 
 

@@ -86,6 +86,27 @@ class TensorRTConfig:
         }
 
 
+# Triton's request-latency histogram (nv_inference_first_response_histogram_ms, exported with
+# `--metrics-config=histogram_latencies=true` by Triton 26.01 and newer for every model): Triton's
+# default buckets (100, 500, 2000, 5000 ms) cannot tell a 7 ms p99 from a 90 ms one. These resolve
+# what the alerts and the canary analysis compare: a few ms for a GPU model, the 500 ms SLO
+# threshold exactly (a bucket bound, so "requests under 500 ms" is a bucket, not an interpolation),
+# and seconds for a sick pod. Triton truncates each observation to whole ms.
+LATENCY_HISTOGRAM_FAMILY = "nv_inference_first_response_histogram_ms"
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 2500, 5000, 10000)
+
+
+def latency_histogram(buckets_ms: tuple[float, ...] = LATENCY_BUCKETS_MS) -> mc.ModelMetrics:
+    """config.pbtxt `model_metrics` giving the latency histogram these buckets (Triton 24.11+ reads
+    the field; 2.51, the local server, does not: serve/local_repository.py leaves it out)."""
+    if not buckets_ms or list(buckets_ms) != sorted(set(buckets_ms)) or buckets_ms[0] <= 0:
+        raise RepositoryError(f"latency buckets {list(buckets_ms)} must be positive and increasing")
+    control = mc.ModelMetrics.MetricControl(
+        metric_identifier=mc.ModelMetrics.MetricControl.MetricIdentifier(family=LATENCY_HISTOGRAM_FAMILY),
+        histogram_options=mc.ModelMetrics.MetricControl.HistogramOptions(buckets=list(buckets_ms)))
+    return mc.ModelMetrics(metric_control=[control])
+
+
 def build_config(
     name: str, num_classes: int, spec: PreprocessSpec, batching: BatchingConfig = BatchingConfig(),
     loaded_versions: int = 2, precision: str = "fp32", tensorrt: TensorRTConfig | None = None,
@@ -135,6 +156,7 @@ def build_config(
     for key, value in contract.parameters().items():
         config.parameters[key].string_value = value
     config.parameters["precision"].string_value = precision
+    config.model_metrics.CopyFrom(latency_histogram())
     if tensorrt is not None:
         config.optimization.execution_accelerators.gpu_execution_accelerator.append(
             mc.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator(

@@ -6,7 +6,8 @@ not copied) on the CPU. The source is the model's CPU config (configs/cpu.pbtxt,
 runs; config.pbtxt when there is none). Ensembles and python-backend models (an encoded model and its
 preprocessing) run as written. Everything in it — tensors, max_batch_size, instance count,
 dynamic batching, warmup, labels, the preprocessing parameters and the onnxruntime backend's thread
-parameters, which the python model applies to its session — is kept as written.
+parameters, which the python model applies to its session — is kept as written, except the latency
+histogram's buckets (`model_metrics`), which this Triton (2.51) cannot read.
 
 `sync_local_repository` is idempotent: run again, it adds the versions that `python -m export`
 published since (each assembled in a hidden folder and renamed into place, as export does), removes
@@ -46,6 +47,10 @@ def local_config(config: mc.ModelConfig) -> mc.ModelConfig:
     del local.instance_group[:]
     local.instance_group.append(mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=count))
     local.optimization.ClearField("execution_accelerators")
+    # Triton 2.51 (the wheel's) predates `model_metrics` (24.11) and refuses a config that has it;
+    # without it, only the latency histogram's buckets differ, and 2.51 exports no such histogram
+    # for this kind of model anyway.
+    local.ClearField("model_metrics")
     return local
 
 
@@ -72,6 +77,8 @@ def sync_local_repository(repository: Path, target: Path) -> list[str]:
         name = config.name or model_dir.name
         out = target / name
         out.mkdir(exist_ok=True)
+        if as_written:
+            config.ClearField("model_metrics")  # 2.51 cannot parse it (local_config)
         write_text_if_changed(out / "config.pbtxt", config_to_text(config if as_written else local_config(config)))
         if (model_dir / LABELS_FILE).is_file() and not (out / LABELS_FILE).is_symlink():
             os.symlink(model_dir / LABELS_FILE, out / LABELS_FILE)

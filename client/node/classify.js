@@ -6,6 +6,9 @@
 //
 //   node classify.js --url HOST:PORT --model digits-encoded [--top-k 3] [--batch-size 16] FILE...
 //
+// Metrics: with OTEL_METRICS_EXPORTER=otlp (OpenTelemetry's standard variables), the calls it made by
+// model, version and gRPC status, and their durations, as the Python client exports them.
+//
 // One JSON line per file, in input order, as `python -m client classify --json` prints them:
 //   {"path": "...", "predictions": [{"label": "3", "index": 3, "score": 0.98}], "error": null}
 // A file the server refuses (corrupt, not an image, over a limit) gets an error line and the others
@@ -22,10 +25,55 @@
 
 const fs = require("node:fs");
 const path = require("node:path");
+const { performance } = require("node:perf_hooks");
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
+const { metrics } = require("@opentelemetry/api");
 
 const PROTOS = path.join(__dirname, "protos");
+
+// What callers get, as the Python client counts it (histoserve.client.telemetry): the same instruments,
+// units and attributes, so the SLO rules read both. Without OTEL_METRICS_EXPORTER nothing is set up and
+// the instruments are OpenTelemetry's no-ops. This client does not retry: one attempt per call.
+const DURATION_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60];
+
+function callMetrics() {
+  const meter = metrics.getMeter("histoserve.client");
+  return {
+    calls: meter.createCounter("histoserve.client.calls", {
+      unit: "{call}", description: "Inference calls, by the gRPC status the caller got after retries" }),
+    attempts: meter.createCounter("histoserve.client.attempts", {
+      unit: "{attempt}", description: "Inference RPC attempts, by the gRPC status each one got" }),
+    duration: meter.createHistogram("histoserve.client.call.duration", {
+      unit: "s", description: "Inference call duration, retries included",
+      advice: { explicitBucketBoundaries: DURATION_BUCKETS_S } }),
+  };
+}
+
+// A MeterProvider as OpenTelemetry's standard variables ask (OTEL_METRICS_EXPORTER: otlp or console;
+// OTLP over http/protobuf or http/json, endpoint and headers from the exporter's own variables; resource
+// from OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES), or null when none is asked for.
+function configureMetrics(env = process.env) {
+  const names = (env.OTEL_METRICS_EXPORTER || "").split(",").map((name) => name.trim()).filter((name) => name && name !== "none");
+  if (names.length === 0) return null;
+  const { MeterProvider, PeriodicExportingMetricReader, ConsoleMetricExporter } = require("@opentelemetry/sdk-metrics");
+  const { detectResources, envDetector, serviceInstanceIdDetector, defaultResource } = require("@opentelemetry/resources");
+  const readers = names.map((name) => {
+    if (name === "console") return new PeriodicExportingMetricReader({ exporter: new ConsoleMetricExporter() });
+    if (name !== "otlp") throw new Error(`OTEL_METRICS_EXPORTER: unknown exporter '${name}' (otlp, console, none)`);
+    const protocol = env.OTEL_EXPORTER_OTLP_METRICS_PROTOCOL || env.OTEL_EXPORTER_OTLP_PROTOCOL || "http/protobuf";
+    const { OTLPMetricExporter } = protocol === "http/protobuf" ? require("@opentelemetry/exporter-metrics-otlp-proto")
+      : protocol === "http/json" ? require("@opentelemetry/exporter-metrics-otlp-http")
+        : (() => { throw new Error(`OTEL_EXPORTER_OTLP_PROTOCOL: '${protocol}' is not supported (http/protobuf, http/json)`); })();
+    return new PeriodicExportingMetricReader({ exporter: new OTLPMetricExporter() });
+  });
+  // service.instance.id: a random one of this process's own, unless OTEL_RESOURCE_ATTRIBUTES names one
+  // (later detectors win), so that two runs at once never share a series
+  const resource = defaultResource().merge(detectResources({ detectors: [serviceInstanceIdDetector, envDetector] }));
+  const provider = new MeterProvider({ resource, readers });
+  metrics.setGlobalMeterProvider(provider);
+  return provider;
+}
 
 function usage(message) {
   process.stderr.write(`error: ${message}\nusage: node classify.js --url HOST:PORT --model NAME [--top-k K] [--batch-size N] FILE...\n`);
@@ -86,21 +134,50 @@ function prediction(entry) {
   return { label: label.length ? label.join(":") : index, index: Number(index), score: Number(score) };
 }
 
-async function classify(client, model, files, topK) {
+async function classify(client, model, files, topK, instruments) {
   const request = {
     model_name: model,
     inputs: [{ name: "image_file", datatype: "BYTES", shape: [files.length, 1],
                contents: { bytes_contents: files.map((file) => file.data) } }],
     outputs: [{ name: "probabilities", parameters: { classification: { int64_param: topK } } }],
   };
-  const response = await call(client, "ModelInfer", request);
+  const started = performance.now();
+  let response;
+  try {
+    response = await call(client, "ModelInfer", request);
+  } catch (error) {
+    count(instruments, { model, version: "", grpc_code: grpc.status[error.code] || "UNKNOWN" }, started);
+    throw error;
+  }
+  count(instruments, { model, version: response.model_version, grpc_code: "OK" }, started);
   const entries = bytesElements(response.raw_output_contents[0]);
   const perFile = entries.length / files.length;
   return files.map((_, i) => entries.slice(i * perFile, (i + 1) * perFile).map(prediction));
 }
 
+function count(instruments, attributes, started) {
+  instruments.calls.add(1, attributes);
+  instruments.attempts.add(1, attributes);
+  instruments.duration.record((performance.now() - started) / 1000, attributes);
+}
+
 async function main() {
   const options = parseArguments(process.argv.slice(2));
+  let provider;
+  try {
+    provider = configureMetrics();
+  } catch (error) {
+    process.stderr.write(`error: ${error.message}\n`);
+    return 2;
+  }
+  try {
+    return await classifyAll(options, callMetrics());
+  } finally {
+    if (provider) await provider.shutdown();  // exports what the periodic reader has not sent yet
+  }
+}
+
+async function classifyAll(options, instruments) {
   const client = inferenceClient(options.url);
   let metadata;
   try {
@@ -130,13 +207,13 @@ async function main() {
     });
     const readable = batch.filter((file) => !file.error);
     try {
-      const rows = readable.length ? await classify(client, options.model, readable, options.topK) : [];
+      const rows = readable.length ? await classify(client, options.model, readable, options.topK, instruments) : [];
       readable.forEach((file, i) => { file.predictions = rows[i]; });
     } catch (batchError) {
       // One bad file fails its request: send the batch's files one by one to name it and keep the rest.
       for (const file of readable) {
         try {
-          file.predictions = (await classify(client, options.model, [file], options.topK))[0];
+          file.predictions = (await classify(client, options.model, [file], options.topK, instruments))[0];
         } catch (error) {
           file.error = `${file.path}: ${error.details || error.message}`;
         }

@@ -68,3 +68,35 @@ def test_the_node_client_refuses_the_pixel_model_and_a_missing_one(node, server,
     assert pixel.returncode == 2 and "does not take image files" in pixel.stderr
     missing = node_classify(node, server.grpc_url, "no-such-model-encoded", test_files[:1])
     assert missing.returncode == 2 and "cannot use no-such-model-encoded" in missing.stderr
+
+
+def test_the_node_client_exports_what_it_got_over_otlp_as_the_python_client_does(node, server, test_files, tmp_path):
+    """OpenTelemetry's standard variables only: the same instruments, units and attributes as the Python
+    client's (histoserve.client.telemetry), one call per request, the failed batch's status counted too."""
+    import os
+
+    from tests.otlp_receiver import OtlpReceiver, value
+
+    broken = tmp_path / "scan.png"
+    broken.write_bytes(test_files[0].read_bytes()[:40])
+    files = [*test_files[:3], broken]  # the batch fails (INVALID_ARGUMENT), then each file is sent alone
+    with OtlpReceiver() as receiver:
+        environment = {**os.environ, "OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                       "OTEL_SERVICE_NAME": "node-caller"}
+        result = subprocess.run([node, str(NODE_CLIENT / "classify.js"), "--url", server.grpc_url, "--model", f"{MODEL}-encoded",
+                                 *map(str, files)], capture_output=True, text=True, timeout=300, env=environment)
+        assert result.returncode == 1, result.stderr
+        calls = {(a["model"], a["version"], a["grpc_code"]): value(p) for a, p, _ in receiver.points("histoserve.client.calls")}
+        attempts = {(a["model"], a["version"], a["grpc_code"]): value(p) for a, p, _ in receiver.points("histoserve.client.attempts")}
+        durations = list(receiver.points("histoserve.client.call.duration"))
+        resources = {(r.get("service.name"), len(r.get("service.instance.id", ""))) for _, _, r in durations}
+        quiet = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        before = len(receiver.metrics)
+        subprocess.run([node, str(NODE_CLIENT / "classify.js"), "--url", server.grpc_url, "--model", f"{MODEL}-encoded",
+                        str(test_files[0])], capture_output=True, text=True, timeout=300,
+                       env={**quiet, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
+        assert len(receiver.metrics) == before  # no exporter named: nothing sent
+    model = f"{MODEL}-encoded"
+    assert calls == attempts == {(model, "", "INVALID_ARGUMENT"): 2, (model, "1", "OK"): 3}
+    assert sum(p.count for _, p, _ in durations) == 5 and 0.5 in list(durations[0][1].explicit_bounds)
+    assert resources == {("node-caller", 36)}  # and a service.instance.id of its own

@@ -29,6 +29,31 @@ def test_exported_config_parses_with_triton_types_and_carries_the_contract(repos
     assert (repository / MODEL / "labels.txt").read_text().splitlines() == [str(d) for d in range(10)]
 
 
+def test_every_published_config_gives_triton_latency_buckets_that_resolve_the_slo(repository, tmp_path):
+    """config.pbtxt and its CPU variant (each version's own copies too) set the latency histogram's
+    buckets; the thresholds the alerts, the canary analysis and the SLO rules compare against are
+    bucket bounds. The local Triton (2.51) cannot read the field: its derivative drops it."""
+    from histoserve.export.repository import LATENCY_BUCKETS_MS, LATENCY_HISTOGRAM_FAMILY
+    from histoserve.serve.local_repository import sync_local_repository
+    from tests.k8s.manifests import ROOT, render
+
+    model = repository / MODEL
+    for path in (model / "config.pbtxt", model / "configs" / "cpu.pbtxt", model / "1" / "config.pbtxt"):
+        [control] = read_config(path).model_metrics.metric_control
+        assert control.metric_identifier.family == LATENCY_HISTOGRAM_FAMILY, path
+        assert tuple(control.histogram_options.buckets) == LATENCY_BUCKETS_MS, path
+    objects = render("overlays/gpu-canary")
+    serving = next(o for o in objects if o["kind"] == "AnalysisTemplate" and o["metadata"]["name"] == "triton-canary-serving")
+    max_p99 = next(float(a["value"]) for a in serving["spec"]["args"] if a["name"] == "max-p99-ms")
+    alert = next(r for o in objects if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == "triton"
+                 for g in o["spec"]["groups"] for r in g["rules"] if r.get("alert") == "TritonP99LatencyHigh")
+    slo = (ROOT / "k8s" / "components" / "gateway-grpc" / "slo-rules.yaml").read_text()
+    assert max_p99 in LATENCY_BUCKETS_MS and float(alert["expr"].split(">")[-1]) in LATENCY_BUCKETS_MS
+    assert r'le=~"500(\\.0)?"' in slo and 500 in LATENCY_BUCKETS_MS  # Prometheus 2 and 3 spellings of le
+    sync_local_repository(repository, tmp_path / "local")
+    assert not read_config(tmp_path / "local" / MODEL / "config.pbtxt").HasField("model_metrics")
+
+
 def test_the_cpu_variant_carries_the_cpu_tuning_in_the_onnxruntime_backends_terms(repository):
     gpu = read_config(repository / MODEL / "config.pbtxt")
     cpu = read_config(repository / MODEL / "configs" / "cpu.pbtxt")

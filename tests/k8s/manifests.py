@@ -17,7 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 KUBECTL = Path(sys.executable).parent / "kubectl"
-OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/gpu-gateway", "overlays/gpu-canary", "overlays/cpu", "overlays/dev"]
+OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/gpu-gateway", "overlays/gpu-canary", "overlays/gpu-canary-adopt",
+            "overlays/gpu-canary-leave", "overlays/cpu", "overlays/dev"]
 JOBS = ["jobs/loadtest", "jobs/training", "jobs/publish", "jobs/publish-s3"]
 KUSTOMIZATIONS = OVERLAYS + JOBS
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
@@ -658,14 +659,25 @@ def check_canary(objects: list[dict]) -> list[str]:
         pod = deployment["spec"]["template"]
         if not matches(spec["selector"]["matchLabels"], pod["metadata"].get("labels", {})):
             problems.append(f"Rollout/{name}: selector does not match the pods of {reference['name']}")
-        for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
-            if hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment" and hpa["spec"]["scaleTargetRef"]["name"] == reference["name"]:
-                problems.append(f"HPA/{hpa['metadata']['name']}: scales the Deployment the Rollout {name} replaces")
+        canary = spec["strategy"].get("canary", {})
+        targets = {(h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"])
+                   for h in objects if h["kind"] == "HorizontalPodAutoscaler"}
+        if "trafficRouting" not in canary:  # a move between overlays: overlays/gpu-canary-adopt or -leave
+            if reference.get("scaleDown") != "never":
+                problems.append(f"Rollout/{name}: without traffic routing it is adopting or leaving a Deployment, and must leave "
+                                "the Deployment's replicas alone (scaleDown: never)")
+            adopting = ("Deployment", reference["name"]) in targets
+            if adopting and (canary.get("stableService") or canary.get("canaryService") or ("Rollout", name) in targets):
+                problems.append(f"Rollout/{name}: while it adopts the Deployment, no Service selector of its and no HPA on it")
+            if not adopting and ("Rollout", name) not in targets:
+                problems.append(f"Rollout/{name}: while the Deployment is not scaled by the HPA, the Rollout must be")
+            continue
+        if ("Deployment", reference["name"]) in targets:
+            problems.append(f"HPA: scales the Deployment the Rollout {name} replaces")
         for key in (MODEL_ANNOTATION, VERSION_ANNOTATION):
             if rollout["metadata"].get("annotations", {}).get(key) != pod["metadata"].get("annotations", {}).get(key):
                 problems.append(f"Rollout/{name}: {key} {rollout['metadata'].get('annotations', {}).get(key)!r} is not the pod "
                                 f"template's {pod['metadata'].get('annotations', {}).get(key)!r}: the analysis would judge another version")
-        canary = spec["strategy"].get("canary", {})
         services = {role: named(objects, "Service", canary.get(f"{role}Service")) for role in ("stable", "canary")}
         for role, service in services.items():
             if service is None or not matches(service["spec"].get("selector", {}), pod["metadata"].get("labels", {})):
@@ -682,6 +694,21 @@ def check_canary(objects: list[dict]) -> list[str]:
                 if weights != wanted:
                     problems.append(f"GRPCRoute/{route['metadata']['name']}: rule {index} backends {weights}, not the Rollout's "
                                     f"stable and canary Services {wanted}")
+                    continue
+                # Envoy Gateway builds one Envoy cluster per backend only when backendRefs carry filters; the
+                # analysis reads the canary's cluster by its position, grpcroute/<ns>/<route>/rule/<i>/backend/<j>.
+                if not all(b.get("filters") for b in rule["backendRefs"]):
+                    problems.append(f"GRPCRoute/{route['metadata']['name']}: rule {index} backendRefs without filters share one "
+                                    "Envoy cluster: the edge cannot tell the canary's calls from the stable pods'")
+                names = [b["name"] for b in rule["backendRefs"]]
+                cluster = {role: f"grpcroute/{{{{args.namespace}}}}/{route['metadata']['name']}/rule/{index}/backend/"
+                                 f"{names.index(canary.get(f'{role}Service'))}" for role in ("stable", "canary")}
+                queries = [m["provider"]["prometheus"]["query"] for t in templates.values() for m in t["spec"]["metrics"]
+                           if "envoy_cluster" in m["provider"]["prometheus"]["query"]]
+                read = [re.findall(r'envoy_cluster_name="([^"]+)"', q) for q in queries]
+                if not queries or any(cluster["canary"] not in r or not set(r) <= set(cluster.values()) for r in read):
+                    problems.append(f"AnalysisTemplate: an edge query reads another Envoy cluster than the canary's "
+                                    f"{cluster['canary']} (and the stable pods' {cluster['stable']})")
         labels = pod["metadata"].get("labels", {})
         pod_services = [o for o in objects if o["kind"] == "Service" and matches(o["spec"].get("selector", {}), labels)]
         monitors = [o for o in objects if o["kind"] == "ServiceMonitor"

@@ -1,13 +1,19 @@
 """The canary overlay's analyses, evaluated as Argo Rollouts would evaluate them, against a real
 Prometheus scraping real Triton servers started with the overlay's own Deployment arguments over the
 versions its init container stages, labelled as the ServiceMonitor labels them (namespace, and the
-pod-template hash that tells stable from canary), and the real drift monitor fed by the clients.
+pod-template hash that tells stable from canary), the gateway's counts of what callers got (a real
+gRPC hop in front of each canary, counting as Envoy's grpc_stats does: tests/k8s/edge.py), and the
+real drift monitor fed by the clients.
 
-One stable server (version 1) and four canaries, each the kind of publish a canary exists to stop:
-a good one (version 2), a slow one (version 3: its config's batcher waits 300 ms for a full batch),
-a failing one (version 4: its config rejects requests that queue for more than 1 ms), and one whose
-predictions drift (version 5: the model is fine, but it sees data unlike its training data, here the
-digits inverted). The good canary passes every measurement; each bad one fails the one meant for it."""
+One stable server (version 1) and canaries, each the kind of publish a canary exists to stop: a good
+one (version 2), a failing one (version 4: its config rejects requests that queue for more than 1 ms,
+which Triton counts), one that refuses callers at the door (version 6: a queue of one request; Triton
+answers "Exceeds maximum queue size" and counts nothing), one whose predictions drift (version 5: a
+fine model that sees data unlike its training data, the digits inverted), and a quiet one (the good
+server, reached by too few calls to judge). Each scenario has its own namespace label, so its edge
+cluster and pods are its own. Latency needs Triton's histogram, which 2.51 does not export for these
+models: here every latency measurement is Inconclusive (never a pass on no data), and
+test_canary_scenarios.py judges latency on series shaped as Triton 26.x exports them."""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -32,6 +39,7 @@ from histoserve.serve.server import free_ports
 from tests.conftest import MODEL
 from tests.k8s import argo_analysis
 from tests.k8s.conftest import start_manifest_server
+from tests.k8s.edge import EdgeProxy
 from tests.k8s.manifests import render
 from tests.k8s.test_monitoring import PROMETHEUS, require
 from tests.serve.published import copy_model, copy_version, republish
@@ -42,15 +50,15 @@ STABLE_HASH = "5d8f9c7b6"
 TOKEN = "canary-writer-token-0123456789"
 
 
-def slow_batcher(config):  # waits up to 300 ms for a batch of 16 that single-image traffic never fills
-    config.dynamic_batching.max_queue_delay_microseconds = 300_000
-    config.dynamic_batching.preferred_batch_size[:] = [16]
-
-
 def tight_queue_timeout(config):  # microseconds taken for milliseconds: a request queued over 1 ms is rejected
     policy = config.dynamic_batching.default_queue_policy
     policy.timeout_action = policy.REJECT
     policy.default_timeout_microseconds = 1000
+
+
+def one_request_queue(config):  # a queue of one: concurrent callers are refused before the scheduler
+    config.dynamic_batching.default_queue_policy.max_queue_size = 1
+    config.dynamic_batching.max_queue_delay_microseconds = 0
 
 
 @dataclass
@@ -59,17 +67,21 @@ class Canary:
     hash: str
     config_change: Callable | None = None  # applied to the version's cpu.pbtxt (a ModelConfig)
     clients: int = 1
-    pause_s: float = 0.05  # between a client's requests: a light load, so the machine's own noise stays out of p99
+    pause_s: float = 0.05  # between a client's requests: a light load, so the machine's own noise stays out
     inverted: bool = False
-    expected_failure: str | None = None  # the metric meant to catch it
+    server_of: str | None = None  # another canary's server, reached through this canary's own edge
+    expected: dict[str, str] = field(default_factory=dict)  # metric -> phase
     server: object = field(default=None, repr=False)
 
 
+LATENCY = ("latency-p99", "latency-p99-against-stable")  # no histogram in 2.51: Inconclusive for every canary
 CANARIES = {
-    "good": Canary(2, "7c4b8f9d5"),
-    "slow": Canary(3, "6f7d9b8c4", slow_batcher, expected_failure="latency-p99-against-stable"),
-    "failing": Canary(4, "84c9d7f6b", tight_queue_timeout, clients=4, pause_s=0.0, expected_failure="error-ratio"),
-    "drifting": Canary(5, "9b6c8d7f4", inverted=True, expected_failure="prediction-drift"),
+    "good": Canary(2, "7c4b8f9d5", expected={"error-ratio": "Successful", "prediction-drift": "Successful",
+                                              "estimated-accuracy": "Successful"}),
+    "failing": Canary(4, "84c9d7f6b", tight_queue_timeout, clients=4, pause_s=0.0, expected={"error-ratio": "Failed"}),
+    "door": Canary(6, "6d8c9f7b5", one_request_queue, clients=6, pause_s=0.0, expected={"error-ratio": "Failed"}),
+    "drifting": Canary(5, "9b6c8d7f4", inverted=True, expected={"error-ratio": "Successful", "prediction-drift": "Failed"}),
+    "quiet": Canary(2, "7c4b8f9d5", server_of="good", pause_s=2.0, expected={"error-ratio": "Inconclusive"}),
 }
 
 
@@ -82,7 +94,7 @@ def publish_versions(repository, store):
     """Version 1 as exported, and the canaries' versions: copies of it with their config changes,
     published consistently (checksums rewritten), as an export with those settings would be."""
     model_dir = copy_model(repository, MODEL, store)
-    for canary in [Canary(1, STABLE_HASH), *CANARIES.values()]:
+    for canary in [Canary(1, STABLE_HASH), *(c for c in CANARIES.values() if c.server_of is None)]:
         folder = model_dir / "1" if canary.version == 1 else copy_version(model_dir, 1, canary.version)
         config = read_config(folder / "cpu.pbtxt")
         for change in (one_thread, canary.config_change):
@@ -133,12 +145,17 @@ class Traffic:
         self.sender.close()
 
 
-def start_prometheus(tmp_path, targets: list[tuple[str, dict]]) -> tuple[subprocess.Popen, str]:
-    """Prometheus scraping each (address, labels) every second; labels as the ServiceMonitors set them."""
+def start_prometheus(tmp_path, targets: list[tuple[str, dict]], slow: set[str] = frozenset()) -> tuple[subprocess.Popen, str]:
+    """Prometheus scraping each (address, labels) every second (addresses in `slow` every 5 s: the
+    drift monitor judges its windows at each scrape); labels as the ServiceMonitors set them."""
     port = free_ports().http
+
+    def job(i, address, labels):
+        every = {"scrape_interval": "5s", "scrape_timeout": "5s"} if address in slow else {}
+        return {"job_name": f"target-{i}", **every, "static_configs": [{"targets": [address], "labels": labels}]}
+
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [{"job_name": f"target-{i}", "static_configs": [{"targets": [address], "labels": labels}]}
-                                 for i, (address, labels) in enumerate(targets)]}
+              "scrape_configs": [job(i, address, labels) for i, (address, labels) in enumerate(targets)]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     process = subprocess.Popen([require(PROMETHEUS, "prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
                                 f"--storage.tsdb.path={tmp_path / 'prometheus'}", f"--web.listen-address=127.0.0.1:{port}"],
@@ -146,23 +163,25 @@ def start_prometheus(tmp_path, targets: list[tuple[str, dict]]) -> tuple[subproc
     return process, f"http://127.0.0.1:{port}"
 
 
-def step_arguments(rollout: dict, canary: Canary, prometheus: str) -> tuple[list[dict], dict[str, str]]:
+def step_arguments(rollout: dict, version: int, canary_hash: str, stable_hash: str, prometheus: str,
+                   namespace: str | None = None) -> tuple[list[dict], dict[str, str]]:
     """The first analysis step's templates and its arguments, resolved as the controller resolves
-    them for this canary: fieldRefs from the Rollout (its annotation as the knob would set it),
-    podTemplateHashValue from the ReplicaSets' hashes. Only the Prometheus address is this test's."""
+    them for a canary of `version`: fieldRefs from the Rollout (its annotation as the knob would set
+    it; its namespace, or `namespace`), podTemplateHashValue from the ReplicaSets' hashes. Only the
+    Prometheus address is this test's."""
     step = next(s["analysis"] for s in rollout["spec"]["strategy"]["canary"]["steps"] if "analysis" in s)
-    annotations = {**rollout["metadata"]["annotations"], "histoserve.io/model-version": str(canary.version)}
+    annotations = {**rollout["metadata"]["annotations"], "histoserve.io/model-version": str(version)}
     values = {}
     for argument in step["args"]:
         source = argument.get("valueFrom", {})
         if "value" in argument:
             values[argument["name"]] = argument["value"]
         elif source.get("podTemplateHashValue") == "Latest":
-            values[argument["name"]] = canary.hash
+            values[argument["name"]] = canary_hash
         elif source.get("podTemplateHashValue") == "Stable":
-            values[argument["name"]] = STABLE_HASH
+            values[argument["name"]] = stable_hash
         elif source.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
-            values[argument["name"]] = rollout["metadata"]["namespace"]
+            values[argument["name"]] = namespace or rollout["metadata"]["namespace"]
         else:
             key = source["fieldRef"]["fieldPath"].split("'")[1]
             values[argument["name"]] = annotations[key]
@@ -170,19 +189,15 @@ def step_arguments(rollout: dict, canary: Canary, prometheus: str) -> tuple[list
     return step["templates"], values
 
 
-def analyse(objects: list[dict], canary: Canary, prometheus: str, interval_s: float = 1.0) -> dict[str, argo_analysis.MetricOutcome]:
+def resolved_metrics(objects: list[dict], version: int, canary_hash: str, stable_hash: str, prometheus: str,
+                     namespace: str | None = None) -> list[dict]:
+    """Every metric of the step's AnalysisRun, its arguments substituted."""
     rollout = next(o for o in objects if o["kind"] == "Rollout")
-    references, incoming = step_arguments(rollout, canary, prometheus)
+    references, incoming = step_arguments(rollout, version, canary_hash, stable_hash, prometheus, namespace)
     templates = [next(o for o in objects if o["kind"] == "AnalysisTemplate" and o["metadata"]["name"] == r["templateName"])
                  for r in references]
     args = argo_analysis.resolve_args(templates, incoming)
-    outcomes = {}
-    for template in templates:
-        for metric in template["spec"]["metrics"]:
-            resolved = argo_analysis.resolve_metric(metric, args)
-            outcomes[metric["name"]] = argo_analysis.run_metric(
-                resolved, lambda query: argo_analysis.prometheus_query(prometheus, query), interval_s)
-    return outcomes
+    return [argo_analysis.resolve_metric(metric, args) for template in templates for metric in template["spec"]["metrics"]]
 
 
 def test_expr_conditions_are_judged_as_argo_judges_them():
@@ -197,6 +212,10 @@ def test_expr_conditions_are_judged_as_argo_judges_them():
         argo_analysis.condition("all(result, {# < 1})", [0.0])
 
 
+def edge_total(edge) -> int:
+    return edge.counts.get("total", 0)
+
+
 def test_every_analysis_passes_a_good_canary_and_fails_a_bad_one_where_it_should(repository, digits_root, tmp_path):
     objects = render(OVERLAY)
     model_dir = publish_versions(repository, tmp_path / "store")
@@ -208,39 +227,62 @@ def test_every_analysis_passes_a_good_canary_and_fails_a_bad_one_where_it_should
     monitor_http = make_server(monitor, "127.0.0.1", 0, WriterTokens(tmp_path / "tokens"))
     threading.Thread(target=monitor_http.serve_forever, daemon=True).start()
     monitor_url = f"http://127.0.0.1:{monitor_http.server_address[1]}"
+    own = {name: c for name, c in CANARIES.items() if c.server_of is None}
 
-    servers, traffic, prometheus = {}, [], None
+    servers, edges, traffic, prometheus = {}, {}, [], None
     try:
         with ThreadPoolExecutor(5) as pool:  # the pods of both ReplicaSets, started as the kubelet would
             futures = {"stable": pool.submit(start_manifest_server, tmp_path / "store", OVERLAY, version=1)}
-            for name, canary in CANARIES.items():
+            for name, canary in own.items():
                 futures[name] = pool.submit(start_manifest_server, tmp_path / "store", OVERLAY, version=canary.version)
             servers = {name: future.result() for name, future in futures.items()}
-        assert "--metrics-config=summary_latencies=true" in servers["stable"].manifest_args  # the p99 the analysis reads
-        hashes = {"stable": STABLE_HASH, **{name: c.hash for name, c in CANARIES.items()}}
-        targets = [(f"127.0.0.1:{servers[name].ports.metrics}",
-                    {"namespace": NAMESPACE, "pod": f"triton-{name}", "rollouts_pod_template_hash": pod_hash})
-                   for name, pod_hash in hashes.items()]
-        targets.append((f"127.0.0.1:{monitor_http.server_address[1]}", {"namespace": NAMESPACE, "pod": "histoserve-monitor"}))
-        process, prometheus_url = start_prometheus(tmp_path, targets)
+        assert "--metrics-config=histogram_latencies=true" in servers["stable"].manifest_args  # the p99 the analysis reads
+        assert not any("summary_latencies=true" in a for a in servers["stable"].manifest_args)
+        for name, canary in CANARIES.items():  # the gateway's canary backend, one Envoy cluster per scenario
+            server = servers[canary.server_of or name]
+            edges[name] = EdgeProxy(server.grpc_url, f"grpcroute/{NAMESPACE}-{name}/triton/rule/0/backend/1").__enter__()
+        edges["stable"] = EdgeProxy(servers["stable"].grpc_url,  # the stable backend, as every scenario's route sees it
+                                    [f"grpcroute/{NAMESPACE}-{name}/triton/rule/0/backend/0" for name in CANARIES]).__enter__()
+        targets = []
+        for name, canary in CANARIES.items():  # each scenario in its own namespace: stable pods, canary pods, edge
+            namespace = f"{NAMESPACE}-{name}"
+            targets.append((f"127.0.0.1:{servers['stable'].ports.metrics}",
+                            {"namespace": namespace, "pod": "triton-stable", "rollouts_pod_template_hash": STABLE_HASH}))
+            targets.append((f"127.0.0.1:{servers[canary.server_of or name].ports.metrics}",
+                            {"namespace": namespace, "pod": f"triton-{name}", "rollouts_pod_template_hash": canary.hash}))
+            targets.append((edges[name].metrics_address, {"namespace": "envoy-gateway-system", "pod": f"envoy-{name}"}))
+            targets.append((f"127.0.0.1:{monitor_http.server_address[1]}", {"namespace": namespace, "pod": "histoserve-monitor"}))
+        targets.append((edges["stable"].metrics_address, {"namespace": "envoy-gateway-system", "pod": "envoy-stable"}))
+        process, prometheus_url = start_prometheus(tmp_path, targets, slow={f"127.0.0.1:{monitor_http.server_address[1]}"})
         prometheus = process
-        traffic = [Traffic(servers["stable"].grpc_url, images, 1, monitor_url, 0.05)]
-        traffic += [Traffic(servers[name].grpc_url, 255 - images if c.inverted else images, c.clients, monitor_url, c.pause_s)
+        traffic = [Traffic(edges["stable"].grpc_url, images, 1, monitor_url, 0.05)]
+        traffic += [Traffic(edges[name].grpc_url, 255 - images if c.inverted else images, c.clients, monitor_url, c.pause_s)
                     for name, c in CANARIES.items()]
         deadline = time.monotonic() + 90
-        while any(monitor.windows.get((MODEL, str(c.version)), ()).__len__() < 100 for c in CANARIES.values()):
-            assert time.monotonic() < deadline, {k: len(v) for k, v in monitor.windows.items()}
+        while (any(len(monitor.windows.get((MODEL, str(c.version)), ())) < 100 for c in CANARIES.values())
+               or any(edge_total(edges[name]) < 200 for name in [*CANARIES, "stable"] if name != "quiet")):
+            assert time.monotonic() < deadline, ({k: len(v) for k, v in monitor.windows.items()},
+                                                 {k: e.counts for k, e in edges.items()})
             time.sleep(1)
-        # A few scrapes into every rate window. (Triton counts its warm-up requests in its latency summary,
-        # whose window slides over about a minute: here they are in every server's p99, stable and canary
-        # alike; Argo's first analysis comes after a 10-minute pause, long after they left it.)
-        time.sleep(5)
-        with ThreadPoolExecutor(len(CANARIES)) as pool:  # one AnalysisRun per canary, side by side
-            runs = {name: pool.submit(analyse, objects, canary, prometheus_url) for name, canary in CANARIES.items()}
-            outcomes = {name: run.result() for name, run in runs.items()}
+        time.sleep(6)  # a few scrapes into every rate window, and the monitor's
+        with ThreadPoolExecutor(len(CANARIES)) as pool:  # the metrics of each canary's AnalysisRun, side by side
+            runs = {}
+            for name, canary in CANARIES.items():
+                for metric in resolved_metrics(objects, canary.version, canary.hash, STABLE_HASH, prometheus_url, f"{NAMESPACE}-{name}"):
+                    runs[name, metric["name"]] = pool.submit(
+                        argo_analysis.run_metric, metric, lambda q: argo_analysis.prometheus_query(prometheus_url, q), 1.0)
+            outcomes = {}
+            for (name, metric), run in runs.items():
+                outcomes.setdefault(name, {})[metric] = run.result()
+        triton_failures = argo_analysis.prometheus_query(
+            prometheus_url, f'sum(nv_inference_request_failure{{namespace="{NAMESPACE}-door", pod="triton-door"}})')
+        triton_successes = argo_analysis.prometheus_query(
+            prometheus_url, f'sum(nv_inference_request_success{{namespace="{NAMESPACE}-door", pod="triton-door"}})')
     finally:
         for running in traffic:
             running.stop()
+        for edge in edges.values():
+            edge.__exit__()
         if prometheus is not None:
             prometheus.terminate()
             prometheus.wait(10)
@@ -249,11 +291,14 @@ def test_every_analysis_passes_a_good_canary_and_fails_a_bad_one_where_it_should
             server.stop()
 
     summary = {name: {metric: (o.phase, o.measurements[-1][1]) for metric, o in found.items()} for name, found in outcomes.items()}
-    assert all(o.phase == "Successful" for o in outcomes["good"].values()), summary["good"]
     for name, canary in CANARIES.items():
-        if canary.expected_failure:
-            assert outcomes[name][canary.expected_failure].phase == "Failed", (name, summary[name])
-    for metric in ("error-ratio", "latency-p99", "latency-p99-against-stable"):  # the drifting model serves fine
-        assert outcomes["drifting"][metric].phase == "Successful", summary["drifting"]
-    assert outcomes["slow"]["latency-p99"].phase == "Successful", summary["slow"]  # 300 ms: under the absolute limit,
-    assert outcomes["slow"]["error-ratio"].phase == "Successful", summary["slow"]  # caught only against the stable pods
+        for metric, phase in canary.expected.items():
+            assert outcomes[name][metric].phase == phase, (name, metric, summary[name])
+        for metric in LATENCY:  # 2.51 exports no latency histogram: no data, never a pass
+            assert outcomes[name][metric].phase == "Inconclusive", (name, summary[name])
+    # The door-refusing canary: callers were refused (UNAVAILABLE, at the edge), Triton counted none of it.
+    door = edges["door"].counts
+    assert door.get(str(grpc.StatusCode.UNAVAILABLE.value[0]), 0) > 0.01 * door["total"], door
+    assert triton_failures == [0.0] and triton_successes[0] > 0, (triton_failures, triton_successes)
+    assert edges["failing"].counts.get("failure", 0) > 0.01 * edges["failing"].counts["total"]
+    assert "failure" not in edges["good"].counts and edge_total(edges["quiet"]) < 100

@@ -86,7 +86,7 @@ def test_crd_validation_fails_on_a_wrong_type_and_an_unknown_kind():
     with pytest.raises(jsonschema.ValidationError):
         custom_resources.validate(monitor)
     with pytest.raises(KeyError):
-        custom_resources.validate({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "spec": {}})
+        custom_resources.validate({"apiVersion": "monitoring.coreos.com/v1", "kind": "Probe", "spec": {}})
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -365,6 +365,28 @@ def break_hash_label_dropped(objects):
     find(objects, "ServiceMonitor", "triton")["spec"].pop("podTargetLabels")
 
 
+def break_route_backends_share_a_cluster(objects):  # no filters: Envoy Gateway merges both backends into one cluster
+    for backend in find(objects, "GRPCRoute")["spec"]["rules"][0]["backendRefs"]:
+        backend.pop("filters")
+
+
+def break_analysis_reads_the_stable_cluster(objects):  # the latency metric's traffic gate counts the stable pods' calls
+    metric = next(m for m in find(objects, "AnalysisTemplate", "triton-canary-serving")["spec"]["metrics"] if m["name"] == "latency-p99")
+    metric["provider"]["prometheus"]["query"] = metric["provider"]["prometheus"]["query"].replace("backend/1", "backend/0")
+
+
+def break_adoption_scales_the_deployment_down(objects):
+    find(objects, "Rollout")["spec"]["workloadRef"]["scaleDown"] = "progressively"
+
+
+def break_leaving_holds_the_deployment_at_zero(objects):  # onsuccess: Argo would scale it back to 0 while it comes up
+    find(objects, "Rollout")["spec"]["workloadRef"]["scaleDown"] = "onsuccess"
+
+
+def break_adoption_changes_a_service(objects):  # Argo would put its hash on triton-stable before its pods are Ready
+    find(objects, "Rollout")["spec"]["strategy"]["canary"]["stableService"] = "triton-stable"
+
+
 def break_undeclared_argument(objects):
     metric = find(objects, "AnalysisTemplate", "triton-canary-serving")["spec"]["metrics"][0]
     metric["successCondition"] = metric["successCondition"].replace("max-error-ratio", "max-error-rate")
@@ -401,6 +423,11 @@ BROKEN = {  # breakage: (the check that must notice it, the kustomization it bre
     break_missing_template: ("canary", "overlays/gpu-canary"), break_missing_argument: ("canary", "overlays/gpu-canary"),
     break_rollout_judges_another_version: ("canary", "overlays/gpu-canary"), break_hash_label_dropped: ("canary", "overlays/gpu-canary"),
     break_undeclared_argument: ("canary", "overlays/gpu-canary"),
+    break_route_backends_share_a_cluster: ("canary", "overlays/gpu-canary"),
+    break_analysis_reads_the_stable_cluster: ("canary", "overlays/gpu-canary"),
+    break_adoption_scales_the_deployment_down: ("canary", "overlays/gpu-canary-adopt"),
+    break_adoption_changes_a_service: ("canary", "overlays/gpu-canary-adopt"),
+    break_leaving_holds_the_deployment_at_zero: ("canary", "overlays/gpu-canary-leave"),
 }
 
 

@@ -76,6 +76,17 @@ def test_canary_alerts_pass_promtool_unit_tests(tmp_path):
     assert alerts == tested == {"TritonCanaryAborted", "TritonCanaryWaiting"}
 
 
+def test_under_the_rollout_readiness_and_stall_alerts_watch_the_rollout(tmp_path):
+    """The canary overlay's rendered rules: the two alerts that read the Deployment in the base read the
+    Rollout's ReplicaSets and the Rollout, and fire on series where the Deployment reads 0 of 0."""
+    rule, alerts, tested = promtool_unit_tests(tmp_path, "overlays/gpu-canary", "triton", "rollout-alerts-test.yaml")
+    assert tested == {"TritonPodsNotReady", "TritonRolloutStalled"} <= alerts
+    expressions = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    assert "kube_deployment" not in expressions
+    base = next(o for o in render("overlays/gpu-gateway") if o["kind"] == "PrometheusRule" and o["metadata"]["name"] == "triton")
+    assert "kube_deployment" in " ".join(r["expr"] for g in base["spec"]["groups"] for r in g["rules"])
+
+
 def test_promtool_check_fails_on_a_broken_expression(tmp_path):
     assert promtool_accepts(["sum(rate(nv_inference_count[1m])"], tmp_path).returncode != 0
 

@@ -77,7 +77,7 @@ def expectations(overlay: str, pods: dict) -> list[tuple]:
         (NEIGHBOUR, train, "rendezvous", False),
         (locust, train, 45123, False),
         (STRANGER, publish, 8080, False),
-        (OUR_GATEWAY_PROXY, triton, "grpc", overlay in ("overlays/gpu-gateway", "overlays/gpu-canary")),
+        (OUR_GATEWAY_PROXY, triton, "grpc", overlay.startswith(("overlays/gpu-gateway", "overlays/gpu-canary"))),
         (OUR_GATEWAY_PROXY, triton, "metrics", False),
         (OTHER_GATEWAY_PROXY, triton, "grpc", False),  # another team's Gateway on the same controller
         # what Triton itself may reach: DNS; the object store only where an init container downloads
