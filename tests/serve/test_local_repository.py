@@ -13,9 +13,12 @@ def test_encoded_models_and_their_preprocessing_run_as_exported(encoded_reposito
     pixel_models = [MODEL, f"{MODEL}-int8"]
     twins = [name for model in pixel_models for name in encoded_twins(model)]
     assert sync_local_repository(encoded_repository, tmp_path / "local") == sorted(pixel_models + twins)
-    for name in twins:  # file for file: their configs and version folders as published
+    for name in twins:  # file for file: their configs (but the latency buckets 2.51 cannot read) and version folders
         local, published = tmp_path / "local" / name, encoded_repository / name
-        assert (local / "config.pbtxt").read_bytes() == (published / "config.pbtxt").read_bytes()
+        config = read_config(published / "config.pbtxt")
+        assert config.HasField("model_metrics")
+        config.ClearField("model_metrics")
+        assert (local / "config.pbtxt").read_text() == config_to_text(config)
         assert sorted(p.name for p in (local / "1").iterdir()) == sorted(p.name for p in (published / "1").iterdir())
         assert all(os.path.realpath(p) == str((published / "1" / p.name).resolve()) for p in (local / "1").iterdir())
 
