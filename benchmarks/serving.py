@@ -524,7 +524,7 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(figure)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=4.0, help="measurement time per row (default: %(default)s)")
     parser.add_argument("--images", type=int, default=128, help="synthetic 700×460 PNGs written (default: %(default)s)")
@@ -538,8 +538,11 @@ def main() -> int:
     parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                         help="cuda/tensorrt: fp32, fp16 and int8 in process on the GPU with onnxruntime-gpu "
                              "(the local Triton is CPU-only, so no served rows)")
-    args = parser.parse_args()
+    return parser
 
+
+def main() -> int:
+    args = build_parser().parse_args()
     started = time.monotonic()
     cores = os.cpu_count() or 1
     wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}.get(args.provider)
@@ -555,50 +558,62 @@ def main() -> int:
         folder = work / "data"
         images = np.stack([preprocess_file(p, PreprocessSpec(256, 224)) for p in find_images(folder / "test")[:16]])
         images = np.concatenate([images] * (16 // len(images) + 1))[:16]
-        client_files = client_folder(folder / "test", work, args.client_files)
-        pngs = [p.read_bytes() for p in find_images(folder / "test")[:16]]
         decoding = decode_ms(find_images(folder / "test")[:16], PreprocessSpec(256, 224))
-        rows: list[Row] = []
         if args.sweep:
             rows = sweep(repository, images, args.seconds)
         elif args.metrics_cost:
             rows = metrics_cost_rows(repository, images, args.seconds)
         elif args.provider != "cpu":
+            rows = []
             for variant in ("fp32", "fp16", "int8"):
                 onnx_file = repository / (MODEL if variant == "fp32" else f"{MODEL}-{variant}") / "1" / "model.onnx"
                 print(f"{variant}: in process on {args.provider} ...", flush=True)
                 rows += gpu_rows(variant, onnx_file, images, args.seconds, args.provider, work / "tensorrt")
         else:
-            for variant, name in VARIANTS.items():
-                onnx_file = repository / name / "1" / "model.onnx"
-                print(f"{variant}: in process ...", flush=True)
-                rows += in_process(variant, onnx_file, images, args.seconds, cores)
-                rows += openvino_rows(variant, onnx_file, images, args.seconds, cores)
-            with TritonServer(repository, free_ports()) as server:
-                for variant, name in VARIANTS.items():
-                    for concurrency in CONCURRENCY:
-                        print(f"{variant}: served, concurrency {concurrency} ...", flush=True)
-                        rows.append(served(variant, server, name, images, concurrency, args.seconds))
-                    print(f"{variant}: python -m client classify ...", flush=True)
-                    rows += client_command(variant, server.grpc_url, name, client_files)
-                    for concurrency in CONCURRENCY:
-                        print(f"{variant}: encoded model, concurrency {concurrency} ...", flush=True)
-                        rows.append(encoded_served(variant, server, name, pngs, concurrency, args.seconds))
-                    print(f"{variant}: encoded model, the client's batches ...", flush=True)
-                    rows.append(encoded_served(variant, server, name, pngs, CLIENT_CONCURRENCY, args.seconds, CLIENT_BATCH))
-            rows += client_on_own_cores(repository, images, client_files, args.seconds)
-            rows += metrics_cost_rows(repository, images, args.seconds)
-            for variant, name in VARIANTS.items():  # the machine drifts: measure the best batch again, after
-                best = max((r for r in rows if r.variant == variant and r.path == "onnxruntime in process"), key=lambda r: r.images_per_s)
-                batch = best.batch
-                print(f"{variant}: in process again, batch {batch} ...", flush=True)
-                again = in_process(variant, repository / name / "1" / "model.onnx", images, args.seconds, cores, (batch,))[0]
-                again.path = "onnxruntime in process, again"
-                rows.append(again)
+            client_files = client_folder(folder / "test", work, args.client_files)
+            pngs = [p.read_bytes() for p in find_images(folder / "test")[:16]]
+            rows = cpu_rows(repository, images, client_files, pngs, args.seconds, cores)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    report(args, rows, decoding, cores)
+    print(f"({(time.monotonic() - started) / 60:.1f} min)")
+    return 0
 
+
+def cpu_rows(repository: Path, images: np.ndarray, client_files: Path, pngs: list[bytes], seconds: float, cores: int) -> list[Row]:
+    """Steps 2 to 7 of the docstring, then the in-process best batch measured again (the machine drifts)."""
+    rows: list[Row] = []
+    for variant, name in VARIANTS.items():
+        onnx_file = repository / name / "1" / "model.onnx"
+        print(f"{variant}: in process ...", flush=True)
+        rows += in_process(variant, onnx_file, images, seconds, cores)
+        rows += openvino_rows(variant, onnx_file, images, seconds, cores)
+    with TritonServer(repository, free_ports()) as server:
+        for variant, name in VARIANTS.items():
+            for concurrency in CONCURRENCY:
+                print(f"{variant}: served, concurrency {concurrency} ...", flush=True)
+                rows.append(served(variant, server, name, images, concurrency, seconds))
+            print(f"{variant}: python -m client classify ...", flush=True)
+            rows += client_command(variant, server.grpc_url, name, client_files)
+            for concurrency in CONCURRENCY:
+                print(f"{variant}: encoded model, concurrency {concurrency} ...", flush=True)
+                rows.append(encoded_served(variant, server, name, pngs, concurrency, seconds))
+            print(f"{variant}: encoded model, the client's batches ...", flush=True)
+            rows.append(encoded_served(variant, server, name, pngs, CLIENT_CONCURRENCY, seconds, CLIENT_BATCH))
+    rows += client_on_own_cores(repository, images, client_files, seconds)
+    rows += metrics_cost_rows(repository, images, seconds)
+    for variant, name in VARIANTS.items():
+        batch = max((r for r in rows if r.variant == variant and r.path == "onnxruntime in process"), key=lambda r: r.images_per_s).batch
+        print(f"{variant}: in process again, batch {batch} ...", flush=True)
+        again = in_process(variant, repository / name / "1" / "model.onnx", images, seconds, cores, (batch,))[0]
+        again.path = "onnxruntime in process, again"
+        rows.append(again)
+    return rows
+
+
+def report(args: argparse.Namespace, rows: list[Row], decoding: dict[str, float], cores: int) -> None:
+    """The table on stdout; the JSON (and for the full CPU run the ratios and the plot) under --out."""
     print("\n" + table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {
@@ -613,13 +628,13 @@ def main() -> int:
         (args.out / "metrics-cost.json").write_text(json.dumps(summary, indent=2))
         for name, value in summary["ratios"].items():
             print(f"\n{name}: {value:.3f}")
-        print(f"wrote {args.out / 'metrics-cost.json'} ({(time.monotonic() - started) / 60:.1f} min)")
-        return 0
+        print(f"wrote {args.out / 'metrics-cost.json'}")
+        return
     if args.sweep or args.provider != "cpu":
         name = "sweep.json" if args.sweep else f"serving-{args.provider}.json"
         (args.out / name).write_text(json.dumps(summary, indent=2))
-        print(f"\nwrote {args.out / name} ({(time.monotonic() - started) / 60:.1f} min)")
-        return 0
+        print(f"\nwrote {args.out / name}")
+        return
     summary["ratios"] = ratios(rows)
     for variant in VARIANTS:  # what moving the decode into the server adds to a lone request
         one = {r.path: r for r in rows if r.variant == variant and r.concurrency == 1
@@ -640,8 +655,7 @@ def main() -> int:
         t = r.triton
         print(f"  {r.variant} encoded, concurrency 1: p50 {r.p50_ms:.1f} ms = preprocess {t['preprocess_ms_per_request']:.1f} + "
               f"pixel model {t['pixel_model_ms_per_request']:.1f} + ensemble and gRPC {t['ensemble_own_ms_at_p50']:.1f} ms")
-    print(f"\nwrote {args.out / 'serving.json'} and {args.out / 'serving.png'} ({(time.monotonic() - started) / 60:.1f} min)")
-    return 0
+    print(f"\nwrote {args.out / 'serving.json'} and {args.out / 'serving.png'}")
 
 
 def sweep(repository: Path, images: np.ndarray, seconds: float) -> list[Row]:
