@@ -32,7 +32,7 @@ def sums(reader: InMemoryMetricReader, name: str) -> dict[tuple, float]:
                 if metric.name == name:
                     for point in metric.data.data_points:
                         key = (point.attributes["model"], point.attributes["version"], point.attributes["grpc_code"])
-                        found[key] = getattr(point, "value", None) if hasattr(point, "value") else point.count
+                        found[key] = point.value if hasattr(point, "value") else point.count  # a counter's, a histogram's
     return found
 
 
