@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/serving.py --sweep      # the CPU config sweep (threads, instances, batcher)
     .venv/bin/python benchmarks/serving.py --provider tensorrt   # on a GPU machine, with onnxruntime-gpu
     .venv/bin/python benchmarks/serving.py --metrics-cost   # only step 7: what Triton's latency summaries cost
+    .venv/bin/python benchmarks/serving.py --tracing-cost   # only step 8: what OpenTelemetry tracing costs
 
 One run, one machine, so the ratios mean something (these machines are noisy):
 1. builds the model it measures through the project's own code: a randomly initialised ResNet50
@@ -32,7 +33,18 @@ One run, one machine, so the ratios mean something (these machines are noisy):
    production Deployment's `--metrics-config=histogram_latencies=true` and by one with
    `summary_latencies=true` (what every overlay ran before), alternating A B A B so that the machine's
    drift falls on both (2.51 exports no histogram for these models, so "histogram" here measures the
-   counters alone; NVIDIA's server#8561 reports summaries costing a third of throughput on a GPU).
+   counters alone; NVIDIA's server#8561 reports summaries costing a third of throughput on a GPU);
+8. what tracing costs: fp32 served at concurrency 4 and 8 by a server without tracing, by one with the
+   production flags (k8s/components/tracing: OpenTelemetry mode, 1 in 1000 requests without a trace
+   context, the batch span processor's settings; spans posted to a local OTLP sink that discards them)
+   whose callers send no context, and by the same server with a `traceparent` on every request (what
+   every request through the gateway carries, sampled or not: Triton traces them all), alternating
+   the three settings twice; and the same on a model that computes nothing (`tiny`: an ONNX Identity
+   of 16 floats, written here), one caller, where Triton's own per-request work is all there is and a
+   per-request cost of tracing shows, rather than vanishing beside ResNet50's 100 ms. One caller
+   because the local 2.51 crashes within seconds when two or more callers send traced requests at
+   that rate (a use-after-free in its trace release, server PR #8144, fixed in 25.04; the pinned
+   release has the fix).
 
 Prints a table and the ratios (served at its best concurrency ≥ 4 ÷ in process at its best batch,
 measured before and after the served rows and averaged, since these machines drift; INT8 ÷ FP32), writes
@@ -54,6 +66,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -199,10 +212,11 @@ def timed(call, batch: int, seconds: float) -> float:
 
 
 def closed_loop(server: TritonServer, model: str, request_of, concurrency: int, seconds: float,
-                statistics_of: tuple[str, ...]) -> tuple[list[float], float, dict]:
+                statistics_of: tuple[str, ...], headers_of=None) -> tuple[list[float], float, dict]:
     """`concurrency` callers, each its own gRPC channel, sending `request_of(caller index)` to `model`
-    back to back. Returns the latencies measured, the seconds measured and, for each model of
-    `statistics_of`, what Triton's statistics gained over those seconds."""
+    back to back (with the gRPC metadata `headers_of()`, when given, on each). Returns the latencies
+    measured, the seconds measured and, for each model of `statistics_of`, what Triton's statistics
+    gained over those seconds."""
     url = server.grpc_url
     latencies: list[float] = []
     lock, stop, measuring = threading.Lock(), threading.Event(), threading.Event()
@@ -214,7 +228,7 @@ def closed_loop(server: TritonServer, model: str, request_of, concurrency: int, 
         try:
             while not stop.is_set():
                 started = time.perf_counter()
-                client.infer(model, [request])
+                client.infer(model, [request], headers=headers_of() if headers_of else None)
                 if measuring.is_set():
                     mine.append(time.perf_counter() - started)
         finally:
@@ -239,14 +253,15 @@ def closed_loop(server: TritonServer, model: str, request_of, concurrency: int, 
     return latencies, elapsed, delta
 
 
-def served(variant: str, server: TritonServer, model: str, images: np.ndarray, concurrency: int, seconds: float) -> Row:
+def served(variant: str, server: TritonServer, model: str, images: np.ndarray, concurrency: int, seconds: float,
+           headers_of=None) -> Row:
     """`concurrency` callers sending batch-1 pixel requests back to back."""
     def request_of(index: int) -> grpcclient.InferInput:
         request = grpcclient.InferInput(INPUT_NAME, [1, *images.shape[1:]], "UINT8")
         request.set_data_from_numpy(images[index % len(images)][None])
         return request
 
-    latencies, elapsed, statistics = closed_loop(server, model, request_of, concurrency, seconds, (model,))
+    latencies, elapsed, statistics = closed_loop(server, model, request_of, concurrency, seconds, (model,), headers_of)
     delta = statistics[model]
     triton = {
         "queue_ms_per_request": delta["queue_ms_per_request"],
@@ -444,6 +459,104 @@ def metrics_cost_rows(repository: Path, images: np.ndarray, seconds: float, roun
     return rows
 
 
+# The Deployment's trace flags (k8s/components/tracing), but the collector's address.
+PRODUCTION_TRACING = ["--trace-config=mode=opentelemetry", "--trace-config=level=TIMESTAMPS", "--trace-config=rate=1000",
+                      "--trace-config=opentelemetry,bsp_max_queue_size=16384",
+                      "--trace-config=opentelemetry,bsp_max_export_batch_size=1024",
+                      "--trace-config=opentelemetry,bsp_schedule_delay=2000"]
+TRACING_SETTINGS = ("tracing off", "traced: production rate (1 in 1000)", "traced: every request")
+
+
+class OtlpSink(BaseHTTPRequestHandler):
+    """Takes OTLP/HTTP posts and drops them: a collector's cost is not Triton's."""
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+TINY = "tiny"
+
+
+def write_tiny_model(repository: Path) -> None:
+    """`tiny`: ONNX Identity of a float vector [16], dynamically batched: serving with no compute."""
+    import onnx
+    from onnx import TensorProto, helper
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], TINY,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])])
+    (repository / TINY / "1").mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), repository / TINY / "1" / "model.onnx")
+    config = mc.ModelConfig(name=TINY, platform="onnxruntime_onnx", max_batch_size=16,
+                            input=[mc.ModelInput(name="x", data_type=mc.TYPE_FP32, dims=[16])],
+                            output=[mc.ModelOutput(name="y", data_type=mc.TYPE_FP32, dims=[16])],
+                            dynamic_batching=mc.ModelDynamicBatching())
+    write_text_if_changed(repository / TINY / "config.pbtxt", config_to_text(config))
+
+
+def tiny_served(server: TritonServer, concurrency: int, seconds: float, headers_of=None) -> Row:
+    def request_of(index: int) -> grpcclient.InferInput:
+        request = grpcclient.InferInput("x", [1, 16], "FP32")
+        request.set_data_from_numpy(np.full((1, 16), index, np.float32))
+        return request
+
+    latencies, elapsed, _ = closed_loop(server, TINY, request_of, concurrency, seconds, (TINY,), headers_of)
+    p50, p95, p99 = (float(np.percentile(latencies, q) * 1000) for q in (50, 95, 99))
+    return Row(TINY, "triton gRPC", f"concurrency {concurrency}", len(latencies) / elapsed, p50, p95, p99,
+               concurrency=concurrency)
+
+
+def tracing_cost_rows(repository: Path, images: np.ndarray, seconds: float, rounds: int = 2) -> list[Row]:
+    """fp32 served at concurrency 4 and 8, and `tiny` by one caller, in each TRACING_SETTINGS, a fresh
+    server each, alternating."""
+    write_tiny_model(repository)
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), OtlpSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    url = f"--trace-config=opentelemetry,url=http://127.0.0.1:{sink.server_address[1]}/v1/traces"
+    counter = iter(range(1, 2**62))
+
+    def traceparent() -> dict[str, str]:  # a new trace per request, as callers' spans give
+        return {"traceparent": f"00-{next(counter):032x}-{next(counter):016x}-01"}
+
+    rows = []
+    try:
+        for round_ in range(rounds):
+            for setting in TRACING_SETTINGS:
+                arguments = [] if setting == "tracing off" else [*PRODUCTION_TRACING, url]
+                headers_of = traceparent if setting == "traced: every request" else None
+                with TritonServer(repository, free_ports(), extra_args=arguments) as server:
+                    for concurrency in (4, 8):
+                        print(f"fp32: served, {setting}, concurrency {concurrency} (round {round_ + 1}) ...", flush=True)
+                        row = served("fp32", server, MODEL, images, concurrency, seconds, headers_of)
+                        row.path, row.setting = f"triton gRPC, {setting}", f"concurrency {concurrency}, round {round_ + 1}"
+                        rows.append(row)
+                    print(f"tiny: served, {setting}, concurrency 1 (round {round_ + 1}) ...", flush=True)
+                    row = tiny_served(server, 1, seconds, headers_of)
+                    row.path, row.setting = f"triton gRPC, {setting}", f"concurrency 1, round {round_ + 1}"
+                    rows.append(row)
+    finally:
+        sink.shutdown()
+    return rows
+
+
+def tracing_cost(rows: list[Row]) -> dict[str, float]:
+    def mean(variant: str, setting: str, field_name: str) -> float:
+        values = [getattr(r, field_name) for r in rows if r.variant == variant and r.path == f"triton gRPC, {setting}"]
+        return statistics.fmean(values) if values else float("nan")
+
+    off = TRACING_SETTINGS[0]
+    return {f"{variant} served, {setting} ÷ tracing off, {what}": mean(variant, setting, name) / mean(variant, off, name)
+            for variant in ("fp32", TINY) for setting in TRACING_SETTINGS[1:]
+            for what, name in (("throughput", "images_per_s"), ("p99", "p99_ms"))}
+
+
 def metrics_cost(rows: list[Row]) -> dict[str, float]:
     def mean(setting: str) -> float:
         rates = [r.images_per_s for r in rows if r.path == f"triton gRPC, {setting}"]
@@ -487,6 +600,7 @@ def ratios(rows: list[Row]) -> dict[str, float]:
                 client(variant, "steady", "python -m client classify, own cores") / best(variant, "triton gRPC, own cores"))
     if any(r.path.startswith("triton gRPC, summaries") for r in rows):
         result.update(metrics_cost(rows))
+        result.update(tracing_cost(rows))
     if any(r.path == "openvino in process" for r in rows):
         for variant in VARIANTS:
             for precision in sorted({r.precision for r in rows if r.path == "openvino in process"}):
@@ -535,6 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it (default: a temporary one)")
     parser.add_argument("--metrics-cost", action="store_true",
                         help="only what Triton's latency summaries cost against the production histogram setting")
+    parser.add_argument("--tracing-cost", action="store_true",
+                        help="only what OpenTelemetry tracing costs: off, at the production rate, on every request")
     parser.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                         help="cuda/tensorrt: fp32, fp16 and int8 in process on the GPU with onnxruntime-gpu "
                              "(the local Triton is CPU-only, so no served rows)")
@@ -563,6 +679,8 @@ def main() -> int:
             rows = sweep(repository, images, args.seconds)
         elif args.metrics_cost:
             rows = metrics_cost_rows(repository, images, args.seconds)
+        elif args.tracing_cost:
+            rows = tracing_cost_rows(repository, images, args.seconds)
         elif args.provider != "cpu":
             rows = []
             for variant in ("fp32", "fp16", "int8"):
@@ -603,6 +721,7 @@ def cpu_rows(repository: Path, images: np.ndarray, client_files: Path, pngs: lis
             rows.append(encoded_served(variant, server, name, pngs, CLIENT_CONCURRENCY, seconds, CLIENT_BATCH))
     rows += client_on_own_cores(repository, images, client_files, seconds)
     rows += metrics_cost_rows(repository, images, seconds)
+    rows += tracing_cost_rows(repository, images, seconds)
     for variant, name in VARIANTS.items():
         batch = max((r for r in rows if r.variant == variant and r.path == "onnxruntime in process"), key=lambda r: r.images_per_s).batch
         print(f"{variant}: in process again, batch {batch} ...", flush=True)
@@ -623,12 +742,13 @@ def report(args: argparse.Namespace, rows: list[Row], decoding: dict[str, float]
         "seconds_per_row": args.seconds,
         "rows": [asdict(r) for r in rows],
     }
-    if args.metrics_cost:
-        summary["ratios"] = metrics_cost(rows)
-        (args.out / "metrics-cost.json").write_text(json.dumps(summary, indent=2))
-        for name, value in summary["ratios"].items():
-            print(f"\n{name}: {value:.3f}")
-        print(f"wrote {args.out / 'metrics-cost.json'}")
+    if args.metrics_cost or args.tracing_cost:
+        name = "metrics-cost.json" if args.metrics_cost else "tracing-cost.json"
+        summary["ratios"] = metrics_cost(rows) if args.metrics_cost else tracing_cost(rows)
+        (args.out / name).write_text(json.dumps(summary, indent=2))
+        for ratio, value in summary["ratios"].items():
+            print(f"\n{ratio}: {value:.3f}")
+        print(f"wrote {args.out / name}")
         return
     if args.sweep or args.provider != "cpu":
         name = "sweep.json" if args.sweep else f"serving-{args.provider}.json"

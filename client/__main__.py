@@ -9,10 +9,19 @@ through restarts and rollouts until its --deadline-s. Exit code: 0 all files
 classified, 1 some files failed, 2 the server or model could not be used, 130 interrupted (Ctrl-C;
 the lines printed so far are complete).
 
+--model may name a pixel model (files preprocessed here) or its encoded twin, NAME-encoded (files sent
+as they are, preprocessed by the server; a file the server refuses gets its error line and the rest
+of its request is sent again).
+
 Metrics: with OTEL_METRICS_EXPORTER set (otlp, prometheus, console) and OpenTelemetry's other standard
 variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...), classify exports what it got: calls and
 attempts by model, version and gRPC status, and call durations (histoserve.client.telemetry; needs
 `pip install histoserve[telemetry]`). Unset, nothing is exported.
+
+Traces: with OTEL_TRACES_EXPORTER set (otlp, console) and the same variables (OTEL_TRACES_SAMPLER, ...),
+each request is a span (histoserve.classify, with a span per file and per gRPC attempt) whose context
+travels to Triton in `traceparent`, so Triton's spans join the trace (histoserve.client.tracing); --json
+lines carry each file's `trace_id`. Unset, nothing is traced and `trace_id` is null.
 
 rollout-status: waits until every server (every Ready pod behind a headless Service) serves version
 N: the check, from the callers' side, that a new ReplicaSet (or a promoted canary) has replaced the
@@ -38,6 +47,7 @@ from histoserve.client.classifier import ClientError, FileResult, TritonClassifi
 from histoserve.client.monitoring import TOKEN_VARIABLE, MonitorSender, MonitorTokenError, monitor_token
 from histoserve.client.rollout import wait_for_version
 from histoserve.client.telemetry import TelemetryConfigError, configure_from_environment
+from histoserve.client.tracing import configure_tracing_from_environment
 from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
 from histoserve.formats.options import POSITIVE, POSITIVE_INT, OptionError, add_tls_arguments, output_file, tls_from
 from histoserve.formats.preprocessing import find_images
@@ -115,16 +125,16 @@ def classify(args: argparse.Namespace) -> int:
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 1
-    try:  # OTEL_METRICS_EXPORTER and the other standard variables; nothing when unset (client.telemetry)
-        telemetry = configure_from_environment()
+    try:  # OTEL_METRICS_EXPORTER, OTEL_TRACES_EXPORTER and the other standard variables; nothing when unset
+        providers = [p for p in (configure_from_environment(), configure_tracing_from_environment()) if p is not None]
     except TelemetryConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         return classify_paths(paths, args)
     finally:
-        if telemetry is not None:
-            telemetry.shutdown()  # exports what the periodic reader has not sent yet
+        for provider in providers:
+            provider.shutdown()  # exports the metrics and spans not sent yet
 
 
 def classify_paths(paths: list[str], args: argparse.Namespace) -> int:
@@ -136,6 +146,12 @@ def classify_paths(paths: list[str], args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         if monitor is not None:
             monitor.close(0)
+        return 2
+    if monitor is not None and classifier.spec is None:
+        print(f"error: --monitor-url: {args.model} is an encoded model, whose pixels only the server sees; the drift "
+              f"monitor's records need them: classify with the pixel model", file=sys.stderr)
+        classifier.close()
+        monitor.close(0)
         return 2
     tally = Tally()
     try:

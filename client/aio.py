@@ -19,6 +19,7 @@ import tritonclient.grpc.aio as aioclient
 from tenacity import AsyncRetrying, RetryError
 from tritonclient.utils import InferenceServerException
 
+from histoserve.client import tracing
 from histoserve.client.classifier import (
     ClientError,
     ContractView,
@@ -40,7 +41,7 @@ from histoserve.client.classifier import (
     unreachable,
 )
 from histoserve.client.telemetry import CallMetrics, grpc_code, process_metrics
-from histoserve.formats.contract import ModelContract
+from histoserve.formats.contract import EncodedContract, ModelContract
 from histoserve.formats.options import ClientTls, OptionError
 
 
@@ -57,7 +58,7 @@ class AsyncTritonClassifier(ContractView):
         except OptionError as error:
             raise ClientError(str(error)) from error
         self.client: aioclient.InferenceServerClient | None = None
-        self.contract: ModelContract | None = None
+        self.contract: ModelContract | EncodedContract | None = None
 
     async def __aenter__(self) -> AsyncTritonClassifier:
         self.client = aioclient.InferenceServerClient(self.url, channel_args=channel_arguments(self.url), **self._security)
@@ -78,16 +79,18 @@ class AsyncTritonClassifier(ContractView):
         if self.client is not None:
             await self.client.close()
 
-    async def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
-        """Top-k predictions for a uint8 batch (N, 3, crop, crop); raises InferenceFailed."""
+    async def infer(self, images: np.ndarray | list[bytes], top_k: int = 1) -> list[list[Prediction]]:
+        """Top-k predictions for a uint8 batch (N, 3, crop, crop), or an encoded model's list of files'
+        bytes; raises InferenceFailed."""
         request, output = input_of(self.contract, images), top_k_output(self.contract, top_k)
         started = time.monotonic()
         deadline = started + self.deadline_s
         try:
             async for attempt in AsyncRetrying(**retry_policy(self.deadline_s)):
-                with attempt, counted_attempt(self):
-                    result = await self.client.infer(self.model, [request], self.version, outputs=[output],
+                with attempt, counted_attempt(self), tracing.rpc_span(self.model, self.url) as (span, headers):
+                    result = await self.client.infer(self.model, [request], self.version, outputs=[output], headers=headers,
                                                      client_timeout=max(0.001, deadline - time.monotonic()))
+                    tracing.answered(span, result.get_response().model_version)
         except (RetryError, InferenceServerException) as error:
             self.metrics.call(self.model, self.version, grpc_code(last_error(error)), time.monotonic() - started)
             raise failure(error, self.deadline_s) from None
@@ -118,10 +121,14 @@ class AsyncTritonClassifier(ContractView):
                 task.cancel()
 
     async def _classify_batch(self, paths: list[str], top_k: int) -> list[FileResult]:
-        batch = await asyncio.to_thread(PreparedBatch.of, paths, self.spec)
-        if not batch.images:
-            return batch.finish(None, "")
-        try:
-            return batch.finish(await self.infer(np.stack(batch.images), top_k), "")
-        except InferenceFailed as error:
-            return batch.finish(None, f"inference failed: {error}")
+        with tracing.classify_span(self.model, paths) as span:  # tasks and to_thread carry the caller's context
+            batch = await asyncio.to_thread(PreparedBatch.of, paths, self.spec)
+            trace_id = tracing.trace_id_of(span)
+            while batch.images:
+                span.set_attribute("histoserve.batch_size", len(batch.images))
+                try:
+                    return batch.finish(await self.infer(batch.tensor(), top_k), "", trace_id)
+                except InferenceFailed as error:
+                    if not batch.drop_refused_file(error):
+                        return batch.finish(None, f"inference failed: {error}", trace_id)
+            return batch.finish(None, "", trace_id)

@@ -1,28 +1,31 @@
 """A thin gRPC client for a histoserve model on Triton: reads the serving contract from the server,
-preprocesses files with the one shared implementation, sends uint8 batches, returns top-k labels
-through Triton's classification extension."""
+preprocesses files with the one shared implementation and sends uint8 batches (or, to an encoded model,
+sends the files as they are), returns top-k labels through Triton's classification extension. Each
+request is traced when the process configures OpenTelemetry (client.tracing)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_random_exponential
 from tritonclient.utils import InferenceServerException
 
+from histoserve.client import tracing
 from histoserve.client.monitoring import MonitorSender
 from histoserve.client.telemetry import CallMetrics, grpc_code, process_metrics
-from histoserve.formats.contract import ContractError, ModelContract
+from histoserve.formats.contract import ContractError, EncodedContract, ModelContract, contract_for
 from histoserve.formats.options import ClientTls, OptionError
-from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file
+from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, preprocess_file, read_image_file
 from histoserve.formats.records import records_for
 
 
@@ -42,6 +45,7 @@ class FileResult:
     path: str
     predictions: list[Prediction] | None = None
     error: str | None = None
+    trace_id: str | None = None  # of the request that carried the file (32 hex digits), when traced
 
     @property
     def ok(self) -> bool:
@@ -119,10 +123,11 @@ def retryable(error: BaseException) -> bool:
 class ContractView:
     """What both classifiers (this one and client.aio's) read off the contract they hold."""
 
-    contract: ModelContract
+    contract: ModelContract | EncodedContract
 
     @property
-    def spec(self) -> PreprocessSpec:
+    def spec(self) -> PreprocessSpec | None:
+        """How files are preprocessed here; None for an encoded model (the server does it)."""
         return self.contract.preprocess
 
     @property
@@ -174,30 +179,32 @@ class TritonClassifier(ContractView):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def infer(self, images: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
-        """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size."""
+    def infer(self, images: np.ndarray | list[bytes], top_k: int = 1) -> list[list[Prediction]]:
+        """Top-k predictions for a uint8 batch of shape (N, 3, crop, crop), N <= max_batch_size (for an
+        encoded model: a list of N files' bytes)."""
         return self.infer_versioned(images, top_k)[0]
 
-    def infer_versioned(self, images: np.ndarray, top_k: int = 1) -> tuple[list[list[Prediction]], str]:
+    def infer_versioned(self, images: np.ndarray | list[bytes], top_k: int = 1) -> tuple[list[list[Prediction]], str]:
         """`infer`, and the model version that answered (Triton's response names it): what a monitor
         record needs, since the latest version changes during a rollout."""
         result = self._infer(images, top_k_output(self.contract, top_k))
         return predictions_of(result.as_numpy(self.contract.output_name)), result.get_response().model_version
 
-    def infer_probabilities(self, images: np.ndarray) -> np.ndarray:
+    def infer_probabilities(self, images: np.ndarray | list[bytes]) -> np.ndarray:
         """The full FP32 probability rows, for parity checks against PyTorch."""
         return self._infer(images, grpcclient.InferRequestedOutput(self.contract.output_name)).as_numpy(self.contract.output_name)
 
-    def _infer(self, images: np.ndarray, output: grpcclient.InferRequestedOutput) -> grpcclient.InferResult:
+    def _infer(self, images: np.ndarray | list[bytes], output: grpcclient.InferRequestedOutput) -> grpcclient.InferResult:
         """Raises InferenceFailed when the request fails for good or its deadline passes."""
         request = input_of(self.contract, images)
         started = time.monotonic()
         deadline = started + self.deadline_s
         try:
             for attempt in Retrying(**retry_policy(self.deadline_s)):
-                with attempt, counted_attempt(self):
-                    result = self.client.infer(self.model, [request], self.version, outputs=[output],
+                with attempt, counted_attempt(self), tracing.rpc_span(self.model, self.url) as (span, headers):
+                    result = self.client.infer(self.model, [request], self.version, outputs=[output], headers=headers,
                                                client_timeout=max(0.001, deadline - time.monotonic()))
+                    tracing.answered(span, result.get_response().model_version)
         except (RetryError, InferenceServerException) as error:
             self.metrics.call(self.model, self.version, grpc_code(last_error(error)), time.monotonic() - started)
             raise failure(error, self.deadline_s) from None
@@ -221,9 +228,10 @@ class TritonClassifier(ContractView):
         size = min(batch_size or self.max_batch_size, self.max_batch_size)
         pool = ThreadPoolExecutor(concurrency, thread_name_prefix="classify")
         window: deque[Future[list[FileResult]]] = deque()
+        parent = tracing.current_context()  # the caller's span, for the worker threads' spans
         try:
             for group in batched(paths, size):
-                window.append(pool.submit(self._classify_batch, group, top_k))
+                window.append(pool.submit(self._classify_batch, group, top_k, parent))
                 if len(window) >= 2 * concurrency:
                     yield from window.popleft().result()
             while window:
@@ -231,19 +239,22 @@ class TritonClassifier(ContractView):
         finally:  # also on Ctrl-C or when the caller stops early: drop the batches not yet started
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _classify_batch(self, paths: list[str], top_k: int) -> list[FileResult]:
-        batch = PreparedBatch.of(paths, self.spec)
-        if not batch.images:
-            return batch.finish(None, "")
-        images = np.stack(batch.images)
-        try:
-            rows, version = self.infer_versioned(images, top_k)
-        except InferenceFailed as error:
-            return batch.finish(None, f"inference failed: {error}")
-        if self.monitor is not None:
-            self.monitor.submit(records_for(self.model, version, images, [row[0].index for row in rows],
-                                            [row[0].score for row in rows]))
-        return batch.finish(rows, "")
+    def _classify_batch(self, paths: list[str], top_k: int, parent=None) -> list[FileResult]:
+        with tracing.classify_span(self.model, paths, parent) as span:
+            batch = PreparedBatch.of(paths, self.spec)
+            while batch.images:
+                span.set_attribute("histoserve.batch_size", len(batch.images))
+                try:
+                    rows, version = self.infer_versioned(batch.tensor(), top_k)
+                except InferenceFailed as error:
+                    if batch.drop_refused_file(error):
+                        continue  # an encoded model refused one file: the others are sent again without it
+                    return batch.finish(None, f"inference failed: {error}", tracing.trace_id_of(span))
+                if self.monitor is not None and self.spec is not None:
+                    self.monitor.submit(records_for(self.model, version, batch.tensor(), [row[0].index for row in rows],
+                                                    [row[0].score for row in rows], tracing.trace_id_of(span)))
+                return batch.finish(rows, "", tracing.trace_id_of(span))
+            return batch.finish(None, "", tracing.trace_id_of(span))
 
 
 # What the sync classifier here and the asyncio one (client/aio.py) share.
@@ -258,14 +269,20 @@ def unreachable(classifier, error: InferenceServerException) -> ClientError:
     return ClientError(f"cannot reach Triton at {classifier.url}: {error.message()}{hint}")
 
 
-def contract_from(config: dict) -> ModelContract:
+def contract_from(config: dict) -> ModelContract | EncodedContract:
     try:
-        return ModelContract.from_config(config)
+        return contract_for(config)
     except ContractError as error:
         raise ClientError(str(error)) from error
 
 
-def input_of(contract: ModelContract, images: np.ndarray) -> grpcclient.InferInput:
+def input_of(contract: ModelContract | EncodedContract, images: np.ndarray | list[bytes]) -> grpcclient.InferInput:
+    """The request's one input: uint8 pixels, or for an encoded model the files, an N × 1 BYTES tensor."""
+    if isinstance(contract, EncodedContract):
+        files = np.array(list(images), dtype=np.object_).reshape(-1, 1)
+        request = grpcclient.InferInput(contract.input_name, list(files.shape), "BYTES")
+        request.set_data_from_numpy(files)
+        return request
     request = grpcclient.InferInput(contract.input_name, list(images.shape), "UINT8")
     request.set_data_from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
     return request
@@ -312,33 +329,59 @@ def failure(error: BaseException, deadline_s: float) -> InferenceFailed:
     return InferenceFailed(_message(error))
 
 
+# How an encoded model's preprocessing step names the file it refused (export/preprocess_model.py).
+REFUSED_FILE = re.compile(r"\bimage_file\[(\d+)\]: (.*)", re.DOTALL)
+
+
 @dataclass
 class PreparedBatch:
-    """A batch of files read and preprocessed: the images, and a result slot per path (filled now for
-    a file that could not be read, by `finish` for the others)."""
+    """A batch of files read (and, for a pixel model, preprocessed): the images or files' bytes, and a
+    result slot per path (filled now for a file that could not be read, by `finish` for the others).
+    One span per file (client.tracing), current inside the request's span."""
 
     paths: list[str]
-    images: list[np.ndarray]
+    images: list[np.ndarray] | list[bytes]
     slots: list[int]
     results: list[FileResult | None]
 
     @classmethod
-    def of(cls, paths: list[str], spec: PreprocessSpec) -> PreparedBatch:
+    def of(cls, paths: list[str], spec: PreprocessSpec | None) -> PreparedBatch:
+        """`spec` None: an encoded model's batch, the files as they are."""
         batch = cls(paths, [], [], [])
         for path in paths:
-            try:
-                batch.images.append(preprocess_file(path, spec))
-                batch.slots.append(len(batch.results))
-                batch.results.append(None)
-            except ImageLoadError as error:
-                batch.results.append(FileResult(path, error=error.reason))
+            with tracing.file_span(path, encoded=spec is None) as span:
+                try:
+                    batch.images.append(preprocess_file(path, spec) if spec is not None else read_image_file(path))
+                    batch.slots.append(len(batch.results))
+                    batch.results.append(None)
+                except ImageLoadError as error:
+                    tracing.failed(span, error.reason)
+                    batch.results.append(FileResult(path, error=error.reason))
         return batch
 
-    def finish(self, rows: list[list[Prediction]] | None, error: str) -> list[FileResult]:
+    def tensor(self) -> np.ndarray | list[bytes]:
+        return np.stack(self.images) if self.images and isinstance(self.images[0], np.ndarray) else list(self.images)
+
+    def drop_refused_file(self, error: InferenceFailed) -> bool:
+        """When an encoded model refused one file of this batch (INVALID_ARGUMENT naming image_file[i]):
+        that file's result is the server's reason, it leaves the batch, and True (send the rest again)."""
+        refused = REFUSED_FILE.search(str(error)) if "INVALID_ARGUMENT" in str(error) else None
+        if refused is None or int(refused.group(1)) >= len(self.images) or isinstance(self.images[0], np.ndarray):
+            return False
+        index = int(refused.group(1))
+        slot = self.slots.pop(index)
+        self.images.pop(index)
+        self.results[slot] = FileResult(self.paths[slot], error=f"refused by the server: {refused.group(2).strip()}")
+        return True
+
+    def finish(self, rows: list[list[Prediction]] | None, error: str, trace_id: str | None = None) -> list[FileResult]:
+        """Every file's result, each with the request's trace (also those that failed here: their spans
+        say why)."""
         for index, slot in enumerate(self.slots):
             path = self.paths[slot]
             self.results[slot] = FileResult(path, predictions=rows[index]) if rows is not None else FileResult(path, error=error)
-        return self.results
+        return [replace(result, trace_id=trace_id) for result in self.results]
+
 
 
 def _message(error: BaseException | None) -> str:

@@ -25,7 +25,9 @@ standard environment variables when OTEL_METRICS_EXPORTER names an exporter
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import uuid
 from collections.abc import Mapping
 from functools import cache
@@ -88,8 +90,8 @@ def configure_from_environment(environment: Mapping[str, str] | None = None):
     OTEL_METRIC_EXPORT_INTERVAL (60 s by default). Call the provider's shutdown() before exiting: it
     exports what was not yet sent."""
     environment = os.environ if environment is None else environment
-    names = [n.strip() for n in environment.get("OTEL_METRICS_EXPORTER", "").split(",") if n.strip()]
-    if not names or names == ["none"]:
+    names = exporter_names(environment, "OTEL_METRICS_EXPORTER")
+    if not names:
         return None
     try:
         from opentelemetry.sdk.metrics import MeterProvider
@@ -103,16 +105,22 @@ def configure_from_environment(environment: Mapping[str, str] | None = None):
         if name == "otlp":
             protocol = environment.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", environment.get("OTEL_EXPORTER_OTLP_PROTOCOL",
                                                                                                "http/protobuf"))
-            readers.append(PeriodicExportingMetricReader(_otlp_exporter(protocol)))
+            readers.append(PeriodicExportingMetricReader(otlp_exporter("metric", protocol)))
         elif name == "prometheus":
             readers.append(_prometheus_reader(environment))
         elif name == "console":
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr)))  # stdout: results
         elif name != "none":
             raise TelemetryConfigError(f"OTEL_METRICS_EXPORTER: unknown exporter {name!r} (otlp, prometheus, console, none)")
     provider = MeterProvider(metric_readers=readers, resource=Resource.create(instance_id(environment)))
     metrics.set_meter_provider(provider)
     return provider
+
+
+def exporter_names(environment: Mapping[str, str], variable: str) -> list[str]:
+    """The exporters an OTEL_*_EXPORTER variable names; [] when it is unset or only "none"."""
+    names = [n.strip() for n in environment.get(variable, "").split(",") if n.strip()]
+    return [] if names == ["none"] else names
 
 
 def instance_id(environment: Mapping[str, str]) -> dict[str, str]:
@@ -123,18 +131,19 @@ def instance_id(environment: Mapping[str, str]) -> dict[str, str]:
     return {} if "service.instance.id" in given else {"service.instance.id": str(uuid.uuid4())}
 
 
-def _otlp_exporter(protocol: str):
+def otlp_exporter(signal: str, protocol: str):
+    """OpenTelemetry's OTLP exporter of `signal` ("metric" or "trace") over `protocol` (http/protobuf or
+    grpc), set up from the exporter's own environment variables."""
+    module, name = {"metric": ("metric_exporter", "OTLPMetricExporter"), "trace": ("trace_exporter", "OTLPSpanExporter")}[signal]
+    transport = {"http/protobuf": "http", "grpc": "grpc"}.get(protocol)
+    if transport is None:
+        raise TelemetryConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (http/protobuf, grpc)")
     try:
-        if protocol == "http/protobuf":
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-        elif protocol == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-        else:
-            raise TelemetryConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (http/protobuf, grpc)")
+        exporter = getattr(importlib.import_module(f"opentelemetry.exporter.otlp.proto.{transport}.{module}"), name)
     except ImportError as error:
         raise TelemetryConfigError(f"the OTLP {protocol} exporter is not installed: pip install 'histoserve[telemetry]' "
                                    f"(grpc: opentelemetry-exporter-otlp-proto-grpc) ({error})") from error
-    return OTLPMetricExporter()
+    return exporter()
 
 
 def _prometheus_reader(environment):

@@ -8,7 +8,9 @@
 - geometry (resize shorter side, center crop, interpolation) in config.pbtxt `parameters`, with the
   contract's version
 
-Exactly one input and one output keeps stock Triton tools working. Only numpy/Pillow/tritonclient
+Exactly one input and one output keeps stock Triton tools working. The encoded twin of a model
+(`python -m export --encoded`, NAME-encoded) takes image files instead: input `image_file`,
+TYPE_STRING [1], one file's bytes per batch element, the same output; `EncodedContract` reads it. Only numpy/Pillow/tritonclient
 underneath: importing this never imports torch.
 """
 
@@ -80,3 +82,43 @@ class ModelContract:
     def parameters(self) -> dict[str, str]:
         """The config.pbtxt `parameters` that carry the contract."""
         return {**self.preprocess.to_parameters(), "contract_version": self.version}
+
+
+ENCODED_INPUT_DATATYPE = "TYPE_STRING"
+
+
+@dataclass(frozen=True)
+class EncodedContract:
+    """What a caller needs to know about an encoded model (the server decodes and preprocesses the
+    files it is sent), read from its config once. `preprocess` is None: nothing is done here."""
+
+    name: str
+    input_name: str
+    output_name: str
+    num_classes: int
+    max_batch_size: int
+    pixel_model: str
+    preprocess: None = None
+
+    @classmethod
+    def from_config(cls, config: dict) -> EncodedContract:
+        name = config.get("name", "")
+        inputs, outputs = config.get("input", []), config.get("output", [])
+        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        if (len(inputs) != 1 or len(outputs) != 1 or inputs[0].get("data_type") != ENCODED_INPUT_DATATYPE
+                or [int(d) for d in inputs[0].get("dims", [])] != [1] or outputs[0].get("data_type") != OUTPUT_DATATYPE
+                or not parameters.get("pixel_model")):
+            raise ContractError(f"model {name!r}: not an encoded model (one {ENCODED_INPUT_DATATYPE} [1] input, one "
+                                f"{OUTPUT_DATATYPE} output, parameters.pixel_model)")
+        return cls(name=name, input_name=inputs[0]["name"], output_name=outputs[0]["name"],
+                   num_classes=int(outputs[0]["dims"][-1]), max_batch_size=max(1, int(config.get("max_batch_size", 0))),
+                   pixel_model=parameters["pixel_model"])
+
+
+def contract_for(config: dict) -> ModelContract | EncodedContract:
+    """The contract of a pixel model, or of an encoded one: an encoded model's config is recognised by
+    its file input; anything else must follow the pixel contract (whose errors name the field)."""
+    inputs = config.get("input", [])
+    if len(inputs) == 1 and inputs[0].get("data_type") == ENCODED_INPUT_DATATYPE:
+        return EncodedContract.from_config(config)
+    return ModelContract.from_config(config)

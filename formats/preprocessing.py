@@ -106,6 +106,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Every pixel is decoded here, so truncated files fail here, with the file named, instead of deep
     inside a batch.
     """
+    return _decode(read_image_file(path), path)
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """A file's bytes, or ImageLoadError naming why it cannot be read (also for an empty file). What an
+    encoded model is sent as it is."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -117,7 +123,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(path, f"cannot read: {error.strerror or error}") from error
     if not data:
         raise ImageLoadError(path, "empty file (0 bytes)")
-    return _decode(data, path)
+    return data
 
 
 def load_image_bytes(data: bytes, name: str = "<bytes>", max_pixels: int | None = None) -> Image.Image:

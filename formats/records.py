@@ -2,9 +2,12 @@
 thin client builds them). One JSON object per prediction:
 
     {"model": "digits", "version": "3", "predicted": 7, "max_probability": 0.981,
-     "statistics": {"mean_red": 41.2, ..., "blue_ratio": 0.33}}
+     "statistics": {"mean_red": 41.2, ..., "blue_ratio": 0.33},
+     "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}
 
-`version` is the one Triton answered with (its response names it). Records travel as a JSON array
+`version` is the one Triton answered with (its response names it). `trace_id` (optional: null or
+absent when the client traced nothing) is the OpenTelemetry trace of the request that carried the
+image, so that a window the monitor flags can be followed back to requests. Records travel as a JSON array
 (POST /v1/records) or as JSON lines in a file (`python -m monitor report`).
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from histoserve.formats.image_statistics import INPUT_STATISTICS, input_statistics
+
+TRACE_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class RecordError(ValueError):
@@ -32,6 +38,7 @@ class PredictionRecord:
     predicted: int
     max_probability: float
     statistics: dict[str, float]
+    trace_id: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,15 +61,19 @@ class PredictionRecord:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise RecordError(f"record field 'statistics.{name}': expected a number, got {value!r}")
             values[name] = float(value)
-        return cls(data["model"], data["version"], data["predicted"], float(data["max_probability"]), values)
+        trace_id = data.get("trace_id")
+        if trace_id is not None and not (isinstance(trace_id, str) and TRACE_ID.fullmatch(trace_id)):
+            raise RecordError(f"record field 'trace_id': expected 32 hex digits or null, got {trace_id!r}")
+        return cls(data["model"], data["version"], data["predicted"], float(data["max_probability"]), values, trace_id)
 
 
 def records_for(model: str, version: str, images: np.ndarray, predicted: Iterable[int],
-                max_probability: Iterable[float]) -> list[PredictionRecord]:
-    """One record per image of a uint8 (N, 3, H, W) batch and its top-1 answers."""
+                max_probability: Iterable[float], trace_id: str | None = None) -> list[PredictionRecord]:
+    """One record per image of a uint8 (N, 3, H, W) batch and its top-1 answers; `trace_id`: the
+    request's trace, when it was traced."""
     statistics = input_statistics(images)
     return [PredictionRecord(model, version, int(p), round(float(m), 6),
-                             {name: round(float(values[i]), 4) for name, values in statistics.items()})
+                             {name: round(float(values[i]), 4) for name, values in statistics.items()}, trace_id)
             for i, (p, m) in enumerate(zip(predicted, max_probability, strict=True))]
 
 

@@ -23,6 +23,12 @@ from every worker on the master; --stop-when-stable ends the run once the last -
 windows agree within --stable-tolerance (perf_analyzer's rule). --summary-json writes every window
 and the totals (of the stable windows with --stop-when-stable, else of every window after warm-up).
 
+Tracing: --trace-share F traces that share of requests (a histoserve.classify span per request, whose
+context goes to Triton in `traceparent`, so Triton traces exactly those: client/tracing.py), exported
+as OpenTelemetry's standard variables say (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...; otlp
+unless OTEL_TRACES_EXPORTER names another). Without it, OTEL_TRACES_EXPORTER and OTEL_TRACES_SAMPLER
+configure tracing as for `python -m client classify`; with neither, nothing is traced.
+
 Exit codes: 0 passed; 1 Locust's own failure (any failed request without --fail-ratio, or workers
 missing after --expect-workers-max-wait); 2 nothing can be measured (model missing, no readable
 image); 3 a threshold failed (--fail-p99-ms, --fail-ratio); 4 the run is not valid: no request was
@@ -52,9 +58,11 @@ from locust import User, constant, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
+from histoserve.client import tracing  # noqa: E402
 from histoserve.client.classifier import ClientError, TritonClassifier  # noqa: E402
 from histoserve.client.monitoring import MonitorSender, monitor_token  # noqa: E402
-from histoserve.formats.options import add_tls_arguments, tls_from  # noqa: E402
+from histoserve.client.telemetry import TelemetryConfigError  # noqa: E402
+from histoserve.formats.options import FRACTION, add_tls_arguments, tls_from  # noqa: E402
 from histoserve.formats.preprocessing import preprocess_file  # noqa: E402
 from histoserve.formats.records import records_for  # noqa: E402
 from histoserve.loadtest.arrivals import DISTRIBUTIONS  # noqa: E402
@@ -106,6 +114,8 @@ def add_arguments(parser):
                        help="also send a prediction record per image to this drift monitor (python -m monitor serve)")
     group.add_argument("--monitor-token-file", default="", env_var="HISTOSERVE_MONITOR_TOKEN_FILE",
                        help="the writer's bearer token for the monitor (default: $HISTOSERVE_MONITOR_TOKEN)")
+    group.add_argument("--trace-share", type=FRACTION, default=0.0, env_var="HISTOSERVE_TRACE_SHARE",
+                       help="trace this share of requests, 0 to 1 (OpenTelemetry, exported as the OTEL_* variables say)")
     group.add_argument("--summary-json", default="", env_var="HISTOSERVE_SUMMARY_JSON",
                        help="write the windows and totals here (also PREFIX_summary.json with --csv)")
 
@@ -209,6 +219,31 @@ def close_monitor(environment, **_kwargs):
         sender.close(wait_s=2.0)
         if sender.dropped:
             print(f"loadtest: monitor: {sender.dropped} record(s) dropped, {sender.sent} sent", flush=True)
+
+
+TRACING: list = []  # this process's TracerProvider, when tracing is configured
+
+
+@events.init.add_listener
+def configure_tracing(environment, **_kwargs):
+    """A TracerProvider per process from the standard variables; --trace-share samples by trace id."""
+    share = environment.parsed_options.trace_share if environment.parsed_options else 0.0
+    if share > 0:
+        os.environ.update(OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG=str(share))
+        os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp")
+        os.environ.setdefault("OTEL_SERVICE_NAME", "histoserve-loadtest")
+    try:
+        provider = tracing.configure_tracing_from_environment()
+    except TelemetryConfigError as error:
+        raise SystemExit(f"loadtest: error: {error}") from error
+    if provider is not None:
+        TRACING.append(provider)
+
+
+@events.quitting.add_listener
+def flush_traces(environment, **_kwargs):
+    for provider in TRACING:
+        provider.shutdown()  # exports the spans still queued
 
 
 @events.init.add_listener
@@ -358,9 +393,11 @@ class TritonGrpcUser(User):
         sending.late += (started - first) * 1000.0 > self.environment.parsed_options.late_ms
         exception, sent = None, started
         try:
-            batch = self.batch(indices)
-            sent = time.perf_counter()  # service latency counts from here (after decoding, when per request)
-            answers, version = self.classifier.infer_versioned(batch, top_k=1)
+            with tracing.classify_span(self.classifier.model, [self.inputs.paths[i] for i in indices]) as span:
+                span.set_attribute("histoserve.batch_size", len(indices))
+                batch = self.batch(indices)
+                sent = time.perf_counter()  # service latency counts from here (after decoding, when per request)
+                answers, version = self.classifier.infer_versioned(batch, top_k=1)
             wrong = [(i, row[0]) for i, row in zip(indices, answers, strict=True) if row[0].index not in self.inputs.accepted[i]]
             if wrong:
                 i, answer = wrong[0]

@@ -44,6 +44,7 @@ import numpy as np
 from histoserve.client.classifier import ClientError, TritonClassifier
 from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
 from histoserve.formats.options import (
+    FRACTION,
     NON_NEGATIVE_INT,
     POSITIVE,
     POSITIVE_INT,
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--late-ms", type=POSITIVE,
                         help="a request sent later than this after its intended time is late; over 1 %% late makes a step "
                              "invalid (default: SLO ÷ 20, at least 10 ms: lateness that cannot move the verdict is not counted)")
+    parser.add_argument("--trace-share", type=FRACTION, default=0.0,
+                        help="trace this share of each step's requests (OpenTelemetry, exported as the OTEL_* variables "
+                             "say; Triton traces the same requests) (default: %(default)s)")
     parser.add_argument("--metrics-url", help="Triton's Prometheus metrics (default: http://HOST:8002/metrics)")
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
     add_tls_arguments(parser)
@@ -218,7 +222,7 @@ def run_step(args, expected: Path, rate: float, users: int) -> Step:
                "--batch-size", str(args.batch_size), "--arrival-rate", str(rate), "--arrival-distribution", args.distribution,
                "--window-s", str(args.window_s), "--stable-windows", str(args.stable_windows), "--stop-when-stable",
                "--run-time", f"{int((args.max_windows + 2) * args.window_s) + 5}s", "--summary-json", str(summary_file),
-               "--late-ms", str(args.late_ms), "--fail-ratio", "1"]
+               "--late-ms", str(args.late_ms), "--fail-ratio", "1", "--trace-share", str(args.trace_share)]
     if args.decode_per_request:
         command.append("--decode-per-request")
     if args.processes:

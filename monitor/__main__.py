@@ -9,7 +9,9 @@ changes) or HISTOSERVE_MONITOR_TOKEN, and only records for model versions the re
 taken. report: the same tests over record files (oldest first; lines that cannot be read are
 skipped with a warning), in consecutive windows of --window records per model and version; prints
 a table, writes report.json and report.png (p-values per test against the corrected level; the
-accuracy estimate with its interval). Exit codes: 0 no drift, 1 drift in some window (report), 2 the
+accuracy estimate with its interval); under each drifting window, the trace ids of a few of its
+requests (the least confident of those the clients traced; `trace_ids` in report.json and in the
+service's GET /v1/report), to look up in the tracing back end. Exit codes: 0 no drift, 1 drift in some window (report), 2 the
 records or baseline cannot be read.
 """
 
@@ -126,6 +128,8 @@ def run_report(args) -> int:
               f"{yes(report.input_drift):>6} {report.estimated_accuracy:8.3f} "
               f"{report.estimated_accuracy_low:7.3f}–{report.estimated_accuracy_high:<7.3f} {report.baseline_expected_accuracy:8.3f}"
               f"  {drifted}{' (accuracy drop)' if report.accuracy_dropped else ''}")
+        if report.drift and report.trace_ids:
+            print(f"{'':12} {'':>7} traces to follow: {', '.join(report.trace_ids)}")
     args.out.mkdir(parents=True, exist_ok=True)
     entries = [{"first_record": s, **report_json({(m, v): r})[0]} for m, v, s, r in rows]
     (args.out / "report.json").write_text(json.dumps(entries, indent=2))

@@ -19,7 +19,7 @@ estimate falls more than `max_accuracy_drop` under the baseline's own expected a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -52,6 +52,9 @@ class DriftReport:
     estimated_accuracy_high: float
     baseline_expected_accuracy: float
     accuracy_dropped: bool
+    # Requests to follow up (records_report): the traces of the window's least confident traced
+    # predictions, where a drifting window's odd images are likeliest. Empty when nothing was traced.
+    trace_ids: tuple[str, ...] = ()
 
     @property
     def prediction_drift(self) -> bool:
@@ -94,12 +97,18 @@ def drift_report(baseline: DriftBaseline, predicted: np.ndarray, max_probability
     )
 
 
+TRACES_PER_WINDOW = 5
+
+
 def records_report(baseline: DriftBaseline, records: list[PredictionRecord], alpha: float = ALPHA,
                    max_accuracy_drop: float = MAX_ACCURACY_DROP) -> DriftReport:
-    """`drift_report` of a window of prediction records (what the service and the offline report hold)."""
-    return drift_report(baseline, np.array([r.predicted for r in records]), np.array([r.max_probability for r in records]),
-                        {name: np.array([r.statistics[name] for r in records]) for name in INPUT_STATISTICS},
-                        alpha, max_accuracy_drop)
+    """`drift_report` of a window of prediction records (what the service and the offline report hold),
+    with the trace ids of up to TRACES_PER_WINDOW of its traced requests, least confident first."""
+    report = drift_report(baseline, np.array([r.predicted for r in records]), np.array([r.max_probability for r in records]),
+                          {name: np.array([r.statistics[name] for r in records]) for name in INPUT_STATISTICS},
+                          alpha, max_accuracy_drop)
+    traced = sorted((r for r in records if r.trace_id), key=lambda r: r.max_probability)
+    return replace(report, trace_ids=tuple(dict.fromkeys(r.trace_id for r in traced))[:TRACES_PER_WINDOW])
 
 
 def class_test(baseline: DriftBaseline, predicted: np.ndarray, corrected_alpha: float) -> DriftTest:

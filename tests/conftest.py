@@ -106,6 +106,36 @@ def server(repository):
         yield running
 
 
+def tracing_flags(endpoint: str, rate: int = 1000) -> list[str]:
+    """Triton tracing to the OTLP/HTTP receiver at `endpoint`, as production runs it (k8s/components/
+    tracing) but with spans sent 0.2 s after they end instead of the batch processor's seconds, so a
+    test need not wait."""
+    return ["--trace-config=mode=opentelemetry", f"--trace-config=opentelemetry,url={endpoint}/v1/traces",
+            f"--trace-config=rate={rate}", "--trace-config=level=TIMESTAMPS",
+            "--trace-config=opentelemetry,bsp_schedule_delay=200"]
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver():
+    """One OTLP/HTTP receiver for the session (tests/otlp_receiver.py): tests find their own spans by
+    trace id."""
+    from tests.otlp_receiver import OtlpReceiver
+
+    with OtlpReceiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="session")
+def traced_server(encoded_repository, otlp_receiver):
+    """Triton with the digits models and their encoded twins, tracing in OpenTelemetry mode to
+    `otlp_receiver` at a production-like rate (1 in 1000 requests without a trace context; every
+    request that carries one)."""
+    from histoserve.serve.server import TritonServer, free_ports
+
+    with TritonServer(encoded_repository, free_ports(), extra_args=tracing_flags(otlp_receiver.endpoint)) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def test_files(digits_root) -> list[Path]:
     return sorted((digits_root / "test").rglob("*.png"))

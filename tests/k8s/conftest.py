@@ -4,6 +4,7 @@ then Triton over the pod's repository."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -15,13 +16,19 @@ from histoserve.formats.admin import AdminKey
 from tests.k8s.kubelet import expand, local_command
 from tests.k8s.manifests import render
 
-# Where a local run must differ from the pod: its own repository folder and free ports.
+# Where a local run must differ from the pod: its own repository folder and free ports, and where its
+# spans go (the collector's Service does not resolve here).
 LOCAL = ("--model-repository=", "--http-port=", "--grpc-port=", "--metrics-port=")
+TRACE_URL = "--trace-config=opentelemetry,url="
+NO_COLLECTOR = "http://127.0.0.1:9/v1/traces"  # the discard port: nothing listens, nothing leaves the machine
+
+
+def triton_deployment(overlay: str) -> dict:
+    return next(o for o in render(overlay) if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
 
 
 def triton_template(overlay: str) -> dict:
-    deployment = next(o for o in render(overlay) if o["kind"] == "Deployment" and o["metadata"]["name"] == "triton")
-    return deployment["spec"]["template"]
+    return triton_deployment(overlay)["spec"]["template"]
 
 
 def run_init_containers(template: dict, store: Path, repository: Path) -> None:
@@ -35,31 +42,41 @@ def run_init_containers(template: dict, store: Path, repository: Path) -> None:
 
 
 def start_manifest_server(store, overlay: str = "overlays/cpu", extra: list[str] = (), version: int | None = None,
-                          key: AdminKey | None = None):
+                          key: AdminKey | None = None, trace_url: str | None = None):
     """A started TritonServer running `overlay`'s Triton arguments with `$(VAR)` expanded from the
-    container's environment (the admin key Secret holding a key made for this run), then `extra`,
-    over the repository the pod's init containers assemble from the model store `store` (its pinned
-    version only; the store itself where the overlay has no init container, as dev in poll mode).
-    The restriction is the manifest's own: TritonServer adds none (restrict_admin=False) and only
-    knows the key, for its own calls and the tests'. `version` stands for the overlay's knob set to it."""
+    container's environment (the admin key Secret holding a key made for this run; the pod's name,
+    namespace and annotations for the downward API), then `extra`, over the repository the pod's init
+    containers assemble from the model store `store` (its pinned version only; the store itself where
+    the overlay has no init container, as dev in poll mode). The restriction is the manifest's own:
+    TritonServer adds none (restrict_admin=False) and only knows the key, for its own calls and the
+    tests'. `version` stands for the overlay's knob set to it. The trace collector's URL is replaced by
+    `trace_url` (an OTLP/HTTP receiver's /v1/traces), or by a port nobody listens on.
+    `server.pod_name`/`pod_namespace` are the pod's as the downward API gives them."""
     from histoserve.serve.server import TritonServer, free_ports
 
-    template = triton_template(overlay)
+    deployment = triton_deployment(overlay)
+    template = deployment["spec"]["template"]
     if version is not None:
         template["metadata"]["annotations"]["histoserve.io/model-version"] = str(version)
     container = template["spec"]["containers"][0]
     key = key or AdminKey.generate()  # pods of one Deployment share the Secret's key
     env = container.get("env", [])
-    secrets = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"]): key.value
-               for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+    secret_values = {(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"]): key.value
+                     for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+    # as a ReplicaSet names its pods: <deployment>-<template hash>-<5 characters>
+    name = f"{deployment['metadata']['name']}-{secrets.token_hex(5)}-{secrets.token_hex(3)[:5]}"
+    namespace = deployment["metadata"].get("namespace", "default")
     args = container["args"][1:]  # without `tritonserver`
-    manifest_args = [a for a in expand(args, container, secrets) if not a.startswith(LOCAL)]
+    expanded = expand(args, container, secret_values, template["metadata"].get("annotations", {}), name=name, namespace=namespace)
+    manifest_args = [TRACE_URL + (trace_url or NO_COLLECTOR) if a.startswith(TRACE_URL) else a
+                     for a in expanded if not a.startswith(LOCAL)]
     repository = Path(store)
     if template["spec"].get("initContainers"):
         repository = Path(tempfile.mkdtemp(prefix="histoserve-pod-"))
         run_init_containers(template, Path(store), repository)
     server = TritonServer(repository, free_ports(), extra_args=[*manifest_args, *extra], admin_key=key, restrict_admin=False)
     server.manifest_args, server.manifest_container, server.pod_template = manifest_args, container, template
+    server.pod_name, server.pod_namespace = name, namespace
     stop = server.stop
 
     def stop_and_remove_the_pod_repository(*args, **kwargs):
@@ -73,9 +90,10 @@ def start_manifest_server(store, overlay: str = "overlays/cpu", extra: list[str]
 
 
 @pytest.fixture(scope="session")
-def manifest_server(repository):
-    """The cpu overlay's pod: its pinned version staged from the store, admin APIs behind the key, HTTP off."""
-    server = start_manifest_server(repository)
+def manifest_server(repository, otlp_receiver):
+    """The cpu overlay's pod: its pinned version staged from the store, admin APIs behind the key, HTTP
+    off, its spans to the session's OTLP receiver."""
+    server = start_manifest_server(repository, trace_url=f"{otlp_receiver.endpoint}/v1/traces")
     try:
         yield server
     finally:

@@ -44,20 +44,28 @@ def grpc_probe(address: str, timeout_s: float = 1.0, service: str = "") -> str:
             return f"error {error.code().name}"
 
 
-def expand(words: list[str], container: dict, secrets: dict[tuple[str, str], str], annotations: dict[str, str] | None = None) -> list[str]:
+def expand(words: list[str], container: dict, secrets: dict[tuple[str, str], str], annotations: dict[str, str] | None = None,
+           name: str | None = None, namespace: str | None = None) -> list[str]:
     """`$(VAR)` in the arguments replaced by the container's environment, as the kubelet does: `value`
     entries as written, `secretKeyRef` entries from `secrets[(name, key)]`, downward-API `fieldRef`s
-    to `metadata.annotations['k']` from the pod's `annotations`. An unknown variable stays as written
+    to `metadata.annotations['k']` from the pod's `annotations`, to `metadata.name` and
+    `metadata.namespace` from the pod's `name` and `namespace`. An unknown variable stays as written
     (the kubelet's rule); `$$` escapes a `$`."""
     values = {}
+    pod_fields = {"metadata.name": name, "metadata.namespace": namespace}
     for entry in container.get("env", []):
         source = entry.get("valueFrom", {})
+        path = source.get("fieldRef", {}).get("fieldPath", "")
         if "value" in entry:
             values[entry["name"]] = entry["value"]
         elif reference := source.get("secretKeyRef"):
             values[entry["name"]] = secrets[(reference["name"], reference["key"])]
-        elif field := ANNOTATION_FIELD.fullmatch(source.get("fieldRef", {}).get("fieldPath", "")):
+        elif field := ANNOTATION_FIELD.fullmatch(path):
             values[entry["name"]] = (annotations or {})[field.group(1)]
+        elif path in pod_fields:
+            if pod_fields[path] is None:
+                raise KeyError(f"{entry['name']} reads the pod's {path}: give the pod a {path.split('.')[1]}")
+            values[entry["name"]] = pod_fields[path]
 
     def one(word: str) -> str:
         return re.sub(r"\$\$|\$\((\w+)\)", lambda m: "$" if m.group(0) == "$$" else values.get(m.group(1), m.group(0)), word)

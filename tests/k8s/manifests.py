@@ -735,6 +735,194 @@ def check_canary(objects: list[dict]) -> list[str]:
     return problems
 
 
+VARIABLE = re.compile(r"(?<!\$)\$\((\w+)\)")
+
+
+def check_variables(objects: list[dict]) -> list[str]:
+    """Every `$(VAR)` in a container's command and arguments is one of its environment variables: the
+    kubelet leaves an unknown one as written (Triton would export to `otel-collector.$(POD_NAMESPACE)...`)."""
+    problems = []
+    for workload, template in pod_templates(objects):
+        for container in containers(template):
+            defined = {e["name"] for e in container.get("env", [])}
+            for variable in sorted({v for w in container.get("command", []) + container.get("args", []) for v in VARIABLE.findall(w)}):
+                if variable not in defined:
+                    problems.append(f"{workload['metadata']['name']}/{container['name']}: $({variable}) is no environment variable "
+                                    "of the container: it stays as written")
+    return problems
+
+
+OTELCOL = Path(__file__).parent / "otelcol" / "manifest.yaml"
+# Each module of the collector distribution's manifest by the component type its metadata.yaml
+# declares (v0.159.0), and the deprecated alias it still accepts.
+OTELCOL_TYPES = {
+    "nopreceiver": ("nop",), "otlpreceiver": ("otlp",), "hostmetricsreceiver": ("hostmetrics",), "jaegerreceiver": ("jaeger",),
+    "kafkareceiver": ("kafka",), "prometheusreceiver": ("prometheus",), "zipkinreceiver": ("zipkin",),
+    "debugexporter": ("debug",), "nopexporter": ("nop",), "otlpexporter": ("otlp_grpc", "otlp"),
+    "otlphttpexporter": ("otlp_http", "otlphttp"), "fileexporter": ("file",), "kafkaexporter": ("kafka",),
+    "prometheusexporter": ("prometheus",), "prometheusremotewriteexporter": ("prometheusremotewrite",), "zipkinexporter": ("zipkin",),
+    "zpagesextension": ("zpages",), "healthcheckextension": ("health_check",), "pprofextension": ("pprof",),
+    "batchprocessor": ("batch",), "memorylimiterprocessor": ("memory_limiter",), "attributesprocessor": ("attributes",),
+    "resourceprocessor": ("resource",), "spanprocessor": ("span",), "probabilisticsamplerprocessor": ("probabilistic_sampler",),
+    "filterprocessor": ("filter",), "forwardconnector": ("forward",),
+}
+COLLECTOR_KINDS = ("receivers", "processors", "exporters", "extensions", "connectors")
+
+
+def otelcol_distribution() -> tuple[str, dict[str, set[str]]]:
+    """The pinned collector distribution's version and its component types, by kind."""
+    manifest = yaml.safe_load(OTELCOL.read_text())
+
+    def types(module: dict) -> tuple[str, ...]:
+        return OTELCOL_TYPES[module["gomod"].split()[0].rsplit("/", 1)[1]]  # "<path> <version>"
+
+    return manifest["dist"]["version"], {kind: {t for m in manifest.get(kind, []) for t in types(m)} for kind in COLLECTOR_KINDS}
+
+
+def trace_settings(words: list[str]) -> dict[str, list[tuple[str, str]]]:
+    """Triton's --trace-config settings by mode ("" for the global ones), in order, parsed as Triton
+    does: `<mode>,<setting>=<value>` when a comma comes first, else `<setting>=<value>`."""
+    settings: dict[str, list[tuple[str, str]]] = {}
+    for word in words:
+        if not word.startswith("--trace-config="):
+            continue
+        value = word.split("=", 1)[1]
+        comma = value.find(",")
+        mode, rest = (value[:comma], value[comma + 1:]) if 0 < comma < value.find("=") else ("", value)
+        setting, _, argument = rest.partition("=")
+        settings.setdefault(mode, []).append((setting, argument))
+    return settings
+
+
+def last(settings: list[tuple[str, str]], name: str) -> str | None:
+    """A repeated setting's last value, the one Triton uses (measured on 2.51)."""
+    values = [v for s, v in settings if s == name]
+    return values[-1] if values else None
+
+
+def service_port(objects: list[dict], name: str, namespace: str | None, port: int) -> dict | None:
+    service = next((s for s in objects if s["kind"] == "Service" and s["metadata"]["name"] == name
+                    and (namespace is None or s["metadata"].get("namespace") == namespace)), None)
+    return next((p for p in service["spec"]["ports"] if p["port"] == port), None) if service else None
+
+
+TRACE_RESOURCE = {"k8s.pod.name": "fieldRef:metadata.name", "k8s.namespace.name": "fieldRef:metadata.namespace",
+                  "histoserve.model.name": "fieldRef:metadata.annotations['histoserve.io/model']",
+                  "histoserve.model.version": "fieldRef:metadata.annotations['histoserve.io/model-version']"}
+MIN_TRACE_RATE = 100  # at most 1 in 100 requests without a context: tracing every request crashed Triton (server#7795)
+
+
+def check_tracing(objects: list[dict]) -> list[str]:
+    """A Triton that traces (OpenTelemetry mode) does so at TIMESTAMPS level, samples requests
+    without a context at a low rate, exports to a Service of this kustomization over OTLP/HTTP, names
+    its pod, namespace, model and version on every span from the downward API, and queues no fewer
+    spans than it exports at once. The collector runs the pinned distribution's image with only its
+    components, refuses data before its memory limit (memory_limiter first, then batch, in every
+    pipeline), and reads only environment variables it has. A Gateway's EnvoyProxy exists and sends its
+    spans to a Service port of this kustomization."""
+    problems = []
+    version, distribution = otelcol_distribution()
+    for workload, template in pod_templates(objects):
+        name, namespace = workload["metadata"]["name"], workload["metadata"].get("namespace", "default")
+        for container in containers(template):
+            settings = trace_settings(triton_command(container))
+            if last(settings.get("", []), "mode") == "opentelemetry":
+                problems += tracing_triton_problems(objects, f"{name}/{container['name']}", namespace, container, template, settings)
+            image = container["image"].split("@")[0]
+            if image.rsplit(":", 1)[0].endswith("opentelemetry-collector"):
+                problems += collector_problems(objects, name, template, container, version, distribution)
+    for gateway in (o for o in objects if o["kind"] == "Gateway"):
+        reference = gateway["spec"].get("infrastructure", {}).get("parametersRef")
+        if reference is None:
+            continue
+        proxy = next((o for o in objects if o["kind"] == reference["kind"] and o["metadata"]["name"] == reference["name"]
+                      and o["metadata"].get("namespace") == gateway["metadata"].get("namespace")), None)
+        if proxy is None:
+            problems.append(f"Gateway/{gateway['metadata']['name']}: parametersRef {reference['kind']}/{reference['name']} does not exist")
+            continue
+        tracing = proxy["spec"].get("telemetry", {}).get("tracing")
+        for backend in (tracing or {}).get("provider", {}).get("backendRefs", []):
+            namespace = backend.get("namespace", proxy["metadata"].get("namespace"))
+            if service_port(objects, backend["name"], namespace, backend.get("port")) is None:
+                problems.append(f"EnvoyProxy/{proxy['metadata']['name']}: tracing backend {backend['name']}:{backend.get('port')} is "
+                                "no Service port of this kustomization")
+    return problems
+
+
+def tracing_triton_problems(objects, where, namespace, container, template, settings) -> list[str]:
+    from collections import defaultdict
+
+    from tests.k8s.kubelet import expand
+
+    problems = []
+    global_settings, otel = settings.get("", []), settings.get("opentelemetry", [])
+    if "TIMESTAMPS" not in {v for s, v in global_settings if s == "level"}:
+        problems.append(f"{where}: tracing without --trace-config=level=TIMESTAMPS records nothing")
+    rate = last(global_settings, "rate")
+    if rate is None or int(rate) < MIN_TRACE_RATE:
+        problems.append(f"{where}: trace rate {rate} (default 1000): requests without a context must be sampled at most "
+                        f"1 in {MIN_TRACE_RATE}")
+    url = last(otel, "url") or ""
+    expanded = expand([url], container, defaultdict(str), template["metadata"].get("annotations", {}), name="pod",
+                      namespace=namespace)[0] if url else ""
+    target = re.fullmatch(rf"http://([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.{re.escape(CLUSTER_DOMAIN)}:(\d+)/v1/traces", expanded)
+    if not target or target.group(2) != namespace or service_port(objects, target.group(1), namespace, int(target.group(3))) is None:
+        problems.append(f"{where}: trace url {url!r} is not OTLP/HTTP (/v1/traces) to a Service port of this kustomization")
+    sources = env_sources(container)
+    resource = dict(v.split("=", 1) for s, v in otel if s == "resource" and "=" in v)
+    for key, wanted in TRACE_RESOURCE.items():
+        variable = re.fullmatch(r"\$\((\w+)\)", resource.get(key, ""))
+        if not variable or sources.get(variable.group(1)) != wanted:
+            problems.append(f"{where}: span resource {key} is {resource.get(key)!r}, not $(VAR) with VAR from the pod's {wanted[9:]}")
+    queue, batch = last(otel, "bsp_max_queue_size") or "2048", last(otel, "bsp_max_export_batch_size") or "512"
+    if int(batch) > int(queue):
+        problems.append(f"{where}: bsp_max_export_batch_size {batch} above bsp_max_queue_size {queue}: spans are dropped")
+    return problems
+
+
+def collector_problems(objects, name, template, container, version, distribution) -> list[str]:
+    problems = []
+    tag = container["image"].split("@")[0].rsplit(":", 1)[-1]
+    if tag != version:
+        problems.append(f"{name}: collector image {container['image']} is not the pinned distribution {version}")
+    path = option(container.get("command", []) + container.get("args", []), "config") or ""
+    mount = mounted_volume(container, path)
+    volume = next((v for v in template["spec"].get("volumes", []) if mount and v["name"] == mount["name"]), {})
+    config_map = named(objects, "ConfigMap", volume.get("configMap", {}).get("name"))
+    text = (config_map or {}).get("data", {}).get(path[len(mount["mountPath"]) + 1:] if mount else "")
+    if text is None:
+        return problems + [f"{name}: --config {path!r} is no file of a ConfigMap of this kustomization"]
+    config = yaml.safe_load(text)
+    for kind in COLLECTOR_KINDS:
+        for component in config.get(kind) or {}:
+            if component.split("/")[0] not in distribution[kind]:
+                problems.append(f"{name}: {kind[:-1]} {component!r} is not in the collector distribution {version}")
+    service = config.get("service", {})
+    for extension in service.get("extensions", []):
+        if extension not in (config.get("extensions") or {}):
+            problems.append(f"{name}: service extension {extension!r} is not configured")
+    for pipeline, spec in service.get("pipelines", {}).items():
+        for kind in ("receivers", "processors", "exporters"):
+            for component in spec.get(kind, []):
+                if component not in (config.get(kind) or {}):
+                    problems.append(f"{name}: pipeline {pipeline} uses {kind[:-1]} {component!r}, which is not configured")
+        types = [p.split("/")[0] for p in spec.get("processors", [])]
+        if types[:1] != ["memory_limiter"] or "batch" not in types:
+            problems.append(f"{name}: pipeline {pipeline} runs processors {types}: memory_limiter first, then batch")
+        if not spec.get("receivers") or not spec.get("exporters"):
+            problems.append(f"{name}: pipeline {pipeline} has no receiver or no exporter")
+    limits = [c for c in (config.get("processors") or {}).items() if c[0].split("/")[0] == "memory_limiter"]
+    memory = container.get("resources", {}).get("limits", {}).get("memory")
+    for limiter, settings in limits:
+        limit_mib = (settings or {}).get("limit_mib")
+        if memory is None or limit_mib is None or limit_mib * 2**20 >= quantity(memory):
+            problems.append(f"{name}: {limiter} limit_mib {limit_mib} is not below the container's memory limit {memory}")
+    defined = {e["name"] for e in container.get("env", [])}
+    for variable in sorted(set(re.findall(r"\$\{env:(\w+)", text)) - defined):
+        problems.append(f"{name}: the configuration reads ${{env:{variable}}}, which the container does not set")
+    return problems
+
+
 CHECKS = {
     "selectors": check_selectors,
     "ports": check_ports,
@@ -750,6 +938,8 @@ CHECKS = {
     "edge": check_edge,
     "pinned": check_pinned_model,
     "canary": check_canary,
+    "variables": check_variables,
+    "tracing": check_tracing,
 }
 
 

@@ -67,6 +67,7 @@ def misspell(path, wrong):
     ("overlays/gpu-gateway", "ClientTrafficPolicy", misspell(["spec", "tls", "clientValidation", "caCertificateRefs"], "caCertificateRef")),
     ("overlays/gpu-gateway", "SecurityPolicy", misspell(["spec", "authorization", "defaultAction"], "default")),
     ("overlays/gpu-gateway", "BackendTrafficPolicy", misspell(["spec", "requestBuffer", "limit"], "maxSize")),
+    ("overlays/gpu-gateway", "EnvoyProxy", misspell(["spec", "telemetry", "tracing", "samplingFraction"], "samplingFractions")),
     ("overlays/gpu-canary", "Rollout", misspell(["spec", "workloadRef", "scaleDown"], "scaledown")),
     ("overlays/gpu-canary", "Rollout", misspell(["spec", "strategy", "canary", "canaryService"], "canaryServiceName")),
     ("overlays/gpu-canary", "AnalysisTemplate", misspell(["spec", "metrics", 0, "successCondition"], "successCriteria")),
@@ -392,6 +393,80 @@ def break_undeclared_argument(objects):
     metric["successCondition"] = metric["successCondition"].replace("max-error-ratio", "max-error-rate")
 
 
+def replace_arg(objects, prefix, value):
+    args = triton(objects)["args"]
+    args[next(i for i, a in enumerate(args) if a.startswith(prefix))] = value
+
+
+def break_trace_level_off(objects):  # mode opentelemetry at the default level OFF: no span at all
+    args = triton(objects)["args"]
+    args.remove("--trace-config=level=TIMESTAMPS")
+
+
+def break_trace_every_request(objects):  # a later setting wins: rate 1 traces every request (server#7795)
+    triton(objects)["args"].append("--trace-config=rate=1")
+
+
+def break_trace_url_to_no_service(objects):
+    replace_arg(objects, "--trace-config=opentelemetry,url=",
+                "--trace-config=opentelemetry,url=http://otel-collecter.$(POD_NAMESPACE).svc.cluster.local:4318/v1/traces")
+
+
+def break_trace_resource_written_by_hand(objects):  # every pod would claim the same name
+    replace_arg(objects, "--trace-config=opentelemetry,resource=k8s.pod.name=", "--trace-config=opentelemetry,resource=k8s.pod.name=triton")
+
+
+def break_trace_version_from_elsewhere(objects):  # a literal version beside the annotation: the two can disagree
+    container = triton(objects)
+    container["env"] = [e if e["name"] != "MODEL_VERSION" else {"name": "MODEL_VERSION", "value": "2"} for e in container["env"]]
+
+
+def break_trace_queue_below_batch(objects):
+    triton(objects)["args"].append("--trace-config=opentelemetry,bsp_max_queue_size=512")
+
+
+def break_undefined_variable(objects):  # the URL would keep "$(POD_NAMESPACE)" as written
+    container = triton(objects)
+    container["env"] = [e for e in container["env"] if e["name"] != "POD_NAMESPACE"]
+
+
+def collector_config(objects, edit):
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("otel-collector-config"))
+    key = next(iter(config_map["data"]))
+    config_map["data"][key] = edit(config_map["data"][key])
+
+
+def break_collector_contrib_component(objects):  # k8sattributes ships in contrib, not in the core image
+    collector_config(objects, lambda text: text.replace("[memory_limiter, batch]", "[memory_limiter, k8sattributes, batch]")
+                     .replace("  batch:\n", "  k8sattributes: {}\n  batch:\n"))
+
+
+def break_collector_limiter_after_batch(objects):  # batching first holds data the limiter can no longer refuse
+    collector_config(objects, lambda text: text.replace("[memory_limiter, batch]", "[batch, memory_limiter]"))
+
+
+def break_collector_limit_above_container(objects):
+    collector_config(objects, lambda text: text.replace("limit_mib: 400", "limit_mib: 600"))
+
+
+def break_collector_unset_variable(objects):
+    container = find(objects, "Deployment", "otel-collector")["spec"]["template"]["spec"]["containers"][0]
+    container["env"] = [e for e in container["env"] if e["name"] != "TRACE_BACKEND_ENDPOINT"]
+
+
+def break_collector_other_release(objects):  # the config is checked against v0.159.0's components
+    container = find(objects, "Deployment", "otel-collector")["spec"]["template"]["spec"]["containers"][0]
+    container["image"] = "otel/opentelemetry-collector:0.120.0"
+
+
+def break_gateway_without_its_envoyproxy(objects):
+    objects.remove(find(objects, "EnvoyProxy", "triton"))
+
+
+def break_edge_spans_to_no_service(objects):
+    find(objects, "EnvoyProxy", "triton")["spec"]["telemetry"]["tracing"]["provider"]["backendRefs"][0]["port"] = 4316
+
+
 BROKEN = {  # breakage: (the check that must notice it, the kustomization it breaks)
     break_selector: ("selectors", "overlays/gpu"), break_probe_port: ("ports", "overlays/gpu"),
     break_service_port: ("ports", "overlays/gpu"), break_gpu_limit: ("resources", "overlays/gpu"),
@@ -428,6 +503,14 @@ BROKEN = {  # breakage: (the check that must notice it, the kustomization it bre
     break_adoption_scales_the_deployment_down: ("canary", "overlays/gpu-canary-adopt"),
     break_adoption_changes_a_service: ("canary", "overlays/gpu-canary-adopt"),
     break_leaving_holds_the_deployment_at_zero: ("canary", "overlays/gpu-canary-leave"),
+    break_trace_level_off: ("tracing", "overlays/gpu"), break_trace_every_request: ("tracing", "overlays/cpu"),
+    break_trace_url_to_no_service: ("tracing", "overlays/gpu"), break_trace_resource_written_by_hand: ("tracing", "overlays/gpu"),
+    break_trace_version_from_elsewhere: ("tracing", "overlays/cpu"), break_trace_queue_below_batch: ("tracing", "overlays/gpu"),
+    break_undefined_variable: ("variables", "overlays/gpu"), break_collector_contrib_component: ("tracing", "overlays/gpu"),
+    break_collector_limiter_after_batch: ("tracing", "overlays/cpu"), break_collector_limit_above_container: ("tracing", "overlays/gpu"),
+    break_collector_unset_variable: ("tracing", "overlays/gpu"), break_collector_other_release: ("tracing", "overlays/gpu"),
+    break_gateway_without_its_envoyproxy: ("tracing", "overlays/gpu-gateway"),
+    break_edge_spans_to_no_service: ("tracing", "overlays/gpu-gateway"),
 }
 
 

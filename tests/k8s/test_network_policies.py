@@ -29,6 +29,11 @@ OTHER_GATEWAY_PROXY = Pod("envoy-shop-web", "envoy-gateway-system", {
     "app.kubernetes.io/managed-by": "envoy-gateway", "app.kubernetes.io/name": "envoy", "app.kubernetes.io/component": "proxy",
     "gateway.envoyproxy.io/owning-gateway-name": "web", "gateway.envoyproxy.io/owning-gateway-namespace": "shop"})
 KUBE_DNS = Pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53, "dns-tcp": 53})
+OTLP_PORTS = {"otlp-grpc": 4317, "otlp-http": 4318}
+# the trace backend, in a namespace a cluster admin labelled for it, and the same in one not labelled
+TRACE_BACKEND = Pod("tempo-distributor", "observability", {"app.kubernetes.io/name": "tempo"}, OTLP_PORTS,
+                    namespace_labels={"histoserve.io/trace-backend": "allowed"})
+OTHER_COLLECTOR = Pod("otel-collector", "shop", {"app.kubernetes.io/name": "otel-collector"}, OTLP_PORTS)
 INTERNET = Address("example.org", "93.184.215.14")
 S3 = Address("s3.eu-west-1.amazonaws.com", "52.218.1.10")
 METADATA = Address("cloud metadata service", "169.254.169.254")
@@ -107,6 +112,45 @@ def expectations(overlay: str, pods: dict) -> list[tuple]:
             (monitor, triton, "grpc", False),        # the monitor calls nobody ...
             (monitor, INTERNET, 443, False),         # ... and reaches nothing
             (monitor, METADATA, 80, False),
+        ]
+    if "otel-collector" in pods:  # components/tracing: spans in from Triton, clients and our gateway; metrics out
+        collector = pods["otel-collector"]
+        gateway = overlay.startswith(("overlays/gpu-gateway", "overlays/gpu-canary"))
+        cases += [
+            (triton, collector, "otlp-http", True),         # Triton's exporter speaks OTLP/HTTP ...
+            (triton, collector, "otlp-grpc", False),        # ... and nothing else
+            (triton, collector, "metrics", False),
+            (CLIENT, collector, "otlp-http", True),         # a traced caller sends its own spans
+            (CLIENT, collector, "otlp-grpc", True),
+            (same_namespace_client, collector, "otlp-http", True),
+            (locust, collector, "otlp-http", True),
+            (CLIENT, collector, "metrics", False),
+            (SELF_LABELLED, collector, "otlp-http", False),
+            (CLIENT_WRONG_VALUE, collector, "otlp-grpc", False),
+            (STRANGER, collector, "otlp-http", False),
+            (STRANGER, collector, "otlp-grpc", False),
+            (neighbour, collector, "otlp-http", False),
+            (OUR_GATEWAY_PROXY, collector, "otlp-grpc", gateway),   # the edge's spans (EnvoyProxy)
+            (OUR_GATEWAY_PROXY, collector, "otlp-http", False),
+            (OTHER_GATEWAY_PROXY, collector, "otlp-grpc", False),
+            (PROMETHEUS, collector, "metrics", True),
+            (PROMETHEUS, collector, "otlp-http", False),
+            (FAKE_PROMETHEUS, collector, "metrics", False),
+            (GRAFANA, collector, "metrics", False),
+            (publish, collector, "otlp-http", False),
+            # the collector reaches DNS and the OTLP ports of the backend's labelled namespace, nothing else
+            (collector, KUBE_DNS, 53, True),
+            (collector, TRACE_BACKEND, "otlp-http", True),
+            (collector, TRACE_BACKEND, "otlp-grpc", True),
+            (collector, TRACE_BACKEND, 9095, False),
+            (collector, OTHER_COLLECTOR, "otlp-http", False),
+            (collector, INTERNET, 443, False),
+            (collector, METADATA, 80, False),
+            (collector, triton, "grpc", False),
+            (collector, PRIVATE_HOST, 4318, False),
+            # Triton's spans go to the collector only: never straight to a backend or to another collector
+            (triton, TRACE_BACKEND, "otlp-http", False),
+            (triton, OTHER_COLLECTOR, "otlp-http", False),
         ]
     return cases
 
@@ -206,6 +250,32 @@ def gateway_policy_admits_every_envoy(objects):
     policy["spec"]["ingress"][0]["from"][0]["podSelector"] = {"matchLabels": {"app.kubernetes.io/managed-by": "envoy-gateway"}}
 
 
+def collector_policy(objects, name="otel-collector"):
+    return next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == name)
+
+
+def collector_open_to_every_labelled_pod(objects):  # any tenant labels its pods and floods the collector
+    collector_policy(objects)["spec"]["ingress"][1]["from"][0]["namespaceSelector"] = {}
+
+
+def collector_open_to_its_whole_namespace(objects):
+    collector_policy(objects)["spec"]["ingress"][0]["from"] = [{"podSelector": {}}]
+
+
+def collector_egress_to_every_namespace(objects):
+    collector_policy(objects)["spec"]["egress"][1]["to"] = [{"namespaceSelector": {}}]
+
+
+def collector_admits_every_envoy(objects):
+    policy = collector_policy(objects, "otel-collector-gateway")
+    policy["spec"]["ingress"][0]["from"][0]["podSelector"] = {"matchLabels": {"app.kubernetes.io/managed-by": "envoy-gateway"}}
+
+
+def triton_egress_to_every_otlp_port(objects):  # what a namespaceSelector-less rule on the port would do
+    policy = collector_policy(objects, "triton-tracing")
+    policy["spec"]["egress"][0]["to"] = [{"namespaceSelector": {}}]
+
+
 BROKEN = {  # breakage: the overlay it breaks
     rewrite_peers_like_include_selectors: "overlays/gpu", admit_any_pod_of_any_namespace: "overlays/gpu",
     admit_labelled_pods_of_any_namespace: "overlays/gpu", admit_every_address: "overlays/gpu",
@@ -213,6 +283,9 @@ BROKEN = {  # breakage: the overlay it breaks
     egress_to_the_internet_with_the_metadata_service: "overlays/gpu", drop_the_training_policy: "overlays/gpu",
     training_policy_admits_only_the_rendezvous_port: "overlays/gpu", deny_all_egress_from_locust: "overlays/gpu",
     monitor_open_to_every_labelled_pod: "overlays/gpu", gateway_policy_admits_every_envoy: "overlays/gpu-gateway",
+    collector_open_to_every_labelled_pod: "overlays/gpu", collector_open_to_its_whole_namespace: "overlays/cpu",
+    collector_egress_to_every_namespace: "overlays/gpu", collector_admits_every_envoy: "overlays/gpu-gateway",
+    triton_egress_to_every_otlp_port: "overlays/gpu",
 }
 
 

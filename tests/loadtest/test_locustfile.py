@@ -1,6 +1,8 @@
 import csv
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,3 +92,31 @@ def test_fewer_workers_than_expected_within_the_wait_fails(server, digits_root):
                                    "--model", MODEL, "--images", digits_root / "test")
     assert code != 0, output[-3000:]
     assert "Gave up waiting for workers to connect" in output
+
+
+def test_a_traced_share_of_requests_is_traced_from_locust_through_triton(traced_server, otlp_receiver, digits_root, tmp_path):
+    """--trace-share 0.5: about half the requests get a span (and only those send traceparent), and
+    Triton traces those only: the rest carry no context and its 1-in-1000 rate takes none of them."""
+    from histoserve.client.tracing import CLASSIFY_SPAN, RPC_SPAN
+
+    before = len(otlp_receiver.spans())
+    environment = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_SERVICE_NAME": "locust-tracing"}
+    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 2, "--spawn-rate", 2,
+                     "--arrival-rate", 20, "--window-s", 1, "--max-late-share", 1, "--run-time", "4s", "--only-summary",
+                     "--triton-url", traced_server.grpc_url,
+                     "--model", MODEL,
+                     "--images", digits_root / "test", "--max-images", 32, "--trace-share", 0.5, "--csv", tmp_path / "locust",
+                     env=environment, check=False, timeout=120)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-1500:]
+    requests = read_summary(tmp_path / "locust").requests
+    spans = otlp_receiver.spans()[before:]
+    traced = {s.span_id for s in spans if s.name == RPC_SPAN and s.resource.get("service.name") == "locust-tracing"}
+    assert 0 < len(traced) < requests, f"{len(traced)} of {requests} requests traced"
+    assert all(s.attributes["histoserve.model"] == MODEL for s in spans if s.name == CLASSIFY_SPAN)
+    time.sleep(2.0)  # Triton exports 0.2 s after a span ends
+    triton = [s.parent_span_id for s in otlp_receiver.spans()[before:] if s.name == "InferRequest"]
+    assert set(triton) <= traced, "Triton traced a request that the sampler left out"
+    # About 1 traced request in 10 gets no Triton trace here (measured: 32 to 34 of 36 or 37): likely the
+    # local 2.51's race between concurrently traced requests (server PR #8144, fixed in 25.04; it also
+    # crashes 2.51 at higher rates, k8s/README.md "Tracing"), so the test asks for most, not all.
+    assert len(set(triton)) >= 0.8 * len(traced), f"Triton traced {len(set(triton))} of {len(traced)} sampled requests"

@@ -13,7 +13,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from histoserve.formats.records import read_records, records_for
+from histoserve.formats.image_statistics import INPUT_STATISTICS
+from histoserve.formats.records import PredictionRecord, RecordError, read_records, records_for
 from histoserve.monitor.record_log import RecordLog
 from histoserve.monitor.service import Monitor
 from histoserve.serve.server import free_ports
@@ -182,3 +183,20 @@ def test_a_record_file_that_cannot_grow_costs_the_history_not_the_windows(tmp_pa
     skipped = []
     assert len(list(read_records(record_file, skipped))) == len(kept) - len(skipped) and len(skipped) <= 1
     assert "monitor: cannot write the record file" in output
+
+
+@pytest.mark.parametrize("trace_id, error", [
+    ("4bf92f3577b34da6a3ce929d0e0e4736", None),
+    (None, None),
+    ("4BF92F3577B34DA6A3CE929D0E0E4736", "trace_id"),  # W3C trace ids are lower-case hex
+    ("4bf92f35", "trace_id"),
+    (42, "trace_id"),
+])
+def test_a_records_trace_id_is_32_lower_case_hex_digits_or_null(trace_id, error):
+    data = {"model": "digits", "version": "1", "predicted": 3, "max_probability": 0.9,
+            "statistics": dict.fromkeys(INPUT_STATISTICS, 1.0), "trace_id": trace_id}
+    if error is None:
+        assert PredictionRecord.from_dict(data).to_dict() == data
+    else:
+        with pytest.raises(RecordError, match=error):
+            PredictionRecord.from_dict(data)

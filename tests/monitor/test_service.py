@@ -151,8 +151,10 @@ def test_offline_report_flags_the_windows_after_a_shift(server, repository, digi
         images = np.stack([preprocess_file(p, classifier.spec) for p in paths])
         records = []
         for batch in (images, 255 - images):  # as taken, then with inverted contrast
-            rows = [row for start in range(0, len(batch), 16) for row in classifier.infer(batch[start:start + 16], top_k=1)]
-            records += records_for(MODEL, "1", batch, [r[0].index for r in rows], [r[0].score for r in rows])
+            for start in range(0, len(batch), 16):  # each request traced (a made-up trace id per request)
+                rows = classifier.infer(batch[start:start + 16], top_k=1)
+                records += records_for(MODEL, "1", batch[start:start + 16], [r[0].index for r in rows],
+                                       [r[0].score for r in rows], f"{len(records) + 1:032x}")
     # as the monitor leaves them: a rotated file with the older half, the current one with the rest,
     # and a line cut short by a crash in between (skipped with a warning, not fatal)
     older, current = tmp_path / "records.jsonl.1", tmp_path / "records.jsonl"
@@ -169,6 +171,13 @@ def test_offline_report_flags_the_windows_after_a_shift(server, repository, digi
     entries = json.loads((out / "report.json").read_text())
     assert [e["drift"] for e in entries] == [False, False, True, True]
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # a drifting window names requests to look up: its least confident traced ones, in its own records
+    follow = [line.split("traces to follow: ")[1].split(", ") for line in result.stdout.splitlines() if "traces to follow" in line]
+    assert len(follow) == 2 and follow == [e["trace_ids"] for e in entries[2:]]
+    for window, traces in zip((records[200:300], records[300:]), follow, strict=True):
+        mine = sorted((r for r in window), key=lambda r: r.max_probability)
+        assert len(traces) == 5 and traces[0] == mine[0].trace_id
+        assert set(traces) <= {r.trace_id for r in window}
 
 
 def test_the_load_test_feeds_the_monitor_too(server, monitor, token_file, digits_root):
