@@ -79,14 +79,14 @@ class AsyncTritonClassifier(ContractView):
         if self.client is not None:
             await self.client.close()
 
-    async def infer(self, images: np.ndarray | list[bytes], top_k: int = 1) -> list[list[Prediction]]:
+    async def infer(self, images: np.ndarray | list[bytes], top_k: int = 1, deadline: float | None = None) -> list[list[Prediction]]:
         """Top-k predictions for a uint8 batch (N, 3, crop, crop), or an encoded model's list of files'
-        bytes; raises InferenceFailed."""
+        bytes; raises InferenceFailed. `deadline`: as TritonClassifier.infer_versioned's."""
         request, output = input_of(self.contract, images), top_k_output(self.contract, top_k)
         started = time.monotonic()
-        deadline = started + self.deadline_s
+        deadline = deadline or started + self.deadline_s
         try:
-            async for attempt in AsyncRetrying(**retry_policy(self.deadline_s)):
+            async for attempt in AsyncRetrying(**retry_policy(max(0.001, deadline - started))):
                 with attempt, counted_attempt(self), tracing.rpc_span(self.model, self.url) as (span, headers):
                     result = await self.client.infer(self.model, [request], self.version, outputs=[output], headers=headers,
                                                      client_timeout=max(0.001, deadline - time.monotonic()))
@@ -124,10 +124,11 @@ class AsyncTritonClassifier(ContractView):
         with tracing.classify_span(self.model, paths) as span:  # tasks and to_thread carry the caller's context
             batch = await asyncio.to_thread(PreparedBatch.of, paths, self.spec)
             trace_id = tracing.trace_id_of(span)
+            deadline = time.monotonic() + self.deadline_s  # one for the batch, re-sends included
             while batch.images:
                 span.set_attribute("histoserve.batch_size", len(batch.images))
                 try:
-                    return batch.finish(await self.infer(batch.tensor(), top_k), "", trace_id)
+                    return batch.finish(await self.infer(batch.tensor(), top_k, deadline), "", trace_id)
                 except InferenceFailed as error:
                     if not batch.drop_refused_file(error):
                         return batch.finish(None, f"inference failed: {error}", trace_id)

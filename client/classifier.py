@@ -184,23 +184,26 @@ class TritonClassifier(ContractView):
         encoded model: a list of N files' bytes)."""
         return self.infer_versioned(images, top_k)[0]
 
-    def infer_versioned(self, images: np.ndarray | list[bytes], top_k: int = 1) -> tuple[list[list[Prediction]], str]:
+    def infer_versioned(self, images: np.ndarray | list[bytes], top_k: int = 1,
+                        deadline: float | None = None) -> tuple[list[list[Prediction]], str]:
         """`infer`, and the model version that answered (Triton's response names it): what a monitor
-        record needs, since the latest version changes during a rollout."""
-        result = self._infer(images, top_k_output(self.contract, top_k))
+        record needs, since the latest version changes during a rollout. `deadline` (time.monotonic())
+        when the request's deadline is older than this call: a batch sent again keeps its first one."""
+        result = self._infer(images, top_k_output(self.contract, top_k), deadline)
         return predictions_of(result.as_numpy(self.contract.output_name)), result.get_response().model_version
 
     def infer_probabilities(self, images: np.ndarray | list[bytes]) -> np.ndarray:
         """The full FP32 probability rows, for parity checks against PyTorch."""
         return self._infer(images, grpcclient.InferRequestedOutput(self.contract.output_name)).as_numpy(self.contract.output_name)
 
-    def _infer(self, images: np.ndarray | list[bytes], output: grpcclient.InferRequestedOutput) -> grpcclient.InferResult:
+    def _infer(self, images: np.ndarray | list[bytes], output: grpcclient.InferRequestedOutput,
+               deadline: float | None = None) -> grpcclient.InferResult:
         """Raises InferenceFailed when the request fails for good or its deadline passes."""
         request = input_of(self.contract, images)
         started = time.monotonic()
-        deadline = started + self.deadline_s
+        deadline = deadline or started + self.deadline_s
         try:
-            for attempt in Retrying(**retry_policy(self.deadline_s)):
+            for attempt in Retrying(**retry_policy(max(0.001, deadline - started))):
                 with attempt, counted_attempt(self), tracing.rpc_span(self.model, self.url) as (span, headers):
                     result = self.client.infer(self.model, [request], self.version, outputs=[output], headers=headers,
                                                client_timeout=max(0.001, deadline - time.monotonic()))
@@ -242,10 +245,11 @@ class TritonClassifier(ContractView):
     def _classify_batch(self, paths: list[str], top_k: int, parent=None) -> list[FileResult]:
         with tracing.classify_span(self.model, paths, parent) as span:
             batch = PreparedBatch.of(paths, self.spec)
+            deadline = time.monotonic() + self.deadline_s  # one for the batch, re-sends included
             while batch.images:
                 span.set_attribute("histoserve.batch_size", len(batch.images))
                 try:
-                    rows, version = self.infer_versioned(batch.tensor(), top_k)
+                    rows, version = self.infer_versioned(batch.tensor(), top_k, deadline)
                 except InferenceFailed as error:
                     if batch.drop_refused_file(error):
                         continue  # an encoded model refused one file: the others are sent again without it

@@ -14,8 +14,13 @@ from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, fin
 NEAR_TIE = 1e-3  # top-1 and top-2 scores closer than this: either is a correct answer under batching
 
 
-def load_images(folder: str, spec: PreprocessSpec, limit: int) -> tuple[list[str], np.ndarray]:
-    """The first `limit` images of `folder`, preprocessed; a bad file is skipped with a note, not fatal."""
+def load_images(folder: str, spec: PreprocessSpec | None, limit: int) -> tuple[list[str], np.ndarray]:
+    """The first `limit` images of `folder`, preprocessed; a bad file is skipped with a note, not fatal.
+    `spec` None (an encoded model, which takes files) is refused: the load test sends pixels."""
+    if spec is None:
+        raise ValueError("the model is an encoded model (NAME-encoded, it takes image files): the load test sends "
+                         "preprocessed pixels, so load-test its pixel model NAME (benchmarks/serving.py measures "
+                         "the encoded path)")
     paths, arrays = [], []
     for path in find_images(folder)[:limit]:
         try:

@@ -27,7 +27,9 @@ Tracing: --trace-share F traces that share of requests (a histoserve.classify sp
 context goes to Triton in `traceparent`, so Triton traces exactly those: client/tracing.py), exported
 as OpenTelemetry's standard variables say (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...; otlp
 unless OTEL_TRACES_EXPORTER names another). Without it, OTEL_TRACES_EXPORTER and OTEL_TRACES_SAMPLER
-configure tracing as for `python -m client classify`; with neither, nothing is traced.
+configure tracing as for `python -m client classify`; with neither, nothing is traced. The local
+Triton 2.51 crashes under concurrent traced requests at high rates (fixed in 25.04; k8s/README.md,
+"Tracing"): keep the share small against it.
 
 Exit codes: 0 passed; 1 Locust's own failure (any failed request without --fail-ratio, or workers
 missing after --expect-workers-max-wait); 2 nothing can be measured (model missing, no readable
@@ -221,29 +223,35 @@ def close_monitor(environment, **_kwargs):
             print(f"loadtest: monitor: {sender.dropped} record(s) dropped, {sender.sent} sent", flush=True)
 
 
-TRACING: list = []  # this process's TracerProvider, when tracing is configured
+TRACING: list = []  # this process's TracerProvider (None: tracing not configured), once set up
 
 
-@events.init.add_listener
+@events.test_start.add_listener
 def configure_tracing(environment, **_kwargs):
-    """A TracerProvider per process from the standard variables; --trace-share samples by trace id."""
-    share = environment.parsed_options.trace_share if environment.parsed_options else 0.0
+    """A TracerProvider per process from the standard variables; --trace-share samples by trace id. At
+    test start, not init: a `--worker` process gets the master's options only with the spawn message."""
+    if TRACING or environment.parsed_options is None:
+        return
+    share = environment.parsed_options.trace_share
     if share > 0:
         os.environ.update(OTEL_TRACES_SAMPLER="traceidratio", OTEL_TRACES_SAMPLER_ARG=str(share))
         os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp")
         os.environ.setdefault("OTEL_SERVICE_NAME", "histoserve-loadtest")
     try:
         provider = tracing.configure_tracing_from_environment()
-    except TelemetryConfigError as error:
-        raise SystemExit(f"loadtest: error: {error}") from error
-    if provider is not None:
-        TRACING.append(provider)
+    except TelemetryConfigError as error:  # nothing can be measured as asked: exit 2, as for a missing model
+        print(f"loadtest: error: {error}", flush=True)
+        environment.process_exit_code = 2
+        environment.runner.quit()
+        return
+    TRACING.append(provider)  # None too: configured once per process
 
 
 @events.quitting.add_listener
 def flush_traces(environment, **_kwargs):
     for provider in TRACING:
-        provider.shutdown()  # exports the spans still queued
+        if provider is not None:
+            provider.shutdown()  # exports the spans still queued
 
 
 @events.init.add_listener
@@ -391,13 +399,14 @@ class TritonGrpcUser(User):
         sending = RUN.loop.clock.at(started_wall)
         sending.sent += 1
         sending.late += (started - first) * 1000.0 > self.environment.parsed_options.late_ms
-        exception, sent = None, started
+        exception, sent, trace_id = None, started, None
         try:
             with tracing.classify_span(self.classifier.model, [self.inputs.paths[i] for i in indices]) as span:
                 span.set_attribute("histoserve.batch_size", len(indices))
                 batch = self.batch(indices)
                 sent = time.perf_counter()  # service latency counts from here (after decoding, when per request)
                 answers, version = self.classifier.infer_versioned(batch, top_k=1)
+                trace_id = tracing.trace_id_of(span)
             wrong = [(i, row[0]) for i, row in zip(indices, answers, strict=True) if row[0].index not in self.inputs.accepted[i]]
             if wrong:
                 i, answer = wrong[0]
@@ -408,7 +417,7 @@ class TritonGrpcUser(User):
         done = time.perf_counter()
         if exception is None and (monitor := monitor_sender(self.environment.parsed_options)) is not None:
             monitor.submit(records_for(self.classifier.model, version, batch, [row[0].index for row in answers],
-                                       [row[0].score for row in answers]))
+                                       [row[0].score for row in answers], trace_id))
         completing = RUN.loop.clock.at(time.time())
         if exception is None:
             completing.record(done - sent, done - first)

@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "invalid (default: SLO ÷ 20, at least 10 ms: lateness that cannot move the verdict is not counted)")
     parser.add_argument("--trace-share", type=FRACTION, default=0.0,
                         help="trace this share of each step's requests (OpenTelemetry, exported as the OTEL_* variables "
-                             "say; Triton traces the same requests) (default: %(default)s)")
+                             "say; Triton traces the same requests). Not against the local Triton 2.51 at high rates: it "
+                             "crashes under concurrent traced requests, fixed in 25.04 (k8s/README.md, Tracing) "
+                             "(default: %(default)s)")
     parser.add_argument("--metrics-url", help="Triton's Prometheus metrics (default: http://HOST:8002/metrics)")
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
     add_tls_arguments(parser)

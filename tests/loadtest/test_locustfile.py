@@ -120,3 +120,11 @@ def test_a_traced_share_of_requests_is_traced_from_locust_through_triton(traced_
     # local 2.51's race between concurrently traced requests (server PR #8144, fixed in 25.04; it also
     # crashes 2.51 at higher rates, k8s/README.md "Tracing"), so the test asks for most, not all.
     assert len(set(triton)) >= 0.8 * len(traced), f"Triton traced {len(set(triton))} of {len(traced)} sampled requests"
+
+
+def test_an_encoded_model_is_refused_by_name_before_any_timed_request(traced_server, digits_root):
+    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 1, "--spawn-rate", 1,
+                     "--run-time", "3s", "--only-summary", "--triton-url", traced_server.grpc_url, "--model", f"{MODEL}-encoded",
+                     "--images", digits_root / "test", check=False, timeout=120)
+    assert result.returncode == 2
+    assert "loadtest: error: the model is an encoded model" in result.stdout + result.stderr
