@@ -248,14 +248,15 @@ class TritonClassifier(ContractView):
             deadline = time.monotonic() + self.deadline_s  # one for the batch, re-sends included
             while batch.images:
                 span.set_attribute("histoserve.batch_size", len(batch.images))
+                tensor = batch.tensor()  # stacked once: sent, then the monitor's statistics
                 try:
-                    rows, version = self.infer_versioned(batch.tensor(), top_k, deadline)
+                    rows, version = self.infer_versioned(tensor, top_k, deadline)
                 except InferenceFailed as error:
                     if batch.drop_refused_file(error):
                         continue  # an encoded model refused one file: the others are sent again without it
                     return batch.finish(None, f"inference failed: {error}", tracing.trace_id_of(span))
                 if self.monitor is not None and self.spec is not None:
-                    self.monitor.submit(records_for(self.model, version, batch.tensor(), [row[0].index for row in rows],
+                    self.monitor.submit(records_for(self.model, version, tensor, [row[0].index for row in rows],
                                                     [row[0].score for row in rows], tracing.trace_id_of(span)))
                 return batch.finish(rows, "", tracing.trace_id_of(span))
             return batch.finish(None, "", tracing.trace_id_of(span))

@@ -57,7 +57,7 @@ class ModelContract:
         if tensor_in.get("data_type") != INPUT_DATATYPE or tensor_out.get("data_type") != OUTPUT_DATATYPE:
             raise ContractError(f"model {name!r}: input.data_type {tensor_in.get('data_type')} and output.data_type "
                                 f"{tensor_out.get('data_type')}, expected {INPUT_DATATYPE} and {OUTPUT_DATATYPE}")
-        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        parameters = string_parameters(config)
         try:
             preprocess = PreprocessSpec.from_parameters(parameters)
         except ValueError as error:
@@ -87,6 +87,11 @@ class ModelContract:
 ENCODED_INPUT_DATATYPE = "TYPE_STRING"
 
 
+def string_parameters(config: dict) -> dict[str, str]:
+    """A config's `parameters` as name → string value."""
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
 @dataclass(frozen=True)
 class EncodedContract:
     """What a caller needs to know about an encoded model (the server decodes and preprocesses the
@@ -104,7 +109,7 @@ class EncodedContract:
     def from_config(cls, config: dict) -> EncodedContract:
         name = config.get("name", "")
         inputs, outputs = config.get("input", []), config.get("output", [])
-        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        parameters = string_parameters(config)
         if (len(inputs) != 1 or len(outputs) != 1 or inputs[0].get("data_type") != ENCODED_INPUT_DATATYPE
                 or [int(d) for d in inputs[0].get("dims", [])] != [1] or outputs[0].get("data_type") != OUTPUT_DATATYPE
                 or not parameters.get("pixel_model")):

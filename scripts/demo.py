@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from histoserve.formats.version import GoldenAnswers, read_published
@@ -145,96 +146,127 @@ def load_test(title: str, ports, model: str, data: Path, users: int, seconds: in
     ])
 
 
-def main() -> int:
+DATA, RUN, REPOSITORY, REPORTS = Path("data/digits"), Path("runs/demo"), Path("model_repository"), Path("reports")
+MODEL = "digits"
+
+
+@dataclass
+class Outcome:
+    """What the serving half of the demo saw, for the summary."""
+
+    served: list[dict]
+    served_accuracy: float
+    int8_accuracy: float
+    shifted_accuracy: float
+    unshifted: str
+    shifted: str
+    records: Path
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--load-seconds", type=int, default=30)
     parser.add_argument("--users", type=int, default=8)
-    args = parser.parse_args()
+    return parser
 
-    data, run, repository, reports = Path("data/digits"), Path("runs/demo"), Path("model_repository"), Path("reports")
-    model = "digits"
-    started = time.monotonic()
 
-    step("1. demo data: scikit-learn's digits as an ImageFolder tree", [PYTHON, "-m", "train", "demo-data", data])
+def train_and_publish(args) -> int:
+    """Steps 1 to 3b: demo data, training, export (fp32 and int8) and staging; the published version."""
+    step("1. demo data: scikit-learn's digits as an ImageFolder tree", [PYTHON, "-m", "train", "demo-data", DATA])
     step("2. train + test report", [
-        PYTHON, "-m", "train", "fit", "--data", data, "--out", run, "--arch", args.arch, "--weights", "none",
+        PYTHON, "-m", "train", "fit", "--data", DATA, "--out", RUN, "--arch", args.arch, "--weights", "none",
         "--epochs", args.epochs, "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light",
     ])
-    published = run / "published"
+    published = RUN / "published"
     step("3. export: ONNX, parity gate, golden answers, Triton model repository",
-         [PYTHON, "-m", "export", run / "checkpoint.pt", "--repository", repository, "--name", model, "--result-file", published],
+         [PYTHON, "-m", "export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--result-file", published],
          stdout=subprocess.DEVNULL)
     version = read_published(ROOT / published).version
     step(f"3a. stage version {version} as a pod's init container does: copy it, check every file against SHA256SUMS",
-         [PYTHON, "-m", "serve", "stage", "--store", repository, "--published", published, "--target", run / "pod"])
+         [PYTHON, "-m", "serve", "stage", "--store", REPOSITORY, "--published", published, "--target", RUN / "pod"])
     gate = step("3b. export int8: calibrate on training images, accuracy gate against fp32, publish as digits-int8", [
-        PYTHON, "-m", "export", run / "checkpoint.pt", "--repository", repository, "--name", model, "--precision", "int8",
+        PYTHON, "-m", "export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--precision", "int8",
     ], stdout=subprocess.PIPE, text=True)
     print(next((line for line in gate.stdout.splitlines() if "accuracy gate" in line), ""))
+    return version
 
+
+def serve_and_measure(args, version: int) -> Outcome:
+    """Steps 3c to 6: the real Triton and the monitor started, golden answers, classification (plain,
+    int8, shifted), load tests, both stopped."""
     ports = free_ports()
-    server = start_server(repository, ports)
+    server = start_server(REPOSITORY, ports)
     monitor_port = free_ports().http
-    records = run / "monitor-records.jsonl"
-    token = writer_token(run / "monitor-token")
-    monitor = start_monitor(repository, monitor_port, records, token)
+    records = RUN / "monitor-records.jsonl"
+    token = writer_token(RUN / "monitor-token")
+    monitor = start_monitor(REPOSITORY, monitor_port, records, token)
     writer = (f"http://127.0.0.1:{monitor_port}", token)
     try:
         step(f"3c. golden answers: version {version} must give them before a pod serving it is Ready", [
-            PYTHON, "-m", "serve", "golden-gate", "--once", "--repository", run / "pod", "--model", model, "--version", version,
+            PYTHON, "-m", "serve", "golden-gate", "--once", "--repository", RUN / "pod", "--model", MODEL, "--version", version,
             "--url", f"127.0.0.1:{ports.grpc}"])
-        served, served_accuracy = classify(data, ports, model, "4. classify the test split over gRPC, records to the monitor "
+        served, served_accuracy = classify(DATA, ports, MODEL, "4. classify the test split over gRPC, records to the monitor "
                                            "(first lines shown)", show=8, monitor=writer)
-        unshifted = monitor_verdict(monitor_port, model)
+        unshifted = monitor_verdict(monitor_port, MODEL)
         print(f"  monitor: {unshifted}")
-        _, int8_accuracy = classify(data, ports, f"{model}-int8", "4b. the same with the int8 model", show=0)
-        _, shifted_accuracy = classify(data, ports, model, "4c. a shifted batch: the test split with inverted contrast",
-                                       show=0, monitor=writer, folder=inverted_copy(data / "test", run / "inverted"))
-        shifted = monitor_verdict(monitor_port, model)
+        _, int8_accuracy = classify(DATA, ports, f"{MODEL}-int8", "4b. the same with the int8 model", show=0)
+        _, shifted_accuracy = classify(DATA, ports, MODEL, "4c. a shifted batch: the test split with inverted contrast",
+                                       show=0, monitor=writer, folder=inverted_copy(DATA / "test", RUN / "inverted"))
+        shifted = monitor_verdict(monitor_port, MODEL)
         print(f"  monitor: {shifted}")
 
-        reports.mkdir(exist_ok=True)
-        load_test(f"5. load test: {args.users} gRPC users for {args.load_seconds}s", ports, model, data, args.users,
-                  args.load_seconds, reports / "locust")
-        load_test(f"5b. load test on the int8 model: {args.users} users for {args.load_seconds // 2}s", ports, f"{model}-int8",
-                  data, args.users, args.load_seconds // 2, reports / "locust-int8")
+        REPORTS.mkdir(exist_ok=True)
+        load_test(f"5. load test: {args.users} gRPC users for {args.load_seconds}s", ports, MODEL, DATA, args.users,
+                  args.load_seconds, REPORTS / "locust")
+        load_test(f"5b. load test on the int8 model: {args.users} users for {args.load_seconds // 2}s", ports, f"{MODEL}-int8",
+                  DATA, args.users, args.load_seconds // 2, REPORTS / "locust-int8")
     finally:
         print("\n=== 6. stop the server and the monitor", flush=True)
         stop_server(server)
         stop_server(monitor)
+    return Outcome(served, served_accuracy, int8_accuracy, shifted_accuracy, unshifted, shifted, records)
 
-    metrics = json.loads((ROOT / run / "test_metrics.json").read_text())
-    golden_count = len(GoldenAnswers.read(ROOT / run / "pod" / model / str(version))[0].top1)
-    load = read_summary(ROOT / reports / "locust")
-    load_int8 = read_summary(ROOT / reports / "locust-int8")
-    plot = plot_history(ROOT / reports / "locust")
-    minutes = (time.monotonic() - started) / 60
+
+def print_summary(args, version: int, outcome: Outcome, minutes: float) -> int:
+    """The summary table; 0 when both load tests had no failure."""
+    metrics = json.loads((ROOT / RUN / "test_metrics.json").read_text())
+    golden_count = len(GoldenAnswers.read(ROOT / RUN / "pod" / MODEL / str(version))[0].top1)
+    load = read_summary(ROOT / REPORTS / "locust")
+    load_int8 = read_summary(ROOT / REPORTS / "locust-int8")
+    plot = plot_history(ROOT / REPORTS / "locust")
     print(f"""
 === summary ({minutes:.1f} min)
   test accuracy (PyTorch, {metrics['images']} images)   {metrics['accuracy']:.4f}
-  served accuracy (Triton, {len(served)} images)  {served_accuracy:.4f}
-  served accuracy, int8 model          {int8_accuracy:.4f}  ({100 * (int8_accuracy - served_accuracy):+.2f} points)
+  served accuracy (Triton, {len(outcome.served)} images)  {outcome.served_accuracy:.4f}
+  served accuracy, int8 model          {outcome.int8_accuracy:.4f}  ({100 * (outcome.int8_accuracy - outcome.served_accuracy):+.2f} points)
   version {version}, as a pod checks it      every file matches SHA256SUMS; all {golden_count} golden answers right
-  monitor, the test split              {unshifted}
-  monitor, inverted contrast           {shifted}
-      (served accuracy on the inverted images {shifted_accuracy:.4f}; offline, with plots:
-       python -m monitor report {records} --window 270 --out reports/monitor)
+  monitor, the test split              {outcome.unshifted}
+  monitor, inverted contrast           {outcome.shifted}
+      (served accuracy on the inverted images {outcome.shifted_accuracy:.4f}; offline, with plots:
+       python -m monitor report {outcome.records} --window 270 --out reports/monitor)
   load test ({args.users} users, {args.load_seconds}s, batch 1, 3×32² uint8)
 {load.table()}
   int8 ÷ fp32 served throughput        {load_int8.requests_per_second / load.requests_per_second:.2f}×  \
 ({load_int8.requests_per_second:.1f} vs {load.requests_per_second:.1f} req/s)
       (ResNet50 at 32²; benchmarks/serving.py measures it at 224²)
   reports
-    test report         {run / 'test_report.txt'}
-    confusion matrix    {run / 'test_confusion_matrix.png'}
-    training curves     {run / 'training_curves.png'}
-    model repository    {repository / model}
-    locust              {reports / 'locust.html'}, {reports / 'locust_stats.csv'}
+    test report         {RUN / 'test_report.txt'}
+    confusion matrix    {RUN / 'test_confusion_matrix.png'}
+    training curves     {RUN / 'training_curves.png'}
+    model repository    {REPOSITORY / MODEL}
+    locust              {REPORTS / 'locust.html'}, {REPORTS / 'locust_stats.csv'}
     latency plot        {plot.relative_to(ROOT)}""")
     return 0 if load.failures == 0 and load_int8.failures == 0 else 1
 
+
+def main() -> int:
+    args = build_parser().parse_args()
+    started = time.monotonic()
+    version = train_and_publish(args)
+    outcome = serve_and_measure(args, version)
+    return print_summary(args, version, outcome, (time.monotonic() - started) / 60)
 
 if __name__ == "__main__":
     os.chdir(ROOT)
