@@ -1,9 +1,12 @@
-# The project's images. Triton itself runs from NVIDIA's image, not these.
+# The project's images. Triton itself runs from NVIDIA's image, not these. After pushing one, pin its
+# digest in k8s/components/images, sign it and attach its SBOM (make sbom writes sbom/<target>.cdx.json
+# for each target below): the cluster's admission policy admits it only then (k8s/README.md, "Images").
 #
 #   docker build --target serve-tools -t registry.example.com/histoserve-serve:0.1.0 .
-#     thin: numpy, Pillow, tritonclient and this repository, no torch. Every Triton pod's model-stage
-#     init container and golden-gate container (python -m histoserve.serve stage / golden-gate).
-#   docker build -t registry.example.com/histoserve:0.1.0 .
+#     thin: numpy, Pillow, tritonclient, model-signing and this repository, no torch. Every Triton pod's
+#     model-stage init container (verifies the version's signature) and golden-gate container
+#     (python -m histoserve.serve stage / golden-gate).
+#   docker build --build-arg SOURCE_COMMIT=$(git rev-parse HEAD) -t registry.example.com/histoserve:0.1.0 .
 #     full: the jobs (k8s/jobs/publish, loadtest, training) and the drift monitor.
 #   docker build --target triton -t registry.example.com/histoserve/tritonserver:26.10-histoserve .
 #     NVIDIA's Triton with the thin package in the python backend's interpreter: needed to serve an
@@ -24,7 +27,7 @@ COPY loadtest loadtest
 COPY monitor monitor
 
 FROM source AS serve-tools
-RUN pip install -c constraints.txt .
+RUN pip install -c constraints.txt '.[signing]'
 USER 1000
 
 FROM nvcr.io/nvidia/tritonserver:26.10-py3 AS triton
@@ -37,4 +40,8 @@ RUN python3 -m pip install --no-cache-dir --break-system-packages -c /opt/histos
 # The default target (last): the full image.
 FROM source AS full
 RUN pip install -c constraints.txt '.[train,export,loadtest,monitor]'
+# The commit every version's provenance names (export/provenance.py); without it the publish Job's
+# export refuses to publish: build with --build-arg SOURCE_COMMIT=$(git rev-parse HEAD).
+ARG SOURCE_COMMIT=""
+ENV HISTOSERVE_SOURCE_COMMIT=${SOURCE_COMMIT}
 USER 1000

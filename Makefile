@@ -12,7 +12,7 @@ CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 NODE_STAMP := client/node/node_modules/.installed
 
-.PHONY: demo test install constraints clean promtool
+.PHONY: demo test install constraints clean promtool sbom
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -43,6 +43,11 @@ $(NODE_STAMP): client/node/package-lock.json
 promtool:
 	@command -v promtool >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+# A CycloneDX SBOM per project image (sbom/<Dockerfile stage>.cdx.json), from constraints.txt's pins;
+# attach each to its pushed image (cosign attest --type cyclonedx): k8s/README.md, "Images".
+sbom: $(STAMP)
+	$(PY) scripts/sbom.py --out sbom
 
 # Re-pin after changing dependencies in pyproject.toml.
 constraints: $(STAMP) $(CHECKOV_STAMP)

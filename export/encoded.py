@@ -94,9 +94,10 @@ def check_twins_publishable(repository: Path, name: str, version: int) -> None:
 
 
 def publish_encoded(repository: Path, pixel: mc.ModelConfig, labels: list[str], version: int,
-                    options: EncodedOptions = EncodedOptions()) -> tuple[Path, Path]:
+                    options: EncodedOptions = EncodedOptions(), signing_key: Path | None = None) -> tuple[Path, Path]:
     """Publish `<name>-preprocess` and then `<name>-encoded` at `version` (the pixel model's, already
-    published): each version folder in one rename, with its config and SHA256SUMS."""
+    published): each version folder in one rename, with its config and SHA256SUMS, signed like the
+    pixel model's with `signing_key`."""
     check_twins_publishable(repository, pixel.name, version)
     labels_text = "".join(f"{label}\n" for label in labels)
     folders = []
@@ -108,6 +109,6 @@ def publish_encoded(repository: Path, pixel: mc.ModelConfig, labels: list[str], 
         write_text_if_changed(model_dir / "config.pbtxt", text)
         if VERSION_LABELS in files:
             write_text_if_changed(model_dir / LABELS_FILE, labels_text)
-        folders.append(publish_version_folder(model_dir, version, {**files, VERSION_CONFIG: text}))
+        folders.append(publish_version_folder(model_dir, version, {**files, VERSION_CONFIG: text}, signing_key=signing_key))
     return folders[0], folders[1]
 

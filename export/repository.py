@@ -28,7 +28,8 @@ from histoserve.formats.repository import (
     versions,
     write_text_if_changed,
 )
-from histoserve.formats.version import VERSION_CONFIG, VERSION_CPU_CONFIG, VERSION_LABELS, write_checksums
+from histoserve.formats.signing import sign_version
+from histoserve.formats.version import VERSION_CONFIG, VERSION_CPU_CONFIG, VERSION_LABELS, sha256_of, write_checksums
 
 
 @dataclass(frozen=True)
@@ -203,12 +204,15 @@ def cpu_variant(config: mc.ModelConfig, tuning: CpuTuning = CpuTuning()) -> mc.M
 def publish(
     repository: Path, config: mc.ModelConfig, labels: list[str], onnx_file: Path, version: int | None = None,
     cpu_tuning: CpuTuning = CpuTuning(), version_files: dict[str, Callable[[int], str | bytes]] | None = None,
+    describe: Callable[[int, dict[str, str]], dict[str, str]] | None = None, signing_key: Path | None = None,
 ) -> Path:
     """Write config.pbtxt, labels.txt and the version folder; returns the version folder.
 
     The version folder is self-contained (formats/version.py): model.onnx, the config, its CPU
     variant and the labels as published with it, the `version_files` {name: render(version) → text
-    or bytes} (drift baseline, golden answers), and SHA256SUMS over all of them. It is assembled in
+    or bytes} (drift baseline, golden answers), the files `describe(version, {file: sha256})` renders
+    about them (provenance, model card), SHA256SUMS over all of them and, with `signing_key`, the
+    signature over everything (formats/signing.py). It is assembled in
     a hidden folder and appears by one rename: complete or absent. The model-level config.pbtxt,
     configs/cpu.pbtxt and labels.txt are what a Triton in poll mode reads over the whole store; a pod
     that serves one version builds its own from that version's copies (python -m serve stage).
@@ -228,12 +232,16 @@ def publish(
     write_text_if_changed(model_dir / "configs" / "cpu.pbtxt", cpu_text)
     snapshots = {VERSION_CONFIG: config_text, VERSION_CPU_CONFIG: cpu_text, VERSION_LABELS: labels_text}
     return publish_version_folder(model_dir, version, {MODEL_FILE: Path(onnx_file), **snapshots,
-                                                       **{n: render(version) for n, render in (version_files or {}).items()}})
+                                                       **{n: render(version) for n, render in (version_files or {}).items()}},
+                                  describe=(lambda digests: describe(version, digests)) if describe else None, signing_key=signing_key)
 
 
-def publish_version_folder(model_dir: Path, version: int, files: dict[str, str | bytes | Path]) -> Path:
-    """`model_dir/<version>/` holding `files` (name → text, bytes, or a file to copy) and SHA256SUMS
-    over them, read-only, assembled in a hidden folder (Triton ignores those) and renamed into place:
+def publish_version_folder(model_dir: Path, version: int, files: dict[str, str | bytes | Path],
+                           describe: Callable[[dict[str, str]], dict[str, str]] | None = None,
+                           signing_key: Path | None = None) -> Path:
+    """`model_dir/<version>/` holding `files` (name → text, bytes, or a file to copy), what
+    `describe({name: sha256 of those})` adds, SHA256SUMS over them and, with `signing_key`, model.sig
+    over all; read-only, assembled in a hidden folder (Triton ignores those) and renamed into place:
     complete or absent."""
     target = Path(model_dir) / str(version)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
@@ -245,7 +253,12 @@ def publish_version_folder(model_dir: Path, version: int, files: dict[str, str |
                 (staging / name).write_bytes(content)
             else:
                 (staging / name).write_text(content)
+        if describe:
+            for name, content in describe({name: sha256_of(staging / name) for name in files}).items():
+                (staging / name).write_text(content)
         write_checksums(staging)
+        if signing_key:
+            sign_version(staging, signing_key)
         for path in staging.iterdir():
             os.chmod(path, 0o444)  # a version is immutable: its files are read-only from the start
         os.chmod(staging, 0o755)

@@ -10,7 +10,10 @@
         drift_baseline.json   the monitor's reference (formats/baseline.py)
         golden.json           golden answers: a few held-out images and what this version must answer
         golden_inputs.npy     those images, uint8 N×3×H×W, as the client sends them
+        provenance.intoto.json  how it was made: data, code, options, gates (export/provenance.py)
+        MODEL_CARD.md         what it is for and how well it does, and its JSON twin model_card.json
         SHA256SUMS            sha256 of every other file of the folder (`sha256sum -c` reads it)
+        model.sig             who published it: a signature over all of the above (formats/signing.py)
 
 A pod copies exactly one version into its own repository (python -m serve stage) and checks it
 against SHA256SUMS: a missing, altered or unexpected file stops it, naming the file. Before the pod
@@ -18,8 +21,8 @@ takes traffic its own Triton must answer the golden inputs as golden.json says (
 golden-gate): the right top-1 class and label, and probabilities within the version's tolerance.
 The expected classes and labels come from the data (the images' true classes, on which PyTorch
 agreed), not from the exported files, so a wrong labels file or wrong weights cannot vouch for
-themselves. SHA256SUMS guards against partial copies, corruption and stray edits of the store; who
-may write the store stays the trust boundary (k8s/README.md).
+themselves. SHA256SUMS guards against partial copies, corruption and stray edits of the store; the
+signature against a writer of the store who holds no trusted signing key (k8s/README.md).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 CHECKSUMS_FILE = "SHA256SUMS"
+SIGNATURE_FILE = "model.sig"  # formats/signing.py: over every other file, SHA256SUMS included
 GOLDEN_FILE, GOLDEN_INPUTS_FILE = "golden.json", "golden_inputs.npy"
 VERSION_CONFIG, VERSION_CPU_CONFIG, VERSION_LABELS = "config.pbtxt", "cpu.pbtxt", "labels.txt"
 GOLDEN_FORMAT, GOLDEN_FORMAT_VERSION = "histoserve.golden", 1
@@ -55,10 +59,12 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def files_of(folder: Path) -> list[str]:
-    """Every regular file below `folder` but SHA256SUMS, as sorted relative POSIX paths."""
+def files_of(folder: Path, include_checksums: bool = False) -> list[str]:
+    """Every regular file below `folder` but the signature (and SHA256SUMS, unless `include_checksums`),
+    as sorted relative POSIX paths."""
+    left_out = {SIGNATURE_FILE} | (set() if include_checksums else {CHECKSUMS_FILE})
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and p.relative_to(folder).as_posix() != CHECKSUMS_FILE)
+                  if p.is_file() and p.relative_to(folder).as_posix() not in left_out)
 
 
 def write_checksums(folder: Path) -> Path:
@@ -80,6 +86,8 @@ def read_checksums(folder: Path) -> dict[str, str]:
         digest, separator, name = line.partition("  ")
         if not separator or len(digest) != 64 or not name or name.startswith("/") or ".." in Path(name).parts:
             raise VersionFilesError(f"{path}:{number}: not a `sha256sum` line: {line[:80]!r}")
+        if name in sums:  # `sha256sum -c` checks both lines, and one of them fails: malformed, not "last wins"
+            raise VersionFilesError(f"{path}:{number}: {name} is listed twice")
         sums[name] = digest
     if not sums:
         raise VersionFilesError(f"{path} lists no file")

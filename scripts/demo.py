@@ -1,7 +1,8 @@
 """The main job, end to end on the bundled digits: `make demo` (or `.venv/bin/python scripts/demo.py`).
 
 prepare data → train ResNet50 → test report → export ONNX to model_repository/ (fp32, and int8 through
-its accuracy gate) → stage the fp32 version as a Kubernetes pod does (every file against its
+its accuracy gate), each version signed with a demo publisher key → stage the fp32 version as a
+Kubernetes pod does (its signature against the trusted public key, every file against its
 SHA256SUMS) → real Triton and the drift monitor → the version's golden answers from the server →
 classify the test split over gRPC with both, fp32's predictions recorded by the monitor (no drift),
 then the test split with inverted contrast (drift flagged) → 30 s Locust run on fp32, 15 s on int8 →
@@ -180,17 +181,39 @@ def train_and_publish(args) -> int:
         "--epochs", args.epochs, "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light",
     ])
     published = RUN / "published"
-    step("3. export: ONNX, parity gate, golden answers, Triton model repository",
-         [PYTHON, "-m", "export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--result-file", published],
-         stdout=subprocess.DEVNULL)
+    signing_key, trusted = publisher_keys(RUN / "keys")
+    step("3. export: ONNX, parity gate, golden answers, provenance and model card, signed: Triton model repository",
+         [PYTHON, "-m", "export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--result-file", published,
+          "--signing-key", signing_key], stdout=subprocess.DEVNULL)
     version = read_published(ROOT / published).version
-    step(f"3a. stage version {version} as a pod's init container does: copy it, check every file against SHA256SUMS",
-         [PYTHON, "-m", "serve", "stage", "--store", REPOSITORY, "--published", published, "--target", RUN / "pod"])
+    step(f"3a. stage version {version} as a pod's init container does: copy it, check its signature and every file",
+         [PYTHON, "-m", "serve", "stage", "--store", REPOSITORY, "--published", published, "--target", RUN / "pod",
+          "--trusted-keys", trusted])
     gate = step("3b. export int8: calibrate on training images, accuracy gate against fp32, publish as digits-int8", [
         PYTHON, "-m", "export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--precision", "int8",
+        "--signing-key", signing_key,
     ], stdout=subprocess.PIPE, text=True)
     print(next((line for line in gate.stdout.splitlines() if "accuracy gate" in line), ""))
     return version
+
+
+def publisher_keys(folder: Path) -> tuple[Path, Path]:
+    """The demo's publisher: an EC P-256 key pair made once (what `openssl ecparam -name prime256v1
+    -genkey -noout -out publisher.key` and `openssl ec -in publisher.key -pubout` make), and a folder
+    of trusted public keys holding its public half (the cluster's ConfigMap histoserve-model-trust)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private, trusted = ROOT / folder / "publisher.key", ROOT / folder / "trusted"
+    if not private.exists():
+        trusted.mkdir(parents=True, exist_ok=True)
+        key = ec.generate_private_key(ec.SECP256R1())
+        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        os.chmod(private, 0o600)
+        (trusted / "publisher.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, trusted
 
 
 def serve_and_measure(args, version: int) -> Outcome:
@@ -241,7 +264,7 @@ def print_summary(args, version: int, outcome: Outcome, minutes: float) -> int:
   test accuracy (PyTorch, {metrics['images']} images)   {metrics['accuracy']:.4f}
   served accuracy (Triton, {len(outcome.served)} images)  {outcome.served_accuracy:.4f}
   served accuracy, int8 model          {outcome.int8_accuracy:.4f}  ({100 * (outcome.int8_accuracy - outcome.served_accuracy):+.2f} points)
-  version {version}, as a pod checks it      every file matches SHA256SUMS; all {golden_count} golden answers right
+  version {version}, as a pod checks it      signed by a trusted key, files match SHA256SUMS, {golden_count} golden answers right
   monitor, the test split              {outcome.unshifted}
   monitor, inverted contrast           {outcome.shifted}
       (served accuracy on the inverted images {outcome.shifted_accuracy:.4f}; offline, with plots:

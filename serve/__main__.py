@@ -14,7 +14,8 @@ start (pass it to the admin tools with --admin-key-file). Inference, metadata, m
 health need no key. --no-http turns Triton's HTTP/REST endpoint off, as the Kubernetes Deployment does.
 
 Two more commands run in each Kubernetes Triton pod, which serves one pinned version:
-  python -m serve stage --store S --model M --version N --target T   copy one version, verified against its SHA256SUMS
+  python -m serve stage --store S --model M --version N --target T --trusted-keys K
+      copy one version, verified against its signature (by a key in K) and its SHA256SUMS
   python -m serve golden-gate --repository T --model M --version N   ready only once Triton gives the golden answers
 (`python -m serve stage --help`, `python -m serve golden-gate --help`.)
 """

@@ -34,6 +34,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from histoserve.formats.admin import AdminKey
+from histoserve.formats.options import ClientTls
 from histoserve.formats.repository import VersionState
 from histoserve.serve.local_repository import sync_local_repository
 
@@ -84,11 +85,12 @@ def wait_for_readiness(http_url: str, timeout_s: float, process: subprocess.Pope
     return False
 
 
-def wait_for_grpc_readiness(grpc_url: str, timeout_s: float, process: subprocess.Popen | None = None) -> bool:
+def wait_for_grpc_readiness(grpc_url: str, timeout_s: float, process: subprocess.Popen | None = None,
+                            tls: ClientTls | None = None) -> bool:
     """`wait_for_readiness` over gRPC (ServerReady, in Triton's unrestricted health group), for a
-    server started with --allow-http=false."""
+    server started with --allow-http=false; over TLS with `tls`."""
     deadline = time.monotonic() + timeout_s
-    with grpcclient.InferenceServerClient(grpc_url) as client:
+    with grpcclient.InferenceServerClient(grpc_url, **(tls.client_arguments() if tls else {})) as client:
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
                 return False
@@ -187,6 +189,9 @@ class TritonServer:
     model_control_mode: str = "none"
     repository_poll_s: float = 5.0
     grpc_tls: GrpcTls | None = None
+    # How this process calls the server over gRPC when its TLS comes from extra_args (a Deployment's
+    # own flags) or HTTP is off: readiness and the repository index, with this client identity.
+    client_tls: ClientTls | None = None
     # The admin APIs' key (formats/admin.py): None makes one for this run. restrict_admin=False leaves
     # the restriction to extra_args (the Deployment's own flags), which must then use this key.
     admin_key: AdminKey | None = None
@@ -276,7 +281,7 @@ class TritonServer:
         if self.model_control_mode not in ("none", "poll"):
             raise ServerError(f"model control mode {self.model_control_mode!r}: use 'none' or 'poll'")
         check_ports_free(self.address, self.ports)
-        if not self.http_enabled and self.grpc_tls is not None:
+        if not self.http_enabled and self.grpc_tls is not None and self.client_tls is None:
             raise ServerError("with gRPC over TLS keep HTTP on: serve checks the server's readiness there")
         installation = TritonInstallation.find()
         if self.admin_key is None:
@@ -335,13 +340,13 @@ class TritonServer:
                                              headers=key.http_headers() if key else {})
             with LOCAL_HTTP.open(request, timeout=5) as response:
                 return json.loads(response.read())
-        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+        with grpcclient.InferenceServerClient(self.grpc_url, **(self.client_tls.client_arguments() if self.client_tls else {})) as client:
             return client.get_model_repository_index(headers=key.grpc_headers() if key else None, as_json=True,
                                                      client_timeout=5).get("models", [])
 
     def wait_until_ready(self) -> None:
         ready = (wait_for_readiness(self.http_url, self.ready_timeout_s, self.process) if self.http_enabled
-                 else wait_for_grpc_readiness(self.grpc_url, self.ready_timeout_s, self.process))
+                 else wait_for_grpc_readiness(self.grpc_url, self.ready_timeout_s, self.process, self.client_tls))
         if not ready:
             if self.process is None or self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process and self.process.returncode}:\n{self.log_tail()}")

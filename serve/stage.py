@@ -1,5 +1,5 @@
-"""python -m serve stage --store /store --model NAME --version N --target /models
-python -m serve stage --store /store --published RESULT_FILE --target /tmp/check
+"""python -m serve stage --store /store --model NAME --version N --target /models --trusted-keys /trusted-keys
+python -m serve stage --store /store --published RESULT_FILE --target /tmp/check --trusted-keys /trusted-keys
 
 Copies exactly one published version out of the model store into a serving repository of its own,
 and proves the copy intact first. What a Kubernetes pod's init container runs (the store is the
@@ -14,9 +14,13 @@ model claim mounted read-only, or the folder an S3 download filled); Triton then
 and, when the store has them at the same version, the model's encoded twins (`<model>-preprocess`,
 `<model>-encoded`: `python -m export --encoded`), each checked the same way.
 
-Every file is checked against the version's SHA256SUMS *after* it was copied, so what Triton reads is
-what `python -m export` wrote: a file missing, altered on the way or added to the version stops the
-stage with a message naming the file, and nothing is left in the target. The config must name the
+Every file is checked against the version's signature (model.sig, formats/signing.py) and its
+SHA256SUMS *after* it was copied, so what Triton reads is what `python -m export` wrote and signed:
+an unsigned version, one signed by a key not in --trusted-keys (a folder of PEM public keys, `*.pub`:
+a ConfigMap in the cluster; two keys at once during a rotation), or a file missing, altered or added
+after signing stops the stage with a message naming the file and the reason, and nothing is left in
+the target. --allow-unsigned skips the signature (local experiments only; every overlay passes
+--trusted-keys). The config must name the
 model, keep the serving contract and agree with the labels. Exit code 0: staged; 1: refused.
 
 A target folder already holding a model is replaced only when an earlier stage wrote it (a pod's
@@ -39,6 +43,7 @@ from pathlib import Path
 from histoserve.formats.contract import LABELS_FILE, ContractError
 from histoserve.formats.options import POSITIVE_INT, existing_file, existing_folder
 from histoserve.formats.repository import MODEL_FILE, NAME_PATTERN, RepositoryError, contract_of, encoded_twins, read_config, versions
+from histoserve.formats.signing import trusted_keys, verify_signature
 from histoserve.formats.version import (
     VERSION_CONFIG,
     VERSION_CPU_CONFIG,
@@ -63,10 +68,12 @@ class StagedVersion:
     folder: Path  # <target>/<model>
     files: int
     twins: tuple[str, ...] = ()  # the encoded model and its preprocessing, staged beside it
+    signed_by: Path | None = None  # the trusted key that verified every staged folder (None: not checked)
 
 
-def stage(store: Path, model: str, version: int, target: Path) -> StagedVersion:
-    """Stage `model` at `version`, and its encoded twins at the same version when the store has them."""
+def stage(store: Path, model: str, version: int, target: Path, trusted: list[Path] | None = None) -> StagedVersion:
+    """Stage `model` at `version`, and its encoded twins at the same version when the store has them;
+    with `trusted` (public keys), each folder's signature must verify with one of them first."""
     if not NAME_PATTERN.match(model):
         raise StageError(f"--model {model!r} must match {NAME_PATTERN.pattern}")
     source = Path(store) / model / str(version)
@@ -83,27 +90,35 @@ def stage(store: Path, model: str, version: int, target: Path) -> StagedVersion:
     placed = {VERSION_CONFIG: "config.pbtxt", VERSION_CPU_CONFIG: "configs/cpu.pbtxt", VERSION_LABELS: LABELS_FILE}
     twin_placed = {VERSION_CONFIG: "config.pbtxt", VERSION_LABELS: LABELS_FILE}
     prepared: list[tuple[str, Path]] = []
+    signers = set()
     try:  # every folder verified before any is placed: a bad twin leaves nothing for Triton either
-        prepared.append((model, prepare_folder(Path(store), model, version, target, placed, check_version)))
-        for name in twins:
-            prepared.append((name, prepare_folder(Path(store), name, version, target, twin_placed, check_twin)))
+        for name, files, check in ((model, placed, check_version), *((t, twin_placed, check_twin) for t in twins)):
+            work, signer = prepare_folder(Path(store), name, version, target, files, check, trusted)
+            prepared.append((name, work))
+            signers.add(signer)
         for name, work in prepared:
             place(work, target, name)
     finally:
         for _, work in prepared:
             shutil.rmtree(work, ignore_errors=True)
     folder = target / model
-    return StagedVersion(model, version, folder, sum(1 for p in (folder / str(version)).iterdir() if p.is_file()), twins)
+    return StagedVersion(model, version, folder, sum(1 for p in (folder / str(version)).iterdir() if p.is_file()), twins,
+                         next(iter(signers)) if len(signers) == 1 else None)
 
 
-def prepare_folder(store: Path, model: str, version: int, target: Path, placed: dict[str, str], check) -> Path:
-    """Copy store/model/version into a hidden folder of `target`, verify it and place its own config
-    files (`placed`: file of the version → path in the model folder; absent ones skipped)."""
+def prepare_folder(store: Path, model: str, version: int, target: Path, placed: dict[str, str], check,
+                   trusted: list[Path] | None) -> tuple[Path, Path | None]:
+    """Copy store/model/version into a hidden folder of `target`, verify it (signature with `trusted`,
+    SHA256SUMS, contents) and place its own config files (`placed`: file of the version → path in the
+    model folder; absent ones skipped). Returns the folder and the key that verified it."""
     source = store / model / str(version)
     work = Path(tempfile.mkdtemp(dir=target, prefix=f".stage-{model}-"))
+    signer = None
     try:
         copied = work / str(version)
         copy_version(source, copied)
+        if trusted is not None:  # first: the signature covers SHA256SUMS, so it says which file was changed after signing
+            signer = verify_signature(copied, trusted, shown_as=source).key
         try:
             problems = verify_checksums(copied)
         except VersionFilesError as error:
@@ -121,7 +136,7 @@ def prepare_folder(store: Path, model: str, version: int, target: Path, placed: 
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return work
+    return work, signer
 
 
 def place(work: Path, target: Path, model: str) -> None:
@@ -204,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", type=POSITIVE_INT)
     parser.add_argument("--published", type=existing_file, help="instead of --model and --version: export's --result-file")
     parser.add_argument("--target", type=Path, required=True, help="the serving repository to assemble")
+    trust = parser.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--trusted-keys", type=existing_folder,
+                       help="folder of PEM public keys (*.pub): the version must be signed by one of them")
+    trust.add_argument("--allow-unsigned", action="store_true", help="skip the signature check (local experiments only)")
     return parser
 
 
@@ -216,10 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.published:
             published = read_published(args.published)
             args.model, args.version = published.name, published.version
-        staged = stage(args.store, args.model, args.version, args.target)
-    except (StageError, VersionFilesError, OSError) as error:
+        trusted = None if args.allow_unsigned else trusted_keys(args.trusted_keys)
+        staged = stage(args.store, args.model, args.version, args.target, trusted)
+    except (StageError, VersionFilesError, OSError) as error:  # SignatureError too
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
+    signed = f", signed by {staged.signed_by.name}" if staged.signed_by else " (signature not checked: --allow-unsigned)"
     print(f"staged {staged.model} version {staged.version} into {staged.folder}: {staged.files} files, every one "
-          f"matching its SHA256SUMS" + (f"; and its encoded twins {', '.join(staged.twins)}" if staged.twins else ""), flush=True)
+          f"matching its SHA256SUMS{signed}" + (f"; and its encoded twins {', '.join(staged.twins)}" if staged.twins else ""),
+          flush=True)
     return 0

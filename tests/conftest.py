@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.publisher_keys import session_publisher
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "digits"
 
@@ -73,9 +75,11 @@ def repository(trained_run, tmp_path_factory) -> Path:
     AVX2-only machine: 96.7 % after one epoch, 98.9 % after two; AVX-512 machines passed 99 %). The gate
     itself is tested in tests/export/test_precision.py."""
     repo = tmp_path_factory.mktemp("model_repository")
+    publisher, _ = session_publisher()  # signed, as the publish Jobs sign: the rendered model-stage trusts its public key
     for precision in ("fp32", "int8"):
         run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
-                "--max-batch-size", 16, "--max-queue-delay-us", 2000, "--precision", precision, "--min-agreement", 0.95)
+                "--max-batch-size", 16, "--max-queue-delay-us", 2000, "--precision", precision, "--min-agreement", 0.95,
+                "--signing-key", publisher.private)
     return repo
 
 
@@ -94,7 +98,7 @@ def encoded_repository(repository, tmp_path_factory) -> Path:
     for model in (MODEL, f"{MODEL}-int8"):
         shutil.copytree(repository / model, repo / model)
         labels = (repo / model / "labels.txt").read_text().splitlines()
-        publish_encoded(repo, read_config(repo / model / "config.pbtxt"), labels, 1)
+        publish_encoded(repo, read_config(repo / model / "config.pbtxt"), labels, 1, signing_key=session_publisher()[0].private)
     return repo
 
 

@@ -23,6 +23,9 @@ ALLOWED = {
 }
 # what the thin floor may depend on besides the standard library: the base install of pyproject.toml
 THIN = {"numpy", "PIL", "pyspng", "simplejpeg", "tritonclient", "google", "grpc"}
+# formats modules that need an extra of pyproject.toml, and the stages that install it: model signing
+# is shared by export (signs) and serve (verifies, the serve-tools image installs .[signing]).
+WITH_EXTRAS = {"signing.py": ({"model_signing", "cryptography"}, {"export", "serve"})}
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -59,8 +62,16 @@ def test_every_stage_imports_only_what_the_graph_allows():
 def test_the_shared_formats_stay_thin():
     heavy = [f"{path.relative_to(ROOT)}:{line}: {module}" for path in sorted((ROOT / "formats").rglob("*.py"))
              for line, module in imported_modules(path)
-             if module.split(".")[0] not in THIN and stage_of(module) is None and not is_standard_library(module)]
+             if module.split(".")[0] not in THIN | WITH_EXTRAS.get(path.name, (set(),))[0]
+             and stage_of(module) is None and not is_standard_library(module)]
     assert heavy == []
+
+
+def test_a_formats_module_with_an_extra_is_imported_only_by_the_stages_that_install_it():
+    users = {(stage, f"{path.relative_to(ROOT)}:{line}") for stage in ALLOWED for path in sorted((ROOT / stage).rglob("*.py"))
+             for line, module in imported_modules(path) for name, (_, stages) in WITH_EXTRAS.items()
+             if module == f"histoserve.formats.{name.removesuffix('.py')}" and stage not in stages | {"formats"}}
+    assert users == set()
 
 
 def is_standard_library(module: str) -> bool:

@@ -15,15 +15,15 @@ from histoserve.formats.version import TOLERANCE, GoldenAnswers, read_checksums,
 from tests.conftest import MODEL
 from tests.export.test_repository import fake_model_file, small_config
 
-VERSION_FILES = ["SHA256SUMS", "config.pbtxt", "cpu.pbtxt", "drift_baseline.json", "golden.json", "golden_inputs.npy",
-                 "labels.txt", "model.onnx"]
+VERSION_FILES = sorted(["SHA256SUMS", "config.pbtxt", "cpu.pbtxt", "drift_baseline.json", "golden.json", "golden_inputs.npy",
+                        "labels.txt", "model.onnx", "provenance.intoto.json", "MODEL_CARD.md", "model_card.json", "model.sig"])
 
 
 @pytest.mark.parametrize("model, precision", [(MODEL, "fp32"), (f"{MODEL}-int8", "int8")])
 def test_a_published_version_holds_every_file_it_needs_and_checks_out(repository, model, precision):
     folder = repository / model / "1"
     assert sorted(p.name for p in folder.iterdir()) == VERSION_FILES
-    assert sorted(read_checksums(folder)) == [name for name in VERSION_FILES if name != "SHA256SUMS"]
+    assert sorted(read_checksums(folder)) == [name for name in VERSION_FILES if name not in ("SHA256SUMS", "model.sig")]
     assert verify_checksums(folder) == []
     assert all(not p.stat().st_mode & 0o222 for p in folder.iterdir())  # read-only from the start
     for snapshot, current in (("config.pbtxt", "config.pbtxt"), ("cpu.pbtxt", "configs/cpu.pbtxt"), ("labels.txt", "labels.txt")):

@@ -26,7 +26,11 @@ def schemas() -> dict[tuple[str, str], dict]:
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for version in crd["spec"]["versions"]:
             if version.get("served", True):
-                found[(f"{group}/{version['name']}", kind)] = strict(version["schema"]["openAPIV3Schema"])
+                schema = strict(version["schema"]["openAPIV3Schema"])
+                # every object has these, whether or not its CRD lists them (policy-controller's does not)
+                for field, kind_of in (("apiVersion", "string"), ("kind", "string"), ("metadata", "object")):
+                    schema.setdefault("properties", {}).setdefault(field, {"type": kind_of})
+                found[(f"{group}/{version['name']}", kind)] = schema
     return found
 
 
@@ -48,7 +52,8 @@ def strict(schema: dict) -> dict:
     return schema
 
 
-CUSTOM_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "gateway.envoyproxy.io/", "argoproj.io/")
+CUSTOM_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "gateway.envoyproxy.io/", "argoproj.io/",
+                 "cert-manager.io/", "policy.sigstore.dev/")
 
 
 def is_custom(obj: dict) -> bool:

@@ -78,19 +78,26 @@ ANNOTATION_FIELD = re.compile(r"metadata\.annotations\['([^']+)'\]")
 
 def local_command(container: dict, template: dict, mounts: dict[str, Path], secrets: dict | None = None) -> list[str]:
     """The container's command line, expanded as the kubelet does, with each volume's mount path
-    replaced by the local folder `mounts[volume name]` stands in for, and `python` by this interpreter."""
+    (a word, or the value of `--option=path`) replaced by the local folder `mounts[volume name]` stands
+    in for, and `python` by this interpreter."""
     words = expand(container.get("command", []) + container.get("args", []), container, secrets or {},
                    template["metadata"].get("annotations", {}))
+    words = localize(words, container, mounts)
+    return [sys.executable, *words[1:]] if words[:1] == ["python"] else words
+
+
+def localize(words: list[str], container: dict, mounts: dict[str, Path]) -> list[str]:
+    """`words` with the container's mount paths replaced by the local folders of `mounts[volume name]`."""
     paths = {m["mountPath"]: Path(mounts[m["name"]]) for m in container.get("volumeMounts", []) if m["name"] in mounts}
 
     def local(word: str) -> str:
+        option, equals, value = word.partition("=") if word.startswith("--") else ("", "", word)
         for mount_path, folder in paths.items():
-            if word == mount_path or word.startswith(mount_path + "/"):
-                return str(folder) + word[len(mount_path):]
+            if value == mount_path or value.startswith(mount_path + "/"):
+                return option + equals + str(folder) + value[len(mount_path):]
         return word
 
-    words = [local(word) for word in words]
-    return [sys.executable, *words[1:]] if words[:1] == ["python"] else words
+    return [local(word) for word in words]
 
 
 def http_probe(url: str, timeout_s: float = 1.0) -> str:

@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -20,7 +21,10 @@ KUBECTL = Path(sys.executable).parent / "kubectl"
 OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/gpu-gateway", "overlays/gpu-canary", "overlays/gpu-canary-adopt",
             "overlays/gpu-canary-leave", "overlays/cpu", "overlays/dev"]
 JOBS = ["jobs/loadtest", "jobs/training", "jobs/publish", "jobs/publish-s3"]
-KUSTOMIZATIONS = OVERLAYS + JOBS
+# What outlives the overlays (the Namespace, the model store's claim, the image policy), applied first.
+PLATFORMS = ["platform", "platform/s3", "platform/dev"]
+KUSTOMIZATIONS = OVERLAYS + JOBS + PLATFORMS
+DIGEST = re.compile(r"^[^@\s]+@sha256:[0-9a-f]{64}$")
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -40,6 +44,21 @@ def render(kustomization: str) -> list[dict]:
     if result.returncode != 0:
         raise AssertionError(f"kubectl kustomize {kustomization} failed:\n{result.stderr}")
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def platform_for(kustomization: str) -> str:
+    """The platform kustomization an overlay or job is applied on."""
+    return {"overlays/dev": "platform/dev", "overlays/gpu-s3": "platform/s3"}.get(kustomization, "platform")
+
+
+@cache
+def _rendered(kustomization: str) -> str:
+    return json.dumps(render(kustomization))
+
+
+def render_cached(kustomization: str) -> list[dict]:
+    """render(), once per run (a copy each call)."""
+    return json.loads(_rendered(kustomization))
 
 
 def pod_templates(objects: list[dict]) -> list[tuple[dict, dict]]:
@@ -128,9 +147,12 @@ def check_ports(objects: list[dict]) -> list[str]:
     problems = []
     templates = pod_templates(objects)
     for workload, template in templates:
+        # The kubelet probes the pod's address: a port number may be any container's, a port name
+        # only the probed container's own.
+        pod_numbers = {p["containerPort"] for c in containers(template) for p in c.get("ports", [])}
         for container in containers(template):
             names = {p.get("name") for p in container.get("ports", [])}
-            numbers = {p["containerPort"] for p in container.get("ports", [])}
+            numbers = pod_numbers
             for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
                 probe = container.get(probe_name)
                 if not probe:
@@ -232,8 +254,8 @@ def check_triton_ports(objects: list[dict]) -> list[str]:
                 if any(p.get("targetPort") in http_names or p["port"] == HTTP_PORT for p in service_ports):
                     problems.append(f"{name}: HTTP is off but a Service still exposes port {HTTP_PORT}")
                 for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
-                    if "httpGet" in container.get(probe_name, {}):
-                        problems.append(f"{name}: HTTP is off but the {probe_name} calls HTTP")
+                    if container.get(probe_name, {}).get("httpGet", {}).get("port") in http_names:
+                        problems.append(f"{name}: HTTP is off but the {probe_name} calls Triton's HTTP port")
     return problems
 
 
@@ -283,18 +305,20 @@ def check_admin_restriction(objects: list[dict]) -> list[str]:
 
 
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass",
-                  "CustomResourceDefinition", "PriorityClass", "GatewayClass"}
+                  "CustomResourceDefinition", "PriorityClass", "GatewayClass", "ClusterImagePolicy"}
 
 
 def check_names(objects: list[dict]) -> list[str]:
-    """Valid DNS names; and every namespaced object in the overlay's namespace (one without a namespace
-    lands in whatever namespace kubectl's context names)."""
+    """Valid DNS names; and every namespaced object in the kustomization's one namespace (one without a
+    namespace lands in whatever namespace kubectl's context names)."""
     problems = []
-    namespaces = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"}
-    for o in objects:
-        if o["kind"] not in CLUSTER_SCOPED and namespaces and o["metadata"].get("namespace") not in namespaces:
+    namespaced = [o for o in objects if o["kind"] not in CLUSTER_SCOPED]
+    namespaces = {o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"} or \
+        {o["metadata"].get("namespace") for o in namespaced} - {None}
+    for o in namespaced:
+        if len(namespaces) != 1 or o["metadata"].get("namespace") not in namespaces:
             problems.append(f"{o['kind']}/{o['metadata']['name']}: namespace {o['metadata'].get('namespace')!r}, not the "
-                            f"overlay's {sorted(namespaces)}")
+                            f"kustomization's one namespace (it has {sorted(namespaces)})")
     for o in objects:
         name = o["metadata"]["name"]
         pattern = DNS1035_LABEL if o["kind"] == "Service" else DNS1123_SUBDOMAIN
@@ -315,11 +339,12 @@ def check_images(objects: list[dict]) -> list[str]:
     for workload, template in pod_templates(objects):
         for container in containers(template):
             image = container["image"]
-            name, _, digest = image.partition("@")
-            tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else ""
-            if not digest and tag in ("", "latest"):
-                problems.append(f"{workload['metadata']['name']}/{container['name']}: image {image!r} is not pinned (tag or digest, "
-                                "never :latest)")
+            if not DIGEST.match(image):
+                problems.append(f"{workload['metadata']['name']}/{container['name']}: image {image!r} is not pinned by digest "
+                                "(components/images)")
+            elif container.get("imagePullPolicy") != "IfNotPresent":
+                problems.append(f"{workload['metadata']['name']}/{container['name']}: imagePullPolicy "
+                                f"{container.get('imagePullPolicy')!r}: a digest never changes, IfNotPresent pulls it once")
     return problems
 
 
@@ -360,11 +385,14 @@ def check_scheduling_and_rollout(objects: list[dict]) -> list[str]:
 
 
 def check_storage(objects: list[dict]) -> list[str]:
-    """Shared claims name a class that can share; a Deployment mounts only claims its kustomization
-    creates (Jobs mount an overlay's); a ReadWriteOnce claim passes from the old pod to the new one
-    only with Recreate; disk emptyDirs fit the pod's ephemeral-storage limit."""
+    """Shared claims name a class that can share; a Deployment mounts only claims its kustomization or
+    its platform creates (Jobs mount the platform's); a ReadWriteOnce claim passes from the old pod to
+    the new one only with Recreate; disk emptyDirs fit the pod's ephemeral-storage limit."""
     problems = []
-    claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    namespaces = {o["metadata"].get("namespace") for o in objects}
+    platform = [o for p in PLATFORMS for o in render_cached(p) if o["kind"] == "PersistentVolumeClaim"
+                and o["metadata"].get("namespace") in namespaces]
+    claims = {o["metadata"]["name"]: o for o in platform + objects if o["kind"] == "PersistentVolumeClaim"}
     for claim in claims.values():
         shared = {"ReadWriteMany", "ReadOnlyMany"} & set(claim["spec"].get("accessModes", []))
         if shared and not claim["spec"].get("storageClassName"):
@@ -923,6 +951,157 @@ def collector_problems(objects, name, template, container, version, distribution
     return problems
 
 
+TRITON_PROBE_PATHS = {"startupProbe": "/triton/ready", "readinessProbe": "/triton/ready", "livenessProbe": "/triton/live"}
+RELOADER = "secret.reloader.stakater.com/reload"
+LOADTEST_TLS = {"HISTOSERVE_SSL_ROOT_CERTIFICATES": "ca.crt", "HISTOSERVE_SSL_PRIVATE_KEY": "tls.key",
+                "HISTOSERVE_SSL_CERTIFICATE_CHAIN": "tls.crt"}
+
+
+def certificate_file(objects: list[dict], template: dict, container: dict, path: str | None) -> tuple[dict | None, str]:
+    """(the cert-manager Certificate whose Secret holds `path` in this container, the Secret key), or
+    (None, why not)."""
+    mount = mounted_volume(container, path or "")
+    if mount is None:
+        return None, f"{path!r} is on no volume mount"
+    volume = next((v for v in template["spec"].get("volumes", []) if v["name"] == mount["name"]), {})
+    secret = volume.get("secret", {}).get("secretName")
+    certificate = next((o for o in objects if o["kind"] == "Certificate" and o["spec"]["secretName"] == secret), None)
+    if certificate is None:
+        return None, f"{path!r} is not in the Secret of a cert-manager Certificate of this kustomization"
+    return certificate, path[len(mount["mountPath"]) + 1:]
+
+
+def issuer_of(objects: list[dict], certificate: dict) -> str | None:
+    """The Certificate's issuer as `Kind/name`, or None when it names an Issuer this kustomization lacks
+    (a ClusterIssuer is cluster-wide: the operator's)."""
+    ref = certificate["spec"].get("issuerRef", {})
+    kind = ref.get("kind", "Issuer")
+    if kind == "Issuer" and named(objects, "Issuer", ref.get("name")) is None:
+        return None
+    return f"{kind}/{ref.get('name')}"
+
+
+def check_tls(objects: list[dict]) -> list[str]:
+    """Where Triton serves gRPC over TLS: mutual TLS, every file from a cert-manager Certificate of
+    this kustomization whose issuer exists; the server certificate names every Service that selects
+    the pods and 127.0.0.1 (the golden gate); no gRPC probe (the kubelet cannot present a client
+    certificate): the Triton container's probes ask the golden gate, which calls Triton with a client
+    certificate of the same issuer; Reloader rolls the pods when the server Secret is renewed; a
+    GRPCRoute's Envoy checks the server certificate (BackendTLSPolicy) and presents a client
+    certificate (EnvoyProxy backendTLS) of the same issuer, offering ALPN h2. A Job that calls
+    triton-grpc presents a client certificate (HISTOSERVE_SSL_*)."""
+    problems = []
+    server_certificates: dict[str, dict] = {}  # Service name -> Triton's server Certificate
+    serves = any(triton_command(c) for _, t in pod_templates(objects) for c in t["spec"]["containers"])
+    for certificate in (o for o in objects if o["kind"] == "Certificate" and serves):  # a Job's: the overlay has its Issuer
+        if issuer_of(objects, certificate) is None:
+            problems.append(f"Certificate/{certificate['metadata']['name']}: issuerRef Issuer "
+                            f"{certificate['spec'].get('issuerRef', {}).get('name')!r} is no Issuer of this kustomization")
+    for workload, template in pod_templates(objects):
+        spec, name = template["spec"], workload["metadata"]["name"]
+        triton = next((c for c in spec["containers"] if triton_command(c)), None)
+        if triton is None:
+            continue
+        words = triton_command(triton)
+        if flag(words, "grpc-use-ssl") != "true":
+            continue
+        if flag(words, "grpc-use-ssl-mutual") != "true":
+            problems.append(f"{name}: --grpc-use-ssl without --grpc-use-ssl-mutual=true: any caller may connect")
+        files = {}
+        for triton_option, key in (("grpc-server-cert", "tls.crt"), ("grpc-server-key", "tls.key"), ("grpc-root-cert", "ca.crt")):
+            certificate, found = certificate_file(objects, template, triton, flag(words, triton_option))
+            if certificate is None or found != key:
+                problems.append(f"{name}: --{triton_option}: {found if certificate is None else f'key {found!r}, not {key!r}'}")
+            files[triton_option] = certificate
+        server = files["grpc-server-cert"]
+        if server is None:
+            continue
+        namespace = server["metadata"].get("namespace", "default")
+        if "server auth" not in server["spec"].get("usages", []):
+            problems.append(f"Certificate/{server['metadata']['name']}: Triton's certificate lacks the usage 'server auth'")
+        if "127.0.0.1" not in server["spec"].get("ipAddresses", []):
+            problems.append(f"Certificate/{server['metadata']['name']}: no ipAddress 127.0.0.1: the golden gate cannot verify Triton")
+        labels = template["metadata"].get("labels", {})
+        for service in (o for o in objects if o["kind"] == "Service" and matches(o["spec"].get("selector", {}), labels)):
+            if any(p.get("targetPort") in ("grpc", GRPC_PORT) for p in service["spec"]["ports"]):
+                fqdn = f"{service['metadata']['name']}.{namespace}.svc.{CLUSTER_DOMAIN}"
+                server_certificates[service["metadata"]["name"]] = server
+                if fqdn not in server["spec"].get("dnsNames", []):
+                    problems.append(f"Certificate/{server['metadata']['name']}: dnsNames lack {fqdn}: callers of Service "
+                                    f"{service['metadata']['name']} cannot verify Triton")
+        if server["spec"]["secretName"] not in workload["metadata"].get("annotations", {}).get(RELOADER, "").split(","):
+            problems.append(f"{name}: no {RELOADER} annotation naming {server['spec']['secretName']}: Triton keeps a renewed "
+                            "certificate's predecessor until it restarts")
+        gate = next((c for c in spec["containers"] if serve_command(c, "golden-gate") is not None), None)
+        gate_ports = {p["containerPort"] for p in (gate or {}).get("ports", [])}
+        for probe_name, path in TRITON_PROBE_PATHS.items():
+            probe = triton.get(probe_name, {})
+            if "grpc" in probe:
+                problems.append(f"{name}: Triton's {probe_name} is a gRPC probe: the kubelet cannot present a client certificate")
+            elif probe.get("httpGet", {}).get("port") not in gate_ports or probe["httpGet"].get("path") != path:
+                problems.append(f"{name}: Triton's {probe_name} does not ask the golden gate's {path}")
+        if gate is None:
+            continue
+        gate_words = serve_command(gate, "golden-gate")
+        for gate_option, key in (("ssl-root-certificates", "ca.crt"), ("ssl-private-key", "tls.key"),
+                                 ("ssl-certificate-chain", "tls.crt")):
+            certificate, found = certificate_file(objects, template, gate, option(gate_words, gate_option))
+            if certificate is None or found != key:
+                problems.append(f"{name}/golden-gate: --{gate_option}: {found if certificate is None else f'key {found!r}, not {key!r}'}")
+            elif gate_option == "ssl-private-key" and ("client auth" not in certificate["spec"].get("usages", [])
+                                                  or issuer_of(objects, certificate) != issuer_of(objects, server)):
+                problems.append(f"{name}/golden-gate: its certificate is no client certificate of Triton's issuer")
+    for route in (o for o in objects if o["kind"] == "GRPCRoute"):
+        backends = {b["name"] for rule in route["spec"].get("rules", []) for b in rule.get("backendRefs", [])}
+        for backend in sorted(backends & set(server_certificates)):
+            server = server_certificates[backend]
+            policy = next((o for o in objects if o["kind"] == "BackendTLSPolicy"
+                           and any(t.get("kind") == "Service" and t["name"] == backend for t in o["spec"]["targetRefs"])), None)
+            if policy is None:
+                problems.append(f"GRPCRoute/{route['metadata']['name']}: backend {backend} serves TLS but no BackendTLSPolicy targets it")
+                continue
+            validation = policy["spec"]["validation"]
+            if validation.get("hostname") not in server["spec"].get("dnsNames", []):
+                problems.append(f"BackendTLSPolicy/{policy['metadata']['name']}: hostname {validation.get('hostname')!r} is not in "
+                                f"Triton's certificate {server['metadata']['name']}")
+            for ref in validation.get("caCertificateRefs", []):
+                certificate = next((o for o in objects if o["kind"] == "Certificate" and o["spec"]["secretName"] == ref["name"]), None)
+                if ref.get("kind") != "Secret" or certificate is None or issuer_of(objects, certificate) != issuer_of(objects, server):
+                    problems.append(f"BackendTLSPolicy/{policy['metadata']['name']}: CA {ref.get('kind')}/{ref['name']} is not the "
+                                    "ca.crt of a Certificate of Triton's issuer")
+        for parent in route["spec"].get("parentRefs", []):
+            gateway = named(objects, "Gateway", parent["name"])
+            reference = (gateway or {}).get("spec", {}).get("infrastructure", {}).get("parametersRef", {})
+            proxy = named(objects, reference.get("kind"), reference.get("name"))
+            if not backends & set(server_certificates):
+                continue
+            backend_tls = (proxy or {}).get("spec", {}).get("backendTLS", {})
+            secret = backend_tls.get("clientCertificateRef", {}).get("name")
+            client = next((o for o in objects if o["kind"] == "Certificate" and o["spec"]["secretName"] == secret), None)
+            server = server_certificates[sorted(backends & set(server_certificates))[0]]
+            if (client is None or "client auth" not in client["spec"].get("usages", [])
+                    or issuer_of(objects, client) != issuer_of(objects, server)):
+                problems.append(f"Gateway/{parent['name']}: its EnvoyProxy presents no client certificate of Triton's issuer "
+                                "(backendTLS.clientCertificateRef)")
+            if "h2" not in backend_tls.get("alpnProtocols", []):
+                problems.append(f"Gateway/{parent['name']}: its EnvoyProxy does not offer ALPN h2 to Triton (backendTLS.alpnProtocols)")
+    for workload, template in pod_templates(objects):
+        for container in template["spec"]["containers"]:
+            words = container.get("command", []) + container.get("args", [])
+            if workload["kind"] != "Job" or "triton-grpc." not in " ".join(words):
+                continue
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            where = f"Job/{workload['metadata']['name']}"
+            if env.get("HISTOSERVE_SSL") != "true":
+                problems.append(f"{where}: calls triton-grpc without HISTOSERVE_SSL=true")
+            for variable, key in LOADTEST_TLS.items():
+                certificate, found = certificate_file(objects, template, container, env.get(variable))
+                if certificate is None or found != key or "client auth" not in certificate["spec"].get("usages", []):
+                    problems.append(f"{where}: {variable}: "
+                                    + (found if certificate is None else f"key {found!r} of a client Certificate, not {key!r}"))
+    return problems
+
+
 CHECKS = {
     "selectors": check_selectors,
     "ports": check_ports,
@@ -940,6 +1119,7 @@ CHECKS = {
     "canary": check_canary,
     "variables": check_variables,
     "tracing": check_tracing,
+    "tls": check_tls,
 }
 
 

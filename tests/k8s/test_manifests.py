@@ -29,8 +29,8 @@ def objects_of(kustomization):
 def test_renders_with_real_kustomize(kustomization):
     kinds = {o["kind"] for o in rendered(kustomization)}
     assert kinds, kustomization
-    if kustomization in OVERLAYS:
-        assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy", "Namespace"} <= kinds
+    if kustomization in OVERLAYS:  # the Namespace is the platform's (k8s/platform)
+        assert {"Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -68,6 +68,10 @@ def misspell(path, wrong):
     ("overlays/gpu-gateway", "SecurityPolicy", misspell(["spec", "authorization", "defaultAction"], "default")),
     ("overlays/gpu-gateway", "BackendTrafficPolicy", misspell(["spec", "requestBuffer", "limit"], "maxSize")),
     ("overlays/gpu-gateway", "EnvoyProxy", misspell(["spec", "telemetry", "tracing", "samplingFraction"], "samplingFractions")),
+    ("overlays/gpu-gateway", "EnvoyProxy", misspell(["spec", "backendTLS", "clientCertificateRef"], "clientCertificate")),
+    ("overlays/gpu-gateway", "BackendTLSPolicy", misspell(["spec", "validation", "hostname"], "hostName")),
+    ("overlays/gpu", "Certificate", misspell(["spec", "issuerRef"], "issuer")),
+    ("overlays/gpu", "Issuer", misspell(["spec", "ca", "secretName"], "secret")),
     ("overlays/gpu-canary", "Rollout", misspell(["spec", "workloadRef", "scaleDown"], "scaledown")),
     ("overlays/gpu-canary", "Rollout", misspell(["spec", "strategy", "canary", "canaryService"], "canaryServiceName")),
     ("overlays/gpu-canary", "AnalysisTemplate", misspell(["spec", "metrics", 0, "successCondition"], "successCriteria")),
@@ -120,7 +124,8 @@ def break_selector(objects):
 
 
 def break_probe_port(objects):
-    triton(objects)["readinessProbe"]["grpc"]["port"] = 8010
+    probe = triton(objects)["readinessProbe"]
+    (probe.get("grpc") or probe["httpGet"])["port"] = 8010
 
 
 def break_service_port(objects):
@@ -206,7 +211,7 @@ def break_route_keeps_the_admin_header(objects):
 
 
 def break_namespace(objects):  # what overlays/gpu-s3 had: a component's object outside the overlay's namespace
-    del find(objects, "NetworkPolicy", "triton-model-download")["metadata"]["namespace"]
+    del find(objects, "NetworkPolicy", "model-store-s3-egress")["metadata"]["namespace"]
 
 
 def break_name(objects):
@@ -477,7 +482,7 @@ BROKEN = {  # breakage: (the check that must notice it, the kustomization it bre
     break_untagged: ("images", "overlays/gpu"), break_service_monitor: ("selectors", "overlays/gpu"),
     break_guaranteed_qos: ("rollout", "overlays/gpu"), break_probe_timeout: ("rollout", "overlays/gpu"),
     break_entrypoint: ("rollout", "overlays/gpu"), break_progress_deadline: ("rollout", "overlays/gpu"),
-    break_replicas_beside_hpa: ("rollout", "overlays/gpu"), break_storage_class: ("storage", "overlays/gpu"),
+    break_replicas_beside_hpa: ("rollout", "overlays/gpu"), break_storage_class: ("storage", "platform"),
     break_claim_reference: ("storage", "overlays/cpu"), break_records_rollout: ("storage", "overlays/gpu"),
     break_model_volume_size: ("storage", "overlays/gpu-s3"), break_hpa_metric: ("wiring", "overlays/gpu"),
     break_route_backend: ("wiring", "overlays/gpu-gateway"), break_route_listener: ("wiring", "overlays/gpu-gateway"),
@@ -544,15 +549,15 @@ def test_deployment_is_hardened_and_drains_gracefully():
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/dev/shm", "/tmp", "/models"}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # the kubelet's grpc.health.v1 call
-        assert container[probe]["grpc"] == {"port": 8001}, probe
+    for probe, path in (("startupProbe", "/triton/ready"), ("readinessProbe", "/triton/ready"), ("livenessProbe", "/triton/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": 8003}, probe  # the golden gate asks Triton over mutual TLS
     startup, liveness = container["startupProbe"], container["livenessProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # model load and warmup
     grace = pod["terminationGracePeriodSeconds"]
     exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert grace > pre_stop + exit_timeout
-    # Triton's gRPC health is its readiness, NOT_SERVING while it drains: liveness must outlast the drain
+    # liveness must outlast the drain (Triton's gRPC endpoint closes at SIGTERM, so ServerLive fails too)
     assert liveness["periodSeconds"] * liveness["failureThreshold"] > exit_timeout
     for flag in ("--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true", "--allow-http=false",
                  "--grpc-max-connection-age=60000", "--grpc-keepalive-permit-without-calls=true"):

@@ -117,8 +117,8 @@ def test_adapter_and_dashboard_queries_parse(tmp_path):
 
 def test_deployment_args_start_the_real_triton_and_probes_answer_as_declared(manifest_server):
     """The cpu overlay's own Triton arguments (the kubelet's $(VAR) expansion done, ports and repository
-    path local) run the real server; the kubelet's probes, gRPC health checks, answer SERVING; HTTP
-    is off and metrics are served."""
+    path local, TLS left out) run the real server; gRPC probes answer SERVING, and under mutual TLS the
+    probes ask the golden gate's port instead; HTTP is off and metrics are served."""
     import psutil
 
     args, container = manifest_server.manifest_args, manifest_server.manifest_container
@@ -127,8 +127,11 @@ def test_deployment_args_start_the_real_triton_and_probes_answer_as_declared(man
     assert "--allow-http=false" in args and not manifest_server.http_enabled
     local = {8001: manifest_server.ports.grpc, 8002: manifest_server.ports.metrics}
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
-        port = local[container[probe_name]["grpc"]["port"]]
-        assert grpc_probe(f"127.0.0.1:{port}") == "SERVING", probe_name
+        probe = container[probe_name]
+        if "grpc" in probe:
+            assert grpc_probe(f"127.0.0.1:{local[probe['grpc']['port']]}") == "SERVING", probe_name
+        else:  # mutual TLS: the golden gate asks Triton (run for real in tests/k8s/test_tls.py)
+            assert probe["httpGet"]["port"] == 8003 and probe["httpGet"]["path"].startswith("/triton/"), probe_name
     with socket.socket() as http, pytest.raises(ConnectionRefusedError):
         http.connect(("127.0.0.1", manifest_server.ports.http))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -234,7 +237,8 @@ def test_the_drift_monitor_is_scraped_and_reads_the_model_store():
     repository = container["command"][container["command"].index("--repository") + 1]
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == repository)
     volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
-    claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    # the store claim is the platform's (k8s/platform), the records claim the overlay's
+    claims = {o["metadata"]["name"] for o in objects + render("platform") if o["kind"] == "PersistentVolumeClaim"}
     assert volume["persistentVolumeClaim"]["claimName"] in claims and mount["readOnly"]
     assert deployment["spec"]["replicas"] == 1  # the windows live in one process
 

@@ -8,7 +8,7 @@ from functools import cache
 
 import pytest
 
-from tests.k8s.manifests import JOBS, OVERLAYS, render
+from tests.k8s.manifests import JOBS, OVERLAYS, platform_for, render
 from tests.k8s.network import Address, Pod, allowed, pods_of
 
 ALLOWED_NAMESPACE = {"histoserve.io/triton-clients": "allowed"}
@@ -35,7 +35,10 @@ TRACE_BACKEND = Pod("tempo-distributor", "observability", {"app.kubernetes.io/na
                     namespace_labels={"histoserve.io/trace-backend": "allowed"})
 OTHER_COLLECTOR = Pod("otel-collector", "shop", {"app.kubernetes.io/name": "otel-collector"}, OTLP_PORTS)
 INTERNET = Address("example.org", "93.184.215.14")
-S3 = Address("s3.eu-west-1.amazonaws.com", "52.218.1.10")
+S3 = Address("s3.eu-west-1.amazonaws.com", "52.218.1.10")  # S3's public address
+# the VPC's interface endpoints of S3 and STS, in the subnet components/s3-endpoint-egress names
+S3_ENDPOINT = Address("S3 interface endpoint", "10.0.128.5")
+STS_ENDPOINT = Address("STS interface endpoint", "10.0.128.9")
 METADATA = Address("cloud metadata service", "169.254.169.254")
 POD_IDENTITY_AGENT = Address("EKS Pod Identity agent", "169.254.170.23")
 PRIVATE_HOST = Address("a database in the VPC", "10.20.30.40")
@@ -48,11 +51,14 @@ def cluster(*kustomizations: str) -> tuple:
 
 
 def objects(overlay: str, *more: str) -> list[dict]:
-    return copy.deepcopy(list(cluster(overlay, *more, *JOBS)))
+    """The overlays on their platforms (the Namespaces, their labels), beside every job."""
+    platforms = dict.fromkeys(platform_for(k) for k in (overlay, *more))
+    return copy.deepcopy(list(cluster(*platforms, overlay, *more, *JOBS)))
 
 
 def expectations(overlay: str, pods: dict) -> list[tuple]:
     triton, locust, publish, train = pods["triton"], pods["locust"], pods["triton-publish"], pods["histoserve-train"]
+    publish_s3 = pods["triton-publish-s3"]
     neighbour = Pod(NEIGHBOUR.name, triton.namespace, NEIGHBOUR.labels)
     same_namespace_client = Pod("batch-scorer", triton.namespace, dict(CLIENT_LABEL), namespace_labels=triton.namespace_labels)
     dev = overlay == "overlays/dev"
@@ -85,17 +91,37 @@ def expectations(overlay: str, pods: dict) -> list[tuple]:
         (OUR_GATEWAY_PROXY, triton, "grpc", overlay.startswith(("overlays/gpu-gateway", "overlays/gpu-canary"))),
         (OUR_GATEWAY_PROXY, triton, "metrics", False),
         (OTHER_GATEWAY_PROXY, triton, "grpc", False),  # another team's Gateway on the same controller
-        # what Triton itself may reach: DNS; the object store only where an init container downloads
-        (triton, KUBE_DNS, 53, True),
-        # gpu-s3: HTTPS to public addresses (a NetworkPolicy cannot name s3.amazonaws.com), nothing else
-        (triton, INTERNET, 443, overlay == "overlays/gpu-s3"),
+        # what Triton itself may reach: DNS only where it resolves a name (the trace collector, the S3
+        # endpoints); the object store only where an init container downloads, and then only through
+        # the VPC's endpoints: never the internet, S3's public addresses included
+        (triton, KUBE_DNS, 53, not dev),
+        (triton, INTERNET, 443, False),
         (triton, INTERNET, 80, False),
         (triton, METADATA, 80, False),
         (triton, PRIVATE_HOST, 5432, False),
         (triton, CLIENT, 8080, False),
-        (triton, S3, 443, overlay == "overlays/gpu-s3"),
+        (triton, S3, 443, False),
+        (triton, S3_ENDPOINT, 443, overlay == "overlays/gpu-s3"),
+        (triton, STS_ENDPOINT, 443, overlay == "overlays/gpu-s3"),
+        (triton, S3_ENDPOINT, 80, False),
         (triton, POD_IDENTITY_AGENT, 80, False),
         (triton, PRIVATE_HOST, 443, False),
+        # the publish Jobs, the store's only writers: on a claim nothing at all, not even DNS; on S3
+        # DNS and the endpoints
+        (publish, KUBE_DNS, 53, False),
+        (publish, INTERNET, 443, False),
+        (publish, S3_ENDPOINT, 443, False),
+        (publish, METADATA, 80, False),
+        (publish_s3, KUBE_DNS, 53, True),
+        (publish_s3, S3_ENDPOINT, 443, True),
+        (publish_s3, STS_ENDPOINT, 443, True),
+        (publish_s3, S3, 443, False),
+        (publish_s3, INTERNET, 443, False),
+        (publish_s3, METADATA, 80, False),
+        (publish_s3, POD_IDENTITY_AGENT, 80, False),
+        (publish_s3, PRIVATE_HOST, 443, False),
+        (publish_s3, triton, "grpc", False),
+        (STRANGER, publish_s3, 8080, False),
     ]
     if "histoserve-monitor" in pods:  # the drift monitor (components/drift-monitor): records in, metrics out
         monitor = pods["histoserve-monitor"]
@@ -218,11 +244,37 @@ def admit_the_pod_network(objects):
 
 def open_triton_egress(objects):
     triton_policy(objects)["spec"]["policyTypes"] = ["Ingress"]
-    del triton_policy(objects)["spec"]["egress"]
+    triton_policy(objects)["spec"].pop("egress", None)
 
 
 def egress_to_the_internet_with_the_metadata_service(objects):
-    triton_policy(objects)["spec"]["egress"].append({"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]})
+    triton_policy(objects)["spec"].setdefault("egress", []).append(
+        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}]})
+
+
+DNS_RULE = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+            "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+
+
+def dns_for_a_triton_that_resolves_nothing(objects):  # what base/networkpolicy.yaml had: DNS for every Triton
+    triton_policy(objects)["spec"].setdefault("egress", []).append(copy.deepcopy(DNS_RULE))
+
+
+def s3_download_to_public_https(objects):  # what components/model-store-s3 had: 443 to every public address
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "model-store-s3-egress")
+    policy["spec"]["egress"][1]["to"] = [{"ipBlock": {"cidr": "0.0.0.0/0", "except": [
+        "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8"]}}]
+
+
+def publish_egress_unrestricted(objects):  # what k8s/jobs/publish (and so publish-s3) had: Ingress-only policies
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].startswith("triton-publish")):
+        policy["spec"]["policyTypes"] = ["Ingress"]
+
+
+def publish_s3_egress_everywhere(objects):
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "model-store-s3-egress-s3")
+    policy["spec"]["egress"].append({})
 
 
 def drop_the_training_policy(objects):
@@ -273,13 +325,15 @@ def collector_admits_every_envoy(objects):
 
 def triton_egress_to_every_otlp_port(objects):  # what a namespaceSelector-less rule on the port would do
     policy = collector_policy(objects, "triton-tracing")
-    policy["spec"]["egress"][0]["to"] = [{"namespaceSelector": {}}]
+    policy["spec"]["egress"][1]["to"] = [{"namespaceSelector": {}}]
 
 
 BROKEN = {  # breakage: the overlay it breaks
     rewrite_peers_like_include_selectors: "overlays/gpu", admit_any_pod_of_any_namespace: "overlays/gpu",
     admit_labelled_pods_of_any_namespace: "overlays/gpu", admit_every_address: "overlays/gpu",
-    admit_the_pod_network: "overlays/gpu", open_triton_egress: "overlays/gpu",
+    admit_the_pod_network: "overlays/gpu", open_triton_egress: "overlays/dev",
+    dns_for_a_triton_that_resolves_nothing: "overlays/dev", s3_download_to_public_https: "overlays/gpu-s3",
+    publish_egress_unrestricted: "overlays/gpu", publish_s3_egress_everywhere: "overlays/gpu",
     egress_to_the_internet_with_the_metadata_service: "overlays/gpu", drop_the_training_policy: "overlays/gpu",
     training_policy_admits_only_the_rendezvous_port: "overlays/gpu", deny_all_egress_from_locust: "overlays/gpu",
     monitor_open_to_every_labelled_pod: "overlays/gpu", gateway_policy_admits_every_envoy: "overlays/gpu-gateway",

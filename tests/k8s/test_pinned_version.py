@@ -7,15 +7,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
+from histoserve.formats.signing import sign_version
+from histoserve.formats.version import write_checksums
 from histoserve.serve.server import TritonServer, free_ports
 from tests.conftest import MODEL, run_cli
 from tests.k8s.conftest import run_init_containers, start_manifest_server, triton_template
 from tests.k8s.kubelet import grpc_probe, http_probe, local_command
 from tests.k8s.manifests import K8S, KUBECTL
+from tests.publisher_keys import make_key_pair, session_publisher, trusted_folder
 from tests.serve.published import copy_model, copy_version, republish, swap_labels
 
 
@@ -51,6 +55,8 @@ def gate_command(template: dict, server: TritonServer, port: int) -> list[str]:
     local ones, its port a free one (both containers share the pod's network; here they cannot)."""
     gate = next(c for c in template["spec"]["containers"] if c["name"] == "golden-gate")
     words = local_command(gate, template, {"model-repository": server.model_repository})
+    if server.client_tls is None:  # start_manifest_server left Triton's TLS out: the gate talks plaintext too
+        words = [w for w in words if not w.startswith("--ssl")]
     words[words.index("--url") + 1] = server.grpc_url
     words[words.index("--port") + 1] = str(port)
     return [*words, "--address", "127.0.0.1", "--interval", "0.2"]
@@ -108,17 +114,33 @@ def test_a_version_that_loads_but_answers_wrongly_never_makes_the_rendered_pod_r
         seen, output = watch_pod(server.pod_template, server, 20)
     finally:
         server.stop()
-    assert {v["triton"] for v in seen} == {"SERVING"}  # Triton itself is happy: it loaded the model
+    # Triton itself is happy, it loaded the model (its probes ask the gate: an error until the gate listens)
+    assert "success" in {v["triton"] for v in seen} and all(v["triton"] == "success" or v["triton"].startswith("error") for v in seen)
     assert all(v["golden-gate"] == "status 503" or v["golden-gate"].startswith("error") for v in seen)  # error: not listening yet
     assert "status 503" in {v["golden-gate"] for v in seen} and not any(ready(v) for v in seen)
     assert "answered class" in output
 
 
+def flip_and_rewrite_sums(version: Path) -> None:
+    """A writer of the store without the signing key: a changed model, SHA256SUMS made to match."""
+    data = bytearray((version / "model.onnx").read_bytes())
+    data[-100] ^= 0xFF
+    (version / "model.onnx").write_bytes(bytes(data))
+    write_checksums(version)
+
+
+def sign_with_a_stranger_s_key(version: Path) -> None:
+    sign_version(version, make_key_pair(version.parent.parent / "stranger", "stranger").private)
+
+
 @pytest.mark.parametrize("alter, file, problem", [
-    (lambda version: (version / "model.onnx").write_bytes(b"truncated"), "model.onnx", "altered"),
-    (lambda version: (version / "SHA256SUMS").unlink(), "SHA256SUMS", "cannot read"),
+    (lambda version: (version / "model.onnx").write_bytes(b"truncated"), "model.onnx", "altered after signing"),
+    (lambda version: (version / "SHA256SUMS").unlink(), "SHA256SUMS", "missing"),
     (lambda version: (version / "labels.txt").unlink(), "labels.txt", "missing"),
-])
+    (lambda version: (version / "model.sig").unlink(), "model.sig", "missing: the version is unsigned"),
+    (flip_and_rewrite_sums, "model.onnx", "altered after signing"),
+    (sign_with_a_stranger_s_key, "model.sig", "signed by a key that is not trusted"),
+], ids=["truncated", "no-sums", "no-labels", "unsigned", "sums-rewritten", "untrusted-signer"])
 def test_the_rendered_init_container_stops_the_pod_naming_the_file(repository, tmp_path, alter, file, problem):
     store = tmp_path / "store"
     alter(copy_model(repository, MODEL, store) / "1")
@@ -127,6 +149,28 @@ def test_the_rendered_init_container_stops_the_pod_naming_the_file(repository, t
         run_init_containers(triton_template("overlays/gpu"), store, pod)
     assert f"{store / MODEL / '1' / file}: {problem}" in str(failure.value)
     assert list(pod.iterdir()) == []  # Triton would find nothing to serve: the pod never starts
+
+
+def test_key_rotation_the_rendered_init_container_trusts_every_key_of_the_configmap(repository, tmp_path):
+    """Publishing moves to a new key while the ConfigMap holds the old and the new public keys: versions
+    signed by either stage; once the old key is dropped, its versions no longer do."""
+    old, _ = session_publisher()
+    new = make_key_pair(tmp_path / "keys", "publisher-2027")
+    store = tmp_path / "store"
+    copy_model(repository, MODEL, store)
+    copy_version(store / MODEL, 1, 2)
+    sign_version(store / MODEL / "2", new.private)
+    both, only_new = trusted_folder(tmp_path / "both", old, new), trusted_folder(tmp_path / "new", new)
+    template = triton_template("overlays/gpu")
+    for version, trusted, staged in ((1, both, True), (2, both, True), (2, only_new, True), (1, only_new, False)):
+        template["metadata"]["annotations"]["histoserve.io/model-version"] = str(version)
+        pod = tmp_path / f"pod-{version}-{trusted.name}"
+        if staged:
+            run_init_containers(template, store, pod, trusted)
+            assert (pod / MODEL / str(version) / "model.sig").is_file()
+        else:
+            with pytest.raises(RuntimeError, match="signed by a key that is not trusted"):
+                run_init_containers(template, store, pod, trusted)
 
 
 def test_rollout_status_is_done_when_every_ready_pod_serves_the_new_version(manifest_server, repository, tmp_path):

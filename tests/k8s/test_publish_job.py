@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import MODEL, ROOT
 from tests.k8s.manifests import render
+from tests.publisher_keys import make_key_pair, trusted_folder
+
+SIGNING, TRUST = "/var/run/secrets/model-signing", "/trusted-keys"  # the Secret's and the ConfigMap's mounts
 
 
 def job_containers(kustomization: str = "jobs/publish") -> dict[str, dict]:
@@ -38,12 +41,19 @@ def run_container(container: dict, paths: dict[str, Path]) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def published(trained_run, tmp_path_factory):
-    """The Job run twice on one store (two publishes of the same run: versions 1 and 2)."""
+    """The Job run twice on one store (two publishes of the same run: versions 1 and 2), with the
+    Secret's signing key and the ConfigMap's trusted public key where the Job mounts them."""
     store, containers = tmp_path_factory.mktemp("store"), job_containers()
+    keys = tmp_path_factory.mktemp("keys")
+    publisher = make_key_pair(keys / "pair", "publisher")
+    secret = keys / "secret"
+    secret.mkdir()
+    (secret / "signing.key").write_bytes(publisher.private.read_bytes())  # the Secret's key signing.key
+    trusted = trusted_folder(keys / "trusted", publisher)
     results = []
     for _ in range(2):
         work = tmp_path_factory.mktemp("work")
-        paths = {"/runs": trained_run.parent, "/models": store, "/work": work}
+        paths = {"/runs": trained_run.parent, "/models": store, "/work": work, SIGNING: secret, TRUST: trusted}
         containers["export"]["env"] = [e if e["name"] != "RUN" else {"name": "RUN", "value": trained_run.name}
                                        for e in containers["export"]["env"]]
         export = run_container(containers["export"], paths)
@@ -61,6 +71,15 @@ def test_the_job_publishes_numbered_versions_and_verifies_each_in_the_store(publ
         assert f"staged {MODEL} version {number}" in verify.stdout
         assert f'deploy: set version: "{number}" (name: {MODEL})' in verify.stdout
         assert (store / MODEL / str(number) / "SHA256SUMS").is_file()
+        assert (store / MODEL / str(number) / "model.sig").is_file()  # signed with the Secret's key
+
+
+def test_verify_refuses_a_version_signed_by_a_key_the_configmap_does_not_trust(published, tmp_path):
+    """The verify container checks the signer against the mounted trusted keys, not just the checksums."""
+    store, results, paths = published
+    stranger = trusted_folder(tmp_path / "trusted", make_key_pair(tmp_path / "other", "someone-else"))
+    verify = run_container(job_containers()["verify"], {**paths, "/work": results[0][2], TRUST: stranger})
+    assert verify.returncode != 0 and "deploy:" not in verify.stdout, verify.stdout + verify.stderr
 
 
 def test_a_version_altered_in_the_store_fails_the_job_naming_the_file(published):

@@ -110,10 +110,10 @@ def test_every_flag_exists_in_the_release_we_pin(overlay):
 
 def test_the_image_with_the_package_builds_on_the_release_the_manifests_pin():
     """The Dockerfile's `triton` target (Triton plus the package, for encoded models) starts from
-    the very release base/kustomization.yaml pins: one release, whichever image the pods run."""
+    the very release components/images pins: one release, whichever image the pods run."""
     from tests.conftest import ROOT
 
-    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
-    pin = next(image for image in base["images"] if image["name"] == "tritonserver")
+    images = yaml.safe_load((K8S / "components" / "images" / "kustomization.yaml").read_text())
+    pin = next(image for image in images["images"] if image["name"] == "tritonserver")
     built = re.search(r"^FROM (\S+):(\S+) AS triton$", (ROOT / "Dockerfile").read_text(), flags=re.MULTILINE)
     assert built and (built.group(1), built.group(2)) == (pin["newName"], pin["newTag"])

@@ -13,7 +13,9 @@ import onnx
 from onnx import numpy_helper
 
 from histoserve.formats.repository import config_to_text, read_config
+from histoserve.formats.signing import sign_version
 from histoserve.formats.version import CHECKSUMS_FILE, GOLDEN_FILE, VERSION_CONFIG, VERSION_CPU_CONFIG, write_checksums
+from tests.publisher_keys import session_publisher
 
 
 def copy_model(repository: Path, model: str, store: Path, name: str | None = None) -> Path:
@@ -51,8 +53,11 @@ def copy_version(model_dir: Path, source: int, target: int) -> Path:
 
 
 def republish(version_folder: Path) -> None:
-    """SHA256SUMS rewritten for what the folder holds now: a wrong version that checks out."""
+    """SHA256SUMS rewritten for what the folder holds now, and signed again by the session's trusted
+    publisher: a wrong version that checks out (a trusted writer's mistake: only the golden answers
+    can tell)."""
     write_checksums(version_folder)
+    sign_version(version_folder, session_publisher()[0].private)
 
 
 def scale_head(version_folder: Path, factor: float) -> None:

@@ -5,8 +5,11 @@ weights, swapped labels, a rescaled head) never do, whatever the checksums say."
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,11 +56,12 @@ def free_port() -> int:
 class Gate:
     """`python -m serve golden-gate` as a child process, polled like the kubelet's readiness probe."""
 
-    def __init__(self, repository, model: str, url: str, recheck_s: float = 300.0):
+    def __init__(self, repository, model: str, url: str, recheck_s: float = 300.0, extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "serve", "golden-gate", "--repository", str(repository), "--model", model, "--version", "1",
-             "--url", url, "--address", "127.0.0.1", "--port", str(self.port), "--interval", "0.2", "--recheck", str(recheck_s)],
+             "--url", url, "--address", "127.0.0.1", "--port", str(self.port), "--interval", "0.2", "--recheck", str(recheck_s),
+             *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def probe(self) -> tuple[int, dict]:
@@ -168,3 +172,122 @@ def test_the_gate_refuses_to_start_without_readable_golden_answers(pod_repositor
                              "--version", "1", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"{tmp_path / MODEL / '1' / 'golden.json'}: cannot read" in result.stderr
+
+
+@pytest.fixture
+def own_triton(repository, tmp_path):
+    """A Triton of this test's own (it is paused, stopped and restarted), serving the good version."""
+    copy_model(repository, MODEL, tmp_path / "store")
+    stage(tmp_path / "store", MODEL, 1, tmp_path / "pod")
+    server = TritonServer(tmp_path / "pod", free_ports()).start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        os.kill(server.process.pid, signal.SIGCONT)
+    server.stop()
+
+
+def test_one_timed_out_recheck_does_not_pull_a_ready_pod_but_several_in_a_row_do(own_triton):
+    """A paused Triton (SIGSTOP: connections accepted, nothing answered, as under a load spike) times
+    the rechecks out. One such recheck leaves the pod in; --failures-to-unready of them in a row take
+    it out; a wrong answer would at once (the tests above)."""
+    gate = Gate(own_triton.model_repository, MODEL, own_triton.grpc_url, recheck_s=0.3,
+                extra=("--check-timeout", "1", "--failures-to-unready", "3", "--watch", "0.2", "--probe-timeout", "0.5"))
+    pid = own_triton.process.pid
+    try:
+        gate.probe_until(lambda status, _body: status == 200)
+        os.kill(pid, signal.SIGSTOP)
+        seen = gate.probe_until(lambda _status, body: body.get("consecutive_failures", 0) >= 1, timeout_s=20)
+        os.kill(pid, signal.SIGCONT)
+        seen += gate.probe_until(lambda _status, body: body.get("passes", 0) >= 2 and body["consecutive_failures"] == 0, timeout_s=20)
+        assert {status for status, _ in seen} == {200}, [b for s, b in seen if s != 200][:2]
+        os.kill(pid, signal.SIGSTOP)
+        status, body = gate.probe_until(lambda status, _body: status == 503, timeout_s=30)[-1]
+        os.kill(pid, signal.SIGCONT)
+        assert body["consecutive_failures"] == 3 and "cannot ask" in body["problems"][0], body
+        gate.probe_until(lambda status, _body: status == 200, timeout_s=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        output = gate.stop()
+    assert "still ready after 1 failed check(s) in a row of 3 tolerated" in output
+
+
+def test_a_restarted_triton_clears_a_stale_ready_at_once_and_is_checked_again(own_triton):
+    """Rechecks 5 minutes apart, as in the pod: the gate still notices Triton going (it watches its
+    readiness every --watch seconds) and withdraws the pass before the restarted Triton is back, which
+    must then give the golden answers again."""
+    gate = Gate(own_triton.model_repository, MODEL, own_triton.grpc_url, recheck_s=300, extra=("--watch", "0.2"))
+    restarted = None
+    try:
+        gate.probe_until(lambda status, _body: status == 200)
+        own_triton.stop()
+        started = time.monotonic()
+        status, body = gate.probe_until(lambda status, _body: status == 503, timeout_s=10)[-1]
+        assert time.monotonic() - started < 5 and body["passes"] == 1, body
+        restarted = TritonServer(own_triton.model_repository, own_triton.ports).start()
+        status, body = gate.probe_until(lambda status, _body: status == 200, timeout_s=60)[-1]
+        assert body["passes"] == 2  # a fresh check of the new Triton, not the old verdict back
+    finally:
+        if restarted is not None:
+            restarted.stop()
+        output = gate.stop()
+    assert "checking again once Triton is back" in output
+
+
+class StuckCheck:
+    """A check that never returns until released: a checker stuck in a call that honours no deadline."""
+
+    def __init__(self):
+        self.release, self.entered = threading.Event(), threading.Event()
+
+    def __call__(self):
+        from histoserve.serve.golden_gate import Outcome
+
+        self.entered.set()
+        self.release.wait(60)
+        return Outcome([], answered=True)
+
+
+def healthz(port: int) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the dead checker's, on purpose
+@pytest.mark.parametrize("failure", ["stuck", "dead"])
+def test_healthz_fails_when_the_checker_is_stuck_or_dead(pod_repository, failure):
+    """A checker that stops making progress would freeze the verdict: /healthz then answers 503, so the
+    kubelet restarts the container, and answers 200 again once the checker moves."""
+    from http.server import ThreadingHTTPServer
+
+    from histoserve.serve.golden_gate import GoldenGate
+
+    answers, inputs = GoldenAnswers.read(pod_repository / MODEL / "1")
+    stuck = StuckCheck()
+
+    def dies():
+        raise RuntimeError("the checker died")
+
+    gate = GoldenGate("127.0.0.1:9", answers, inputs, 0.2, 300.0, check_timeout_s=0.3, stuck_grace_s=0.3,
+                      check=stuck if failure == "stuck" else dies)
+    http = ThreadingHTTPServer(("127.0.0.1", 0), gate.handler())
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    try:
+        gate.start()
+        deadline = time.monotonic() + 10
+        while (answer := healthz(http.server_address[1]))[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answer[0] == 503, answer
+        assert ("a check has run" if failure == "stuck" else "not running") in answer[1]["detail"]
+        if failure == "stuck":
+            stuck.release.set()
+            deadline = time.monotonic() + 10
+            while healthz(http.server_address[1])[0] != 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert healthz(http.server_address[1])[0] == 200
+    finally:
+        stuck.release.set()
+        gate.stopping.set()
+        http.shutdown()

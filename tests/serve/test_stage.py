@@ -10,10 +10,12 @@ import tritonclient.grpc as grpcclient
 
 from histoserve.formats.preprocessing import preprocess_file
 from histoserve.formats.repository import config_to_text, contract_of, encoded_twins, read_config
+from histoserve.formats.signing import SignatureError
 from histoserve.formats.version import CHECKSUMS_FILE, GoldenAnswers, verify_checksums
 from histoserve.serve.server import TritonServer, free_ports
 from histoserve.serve.stage import STAGE_MARKER, StageError, stage
 from tests.conftest import MODEL, run_cli
+from tests.publisher_keys import session_publisher
 from tests.serve.published import copy_model, republish, swap_labels
 
 
@@ -141,7 +143,7 @@ def test_staging_again_replaces_its_own_earlier_copy_and_never_a_foreign_folder(
 
 
 def test_the_stage_command_exits_1_naming_the_file_and_0_when_intact(store, tmp_path):
-    args = ("-m", "serve", "stage", "--store", store, "--model", MODEL, "--version", 1)
+    args = ("-m", "serve", "stage", "--store", store, "--model", MODEL, "--version", 1, "--trusted-keys", session_publisher()[1])
     flip_a_byte(store / MODEL / "1")
     failed = run_cli(*args, "--target", tmp_path / "bad", check=False)
     assert failed.returncode == 1
@@ -165,8 +167,9 @@ def test_the_encoded_twins_are_staged_with_their_version_and_serve_from_the_pod_
     """What a pod's Triton then loads (--model-control-mode=none): the pixel model and, beside it, the
     encoded model answering a file as the pixel model answers the client's pixels."""
     pod = tmp_path / "pod"
-    staged = stage(store_with_twins, MODEL, 1, pod)
-    assert staged.twins == encoded_twins(MODEL)
+    publisher, _ = session_publisher()
+    staged = stage(store_with_twins, MODEL, 1, pod, trusted=[publisher.public])
+    assert staged.twins == encoded_twins(MODEL) and staged.signed_by == publisher.public  # the twins are signed too
     assert sorted(p.name for p in pod.iterdir()) == sorted([MODEL, *encoded_twins(MODEL)])
     for name in encoded_twins(MODEL):
         assert verify_checksums(pod / name / "1") == []
@@ -191,6 +194,14 @@ def test_an_altered_twin_stops_the_stage_naming_its_file_and_leaves_nothing(stor
     with pytest.raises(StageError, match=f"{code}: altered"):
         stage(store_with_twins, MODEL, 1, tmp_path / "pod")
     assert os.listdir(tmp_path / "pod") == []  # not even the pixel model, verified before it
+
+
+def test_an_unsigned_twin_stops_the_stage_and_leaves_nothing(store_with_twins, tmp_path):
+    _, encoded = encoded_twins(MODEL)
+    (store_with_twins / encoded / "1" / "model.sig").unlink()
+    with pytest.raises(SignatureError, match=f"{store_with_twins / encoded / '1' / 'model.sig'}: missing: the version is unsigned"):
+        stage(store_with_twins, MODEL, 1, tmp_path / "pod", trusted=[session_publisher()[0].public])
+    assert os.listdir(tmp_path / "pod") == []
 
 
 def test_an_encoded_twin_whose_steps_call_another_version_is_refused(store_with_twins, tmp_path):
