@@ -7,7 +7,7 @@
 #     model-stage init container (verifies the version's signature) and golden-gate container
 #     (python -m histoserve.serve stage / golden-gate).
 #   docker build --build-arg SOURCE_COMMIT=$(git rev-parse HEAD) -t registry.example.com/histoserve:0.1.0 .
-#     full: the jobs (k8s/jobs/publish, loadtest, training) and the drift monitor.
+#     full: the jobs (k8s/jobs/publish, loadtest, training, slides) and the drift monitor.
 #   docker build --target triton -t registry.example.com/histoserve/tritonserver:26.10-histoserve .
 #     NVIDIA's Triton with the thin package in the python backend's interpreter: needed to serve an
 #     encoded model (`python -m export --encoded`: its preprocessing step imports histoserve). Set it
@@ -39,7 +39,7 @@ RUN python3 -m pip install --no-cache-dir --break-system-packages -c /opt/histos
 
 # The default target (last): the full image.
 FROM source AS full
-RUN pip install -c constraints.txt '.[train,export,loadtest,monitor]'
+RUN pip install -c constraints.txt '.[train,export,loadtest,monitor,slide]'
 # The commit every version's provenance names (export/provenance.py); without it the publish Job's
 # export refuses to publish: build with --build-arg SOURCE_COMMIT=$(git rev-parse HEAD).
 ARG SOURCE_COMMIT=""

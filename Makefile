@@ -1,8 +1,8 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each builds .venv from scratch
 # when it is missing (pinned by constraints.txt), so both work on a fresh clone. `make test` also
 # installs the offline Kubernetes checks: checkov in its own venv (its pins clash with ours) and
-# promtool from Debian's prometheus package (needs root and apt, as on CI), and the Node.js client's
-# packages (npm ci).
+# promtool from Debian's prometheus package (needs root and apt, as on CI), the Node.js client's
+# packages (npm ci), and Debian's chromium with playwright-core (npm ci) for the slide viewer's browser test.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,13 +11,14 @@ STAMP := $(VENV)/.installed
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 NODE_STAMP := client/node/node_modules/.installed
+BROWSER_STAMP := tests/client/browser/node_modules/.installed
 
-.PHONY: demo test install constraints clean promtool sbom
+.PHONY: demo test install constraints clean promtool chromium sbom
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
 
-test: $(STAMP) $(CHECKOV_STAMP) $(NODE_STAMP) promtool
+test: $(STAMP) $(CHECKOV_STAMP) $(NODE_STAMP) $(BROWSER_STAMP) promtool chromium
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
@@ -43,6 +44,17 @@ $(NODE_STAMP): client/node/package-lock.json
 promtool:
 	@command -v promtool >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+# The slide viewer's browser test (tests/client/test_slide_view.py): Debian's chromium, driven by
+# playwright-core as tests/client/browser/package-lock.json pins it (Playwright's own browser download
+# is not used).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+$(BROWSER_STAMP): tests/client/browser/package-lock.json
+	npm ci --prefix tests/client/browser --no-audit --no-fund --loglevel=error
+	touch $@
 
 # A CycloneDX SBOM per project image (sbom/<Dockerfile stage>.cdx.json), from constraints.txt's pins;
 # attach each to its pushed image (cosign attest --type cyclonedx): k8s/README.md, "Images".

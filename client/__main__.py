@@ -1,4 +1,6 @@
 """python -m client classify PATH... --url HOST:PORT --model NAME [--top-k K] [--json]
+python -m client slide SLIDE... --url HOST:PORT --model NAME --out DIR [--mpp M] [--tile-px P] [--min-tissue F]
+python -m client slide-view DIR/SLIDE_STEM [--port 8080] [--host 127.0.0.1] [--slide PATH] [--export FOLDER]
 python -m client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N \
     --admin-key-file KEY
 
@@ -23,6 +25,15 @@ each request is a span (histoserve.classify, with a span per file and per gRPC a
 travels to Triton in `traceparent`, so Triton's spans join the trace (histoserve.client.tracing); --json
 lines carry each file's `trace_id`. Unset, nothing is traced and `trace_id` is null.
 
+slide: every tissue tile of each whole-slide image (what OpenSlide opens) at --mpp µm/px, through the
+same preprocessing and client, into DIR/<slide stem>/: tiles.csv, tiles.geojson (QuPath), heatmap.png,
+summary.json; resumable, one error line for a slide that cannot be read (histoserve.client.slide; needs
+`pip install histoserve[slide]`).
+
+slide-view: a result folder of `slide` in the browser: the slide as Deep Zoom tiles in OpenSeadragon,
+overlay.png as a toggleable heatmap over it, each tile's classes on hover or click; --export FOLDER
+writes a static copy instead (histoserve.client.slide_view; needs `pip install histoserve[slide]`).
+
 rollout-status: waits until every server (every Ready pod behind a headless Service) serves version
 N: the check, from the callers' side, that a new ReplicaSet (or a promoted canary) has replaced the
 old one. It reads each server's repository index, an admin API: pass the servers' admin key
@@ -46,10 +57,12 @@ from pathlib import Path
 from histoserve.client.classifier import ClientError, FileResult, TritonClassifier
 from histoserve.client.monitoring import TOKEN_VARIABLE, MonitorSender, MonitorTokenError, monitor_token
 from histoserve.client.rollout import wait_for_version
+from histoserve.client.slide_view import add_arguments as add_slide_view_arguments
+from histoserve.client.slide_view import slide_view_command
 from histoserve.client.telemetry import TelemetryConfigError, configure_from_environment
 from histoserve.client.tracing import configure_tracing_from_environment
 from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
-from histoserve.formats.options import POSITIVE, POSITIVE_INT, OptionError, add_tls_arguments, output_file, tls_from
+from histoserve.formats.options import FRACTION, POSITIVE, POSITIVE_INT, OptionError, add_tls_arguments, output_file, tls_from
 from histoserve.formats.preprocessing import find_images
 
 
@@ -94,6 +107,26 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--deadline-s", type=POSITIVE, default=60.0,
                           help="per request, retries included: a server that is restarting or rolling out is waited "
                                "for and retried until then (default: %(default)s)")
+    slide = commands.add_parser("slide", help="classify the tissue tiles of whole-slide images (histoserve.client.slide)")
+    slide.add_argument("slides", nargs="+", metavar="SLIDE", type=Path)
+    slide.add_argument("--url", default="localhost:8001", help="Triton gRPC address, or dns:///name:port (default: %(default)s)")
+    slide.add_argument("--model", required=True, help="the pixel model (tiles are preprocessed here)")
+    slide.add_argument("--model-version", default="", help="default: the latest the server has")
+    slide.add_argument("--out", type=Path, required=True, help="results go to OUT/<slide stem>/")
+    slide.add_argument("--mpp", type=POSITIVE, help="µm per pixel to tile at (default: the slide's level 0)")
+    slide.add_argument("--tile-px", type=POSITIVE_INT, help="tile side in pixels at --mpp (default: the model's resize size)")
+    slide.add_argument("--stride-px", type=POSITIVE_INT, help="pixels between tiles at --mpp (default: the tile side)")
+    slide.add_argument("--min-tissue", type=FRACTION, default=0.5,
+                       help="classify tiles with at least this tissue fraction; 0: every tile (default: %(default)s)")
+    slide.add_argument("--assume-mpp", type=POSITIVE, help="µm per level-0 pixel for slides whose files do not say")
+    slide.add_argument("--workers", type=POSITIVE_INT, default=2, help="tile-reading processes (default: %(default)s)")
+    slide.add_argument("--concurrency", type=POSITIVE_INT, default=4, help="requests in flight (default: %(default)s)")
+    slide.add_argument("--batch-size", type=POSITIVE_INT, help="tiles per request (default and at most: the model's max batch size)")
+    slide.add_argument("--deadline-s", type=POSITIVE, default=60.0, help="per request, retries included (default: %(default)s)")
+    slide.add_argument("--json", action="store_true", help="one JSON line per slide (its summary or its error)")
+    add_tls_arguments(slide)
+    add_slide_view_arguments(commands.add_parser(
+        "slide-view", help="view a slide's results in the browser, or export them (histoserve.client.slide_view)"))
     rollout = commands.add_parser("rollout-status", help="wait until every server serves a model version")
     rollout.add_argument("--url", required=True,
                          help="a server, servers separated by commas, or dns:///name:port for every pod behind a headless Service")
@@ -109,15 +142,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "slide-view":  # no server, no TLS: a local result folder
+        return slide_view_command(args)
     try:  # every option checked before any work: no server is called with a bad one
         args.tls = tls_from(args)
         if args.command == "rollout-status":
             args.admin_key = AdminKey.resolve(args.admin_key_file)
-        else:
+        elif args.command == "classify":
             args.monitor_token = monitor_token(args.monitor_token_file) if args.monitor_url else None
     except (OptionError, AdminKeyError, MonitorTokenError) as error:
         parser.error(str(error))
-    return rollout_status(args) if args.command == "rollout-status" else classify(args)
+    return {"rollout-status": rollout_status, "slide": classify_slides_command}.get(args.command, classify)(args)
+
+
+def classify_slides_command(args: argparse.Namespace) -> int:
+    """Exit code: 0 every slide classified, 1 a slide failed (its error line says why) or some of its
+    tiles did (a rerun does them), 2 the server or model cannot be used, 130 interrupted (a rerun
+    continues where it stopped)."""
+    from histoserve.client.slide import SlideOptions, classify_slides
+
+    options = SlideOptions(args.mpp, args.tile_px, args.stride_px, args.min_tissue, args.assume_mpp, args.workers,
+                           args.concurrency, args.batch_size)
+    worst = 0
+    try:
+        with TritonClassifier(args.url, args.model, args.model_version, args.deadline_s, args.tls) as classifier:
+            for result in classify_slides(args.slides, classifier, args.out, options):
+                worst = max(worst, 0 if result.ok else 1)
+                if args.json:
+                    print(json.dumps({"slide": result.slide, "error": result.error, "skipped": result.skipped,
+                                      "out": str(result.out) if result.out else None, "summary": result.summary or None}), flush=True)
+                elif result.error:
+                    print(f"{result.slide}\terror: {result.error}", flush=True)
+                else:
+                    tiles, verdict = result.summary["tiles"], result.summary["slide_result"]
+                    print(f"{result.slide}\t{'already done' if result.skipped else 'done'}: {tiles['classified']} tiles of "
+                          f"{tiles['grid']} ({tiles['failed']} failed), slide: {verdict['label']} "
+                          f"({verdict['share'] or 0:.1%} of tiles) -> {result.out}", flush=True)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to continue", file=sys.stderr)
+        return 130
+    return worst
 
 
 def classify(args: argparse.Namespace) -> int:

@@ -131,7 +131,7 @@ def release_facts(args: argparse.Namespace, meta, splits) -> BuildFacts:
 
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "signing_key"}
     return BuildFacts(Path(args.checkpoint), sha256_of(Path(args.checkpoint)), dict(meta.config), options, source_facts(),
-                      data_facts(meta.data_root, splits, len(meta.class_names)), {}, now(),
+                      data_facts(meta.data_root, splits, len(meta.class_names), meta.data_sha256), {}, now(),
                       {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__})
 
 
@@ -162,7 +162,8 @@ def model_card(name: str, version: int, args, meta, facts: BuildFacts, held_out:
                         "expected_accuracy": baseline.expected_accuracy, "predicted_shares": shares},
         limitations=limitations({"images": evaluation["images"], "uri": facts.data.uri,
                                  "support": {k: v["support"] for k, v in evaluation["per_class"].items()},
-                                 "patients": held_split.patients if held_split else None}),
+                                 "patients": held_split.patients if held_split else None,
+                                 "calibrated": bool(meta.config.get("calibrate")) and meta.temperature != 1.0}),
         provenance={"commit": facts.source.commit, "dirty": facts.source.dirty, "checkpoint_sha256": facts.checkpoint_sha256},
     )
 

@@ -117,9 +117,11 @@ def limitations(card_facts: dict) -> list[str]:
         f"({card_facts['uri']}); other scanners, stains, labs, magnifications or tissue types are not measured.",
         "Every input gets one of the classes listed, including images of none of them (blank glass, pen marks, "
         "out-of-focus regions, other tissue): screen inputs, and watch the drift monitor.",
-        "The probabilities are calibrated (temperature scaling on the validation split) only for data like it; "
-        "a shifted input distribution degrades calibration before accuracy.",
     ]
+    found.append("The probabilities are calibrated (temperature scaling on the validation split) only for data like it; "
+                 "a shifted input distribution degrades calibration before accuracy." if card_facts.get("calibrated") else
+                 "The probabilities are not calibrated (trained without temperature scaling): read them as scores, "
+                 "not as frequencies.")
     if small := [label for label, support in card_facts["support"].items() if support < 30]:
         found.append(f"Fewer than 30 held-out images for: {', '.join(small)}; their per-class figures are uncertain.")
     if card_facts["patients"] is None:

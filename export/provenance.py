@@ -11,10 +11,11 @@ sha256, and whose predicate is SLSA Provenance v1 (https://slsa.dev/provenance/v
 - runDetails.byproducts: the gates this version passed (parity, the accuracy gate of a reduced
   precision, the golden answers, the drift baseline), with their figures.
 
-The training data's digest: for a manifest CSV (`python -m train prepare`) the sha256 of that file;
-for an image folder the sha256 of its listing, one line per image `split<TAB>label<TAB>relative
-path<TAB>sha256 of the file` in split and path order (`data_listing` here recomputes it). Patient or
-slide identifiers are counted, never written.
+The training data's digest is the one `python -m train fit` recorded in the checkpoint when it ran
+(train/data.py `data_digest`: a manifest CSV's sha256, or the sha256 of an image folder's listing,
+one line per image `split<TAB>label<TAB>relative path<TAB>sha256 of the file`), checked against the
+data as it is at export: data changed since training is refused, not described. Patient or slide
+identifiers are counted, never written.
 
 The source commit comes from git when the package runs from a checkout, else from the environment
 variable HISTOSERVE_SOURCE_COMMIT (the image's build argument SOURCE_COMMIT sets it). Without either,
@@ -23,15 +24,12 @@ variable HISTOSERVE_SOURCE_COMMIT (the image's build argument SOURCE_COMMIT sets
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-
-from histoserve.formats.version import sha256_of
 
 PROVENANCE_FILE = "provenance.intoto.json"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
@@ -82,26 +80,22 @@ def source_facts(root: Path = SOURCE_ROOT) -> SourceFacts:
                           f"(build the image with --build-arg SOURCE_COMMIT=$(git rev-parse HEAD)); nothing was published")
 
 
-def data_listing(root: Path, splits: dict) -> str:
-    """The image-folder listing whose sha256 names the training data (module docstring)."""
-    lines = []
-    for split in sorted(splits):
-        for sample in sorted(splits[split], key=lambda s: str(s.path)):
-            path = Path(sample.path)
-            relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
-            lines.append(f"{split}\t{sample.label}\t{relative}\t{sha256_of(path)}\n")
-    return "".join(lines)
+def data_facts(data_root: str | Path, splits: dict, class_count: int, recorded: str) -> DataFacts:
+    """The training data as the checkpoint recorded it (`recorded`, its digest when fit ran), checked
+    against the data at `data_root` now: a digest that differs means the model did not see this data."""
+    from histoserve.train.data import data_digest
 
-
-def data_facts(data_root: str | Path, splits: dict, class_count: int) -> DataFacts:
     root = Path(data_root)
-    if root.is_file():
-        kind, digest = "manifest-csv", sha256_of(root)
-    elif root.is_dir():
-        kind, digest = "image-folder-listing", hashlib.sha256(data_listing(root, splits).encode()).hexdigest()
-    else:
-        raise ProvenanceError(f"{root}: the checkpoint's training data is not there, so its digest cannot go into the "
-                              f"provenance; nothing was published")
+    if not root.exists():
+        raise ProvenanceError(f"{root}: the checkpoint's training data is not there, so its digest cannot be checked; "
+                              "nothing was published")
+    if not recorded:
+        raise ProvenanceError("the checkpoint records no digest of its training data (written before they were kept): "
+                              "retrain with `python -m train fit`; nothing was published")
+    kind, digest = data_digest(root, splits)
+    if digest != recorded:
+        raise ProvenanceError(f"{root}: the training data changed since training (sha256 {recorded[:16]}… when fit ran, "
+                              f"{digest[:16]}… now): the provenance would name data the model never saw; nothing was published")
     counted = {}
     for name, samples in splits.items():
         per_class = [0] * class_count

@@ -29,7 +29,15 @@ from histoserve.formats.repository import (
     write_text_if_changed,
 )
 from histoserve.formats.signing import sign_version
-from histoserve.formats.version import VERSION_CONFIG, VERSION_CPU_CONFIG, VERSION_LABELS, sha256_of, write_checksums
+from histoserve.formats.version import (
+    IDENTITY_FILE,
+    VERSION_CONFIG,
+    VERSION_CPU_CONFIG,
+    VERSION_LABELS,
+    identity_json,
+    sha256_of,
+    write_checksums,
+)
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,7 @@ def publish_version_folder(model_dir: Path, version: int, files: dict[str, str |
     complete or absent."""
     target = Path(model_dir) / str(version)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
+    files = {**files, IDENTITY_FILE: identity_json(Path(model_dir).name, version)}
     try:
         for name, content in files.items():
             if isinstance(content, Path):

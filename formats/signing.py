@@ -92,11 +92,19 @@ def trusted_keys(folder: Path) -> list[Path]:
     return keys
 
 
+# How export signs, and the only way a version may be signed: every file hashed whole with sha256, no
+# symlinks, nothing left out but the signature (model-signing's own defaults would leave out .git* files).
+SIGNED_AS = {"method": "files", "hash_type": "sha256", "allow_symlinks": False, "ignore_paths": [SIGNATURE_FILE]}
+
+
+def signed_statement(signature: Path) -> dict:
+    bundle = json.loads(Path(signature).read_text())
+    return json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+
+
 def signed_files(signature: Path) -> dict[str, str]:
     """{relative path: sha256} as the bundle's statement lists them (not verified: for messages)."""
-    bundle = json.loads(Path(signature).read_text())
-    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
-    return {r["name"]: r["digest"] for r in statement["predicate"]["resources"]}
+    return {r["name"]: r["digest"] for r in signed_statement(signature)["predicate"]["resources"]}
 
 
 def _bundle_key_hint(signature: Path) -> str:
@@ -132,9 +140,14 @@ def verify_signature(folder: Path, keys: list[Path], shown_as: Path | None = Non
         try:
             model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(
                 _hashing_config()).verify(folder, signature)
-            return VerifiedSignature(key, len(listed))
         except Exception as error:  # noqa: BLE001 - cryptography's InvalidSignature is no ValueError
             failures.append((key, error))
+            continue
+        serialization = signed_statement(signature)["predicate"].get("serialization", {})
+        if {k: serialization.get(k) for k in SIGNED_AS} != SIGNED_AS:  # verified: the signer chose these
+            raise SignatureError(f"{shown / SIGNATURE_FILE}: signed by {key.name} with other hashing settings than "
+                                 f"export's ({serialization}): files it leaves out would go unchecked; re-sign with export")
+        return VerifiedSignature(key, len(listed))
     if not failures:
         raise SignatureError(f"{shown / SIGNATURE_FILE}: signed by a key that is not trusted (its key's sha256 {hint[:16]}…; "
                              f"trusted: {', '.join(k.name for k in keys)})")

@@ -7,6 +7,7 @@
         config.pbtxt          the model's (GPU) config as published with this version
         cpu.pbtxt             its CPU variant (--model-config-name=cpu)
         labels.txt            the labels
+        identity.json         the model name and version this folder was published as
         drift_baseline.json   the monitor's reference (formats/baseline.py)
         golden.json           golden answers: a few held-out images and what this version must answer
         golden_inputs.npy     those images, uint8 N×3×H×W, as the client sends them
@@ -36,6 +37,7 @@ import numpy as np
 
 CHECKSUMS_FILE = "SHA256SUMS"
 SIGNATURE_FILE = "model.sig"  # formats/signing.py: over every other file, SHA256SUMS included
+IDENTITY_FILE = "identity.json"  # {"model": NAME, "version": N}: binds the signed files to their place in the store
 GOLDEN_FILE, GOLDEN_INPUTS_FILE = "golden.json", "golden_inputs.npy"
 VERSION_CONFIG, VERSION_CPU_CONFIG, VERSION_LABELS = "config.pbtxt", "cpu.pbtxt", "labels.txt"
 GOLDEN_FORMAT, GOLDEN_FORMAT_VERSION = "histoserve.golden", 1
@@ -193,6 +195,22 @@ def choose_golden(probabilities: np.ndarray, true_labels: np.ndarray, reference_
             if by_class[label] and len(chosen) < count:
                 chosen.append(by_class[label].pop(0))
     return sorted(chosen)
+
+
+def identity_json(model: str, version: int) -> str:
+    return json.dumps({"model": model, "version": int(version)}) + "\n"
+
+
+def read_identity(folder: Path) -> tuple[str, int] | None:
+    """(model, version) from a version folder's identity.json; None when it has none (published before it existed)."""
+    path = Path(folder) / IDENTITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return str(data["model"]), int(data["version"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise VersionFilesError(f"{path}: not an identity file ({error})") from None
 
 
 def version_folder(repository: str | Path, model: str, version: int | str) -> Path:

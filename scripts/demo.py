@@ -5,7 +5,8 @@ its accuracy gate), each version signed with a demo publisher key → stage the 
 Kubernetes pod does (its signature against the trusted public key, every file against its
 SHA256SUMS) → real Triton and the drift monitor → the version's golden answers from the server →
 classify the test split over gRPC with both, fp32's predictions recorded by the monitor (no drift),
-then the test split with inverted contrast (drift flagged) → 30 s Locust run on fp32, 15 s on int8 →
+then the test split with inverted contrast (drift flagged) → a small synthetic whole slide made of the
+test split's digits, classified tile by tile with `python -m client slide` → 30 s Locust run on fp32, 15 s on int8 →
 stop Triton and the monitor → summary.
 Every step is the documented command line, printed before it runs, so each can be rerun by hand.
 """
@@ -138,6 +139,72 @@ def classify(data: Path, ports, model: str, title: str, show: int, monitor: tupl
     return served, accuracy
 
 
+SLIDE_COLUMNS, SLIDE_ROWS, SLIDE_MPP = 18, 15, 0.5  # the demo slide: 270 tiles, the test split, at 20× (digits are no tissue)
+
+
+def write_digit_slide(path: Path, files: list[Path], spec) -> list[tuple[int, int, Path]]:
+    """A small whole-slide image from the test split: a pyramidal, tiled, zlib TIFF with resolution tags
+    (what OpenSlide reads as generic-tiff), each of its SLIDE_COLUMNS × SLIDE_ROWS tiles one digit at the
+    model's resize size, resized as the model's own preprocessing resizes a file: every tile's centre crop
+    is then exactly the pixels `classify` sends for that file. Returns each tile's origin and file."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from histoserve.formats.preprocessing import PreprocessSpec, resize_and_center_crop, to_rgb
+
+    side = spec.resize_size
+    square = PreprocessSpec(side, side, spec.interpolation)
+    pixels = np.zeros((SLIDE_ROWS * side, SLIDE_COLUMNS * side, 3), np.uint8)
+    placed = []
+    for i, file in enumerate(files[:SLIDE_COLUMNS * SLIDE_ROWS]):
+        row, column = divmod(i, SLIDE_COLUMNS)
+        tile = resize_and_center_crop(to_rgb(Image.open(file)), square)
+        pixels[row * side:(row + 1) * side, column * side:(column + 1) * side] = np.asarray(tile)
+        placed.append((column * side, row * side, file))
+    with tifffile.TiffWriter(path) as tiff:
+        for level in range(2):  # level 0 and one halving: a pyramid, as scanners write
+            image = pixels if level == 0 else np.asarray(Image.fromarray(pixels).resize(
+                (pixels.shape[1] // 2, pixels.shape[0] // 2), Image.Resampling.BOX))
+            mpp = SLIDE_MPP * 2 ** level
+            tiff.write(image, tile=(128, 128), compression="zlib", photometric="rgb", subfiletype=1 if level else 0,
+                       resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return placed
+
+
+def classify_slide(ports, model: str, data: Path, title: str, served: list[dict]) -> dict:
+    """Write the demo slide, classify it with `python -m client slide` (every tile: --min-tissue 0, the
+    digits being grey, not stained), and say how fast, whether each tile got its file's label from step 4
+    (`served`), and where the results are."""
+    import csv
+    import shutil
+
+    from histoserve.client.classifier import TritonClassifier
+
+    with TritonClassifier(f"127.0.0.1:{ports.grpc}", model) as classifier:
+        spec = classifier.spec
+    slide, out = RUN / "demo-slide.tiff", RUN / "slides"
+    placed = write_digit_slide(ROOT / slide, sorted((ROOT / data / "test").rglob("*.png")), spec)
+    shutil.rmtree(ROOT / out / slide.stem, ignore_errors=True)  # a fresh run, not "already done"
+    started = time.monotonic()
+    result = step(title, [PYTHON, "-m", "client", "slide", slide, "--url", f"127.0.0.1:{ports.grpc}", "--model", model,
+                          "--out", out, "--min-tissue", 0, "--json"], stdout=subprocess.PIPE, text=True)
+    seconds = time.monotonic() - started
+    summary = json.loads(result.stdout.splitlines()[-1])["summary"]
+    with open(ROOT / out / slide.stem / "tiles.csv", newline="") as handle:
+        labels = {(int(r["x"]), int(r["y"])): r["label"] for r in csv.DictReader(handle)}
+    by_file = {Path(row["path"]).parts[-2:]: row["predictions"][0]["label"] for row in served if row["predictions"]}
+    same = sum(labels.get((x, y)) == by_file.get(file.parts[-2:]) for x, y, file in placed)
+    right = sum(labels.get((x, y)) == file.parent.name for x, y, file in placed)
+    tiles = summary["tiles"]["classified"]
+    folder = out / slide.stem
+    print(f"  {tiles} tiles of {summary['level0_size'][0]}×{summary['level0_size'][1]} px in {seconds:.1f} s: "
+          f"{tiles / seconds:.0f} tiles/s (the whole command, start-up included); {same} of {len(placed)} tiles got the "
+          f"label their PNG got in step 4, {right} show their true digit")
+    print(f"  heatmap: {folder / summary['thumbnail']['heatmap']}  (tiles.csv, tiles.geojson, summary.json beside it)")
+    return {"tiles": tiles, "seconds": seconds, "same": same, "placed": len(placed), "heatmap": folder / summary["thumbnail"]["heatmap"]}
+
+
 def load_test(title: str, ports, model: str, data: Path, users: int, seconds: int, prefix: Path) -> None:
     step(title, [
         BIN / "locust", "-f", "loadtest/locustfile.py", "--headless", "--users", users,
@@ -162,6 +229,7 @@ class Outcome:
     unshifted: str
     shifted: str
     records: Path
+    slide: dict
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,6 +307,8 @@ def serve_and_measure(args, version: int) -> Outcome:
                                        show=0, monitor=writer, folder=inverted_copy(DATA / "test", RUN / "inverted"))
         shifted = monitor_verdict(monitor_port, MODEL)
         print(f"  monitor: {shifted}")
+        slide = classify_slide(ports, MODEL, DATA, "4d. a whole slide: the test split's digits as a pyramidal tiled TIFF, "
+                                                     "classified tile by tile", served)
 
         REPORTS.mkdir(exist_ok=True)
         load_test(f"5. load test: {args.users} gRPC users for {args.load_seconds}s", ports, MODEL, DATA, args.users,
@@ -249,7 +319,7 @@ def serve_and_measure(args, version: int) -> Outcome:
         print("\n=== 6. stop the server and the monitor", flush=True)
         stop_server(server)
         stop_server(monitor)
-    return Outcome(served, served_accuracy, int8_accuracy, shifted_accuracy, unshifted, shifted, records)
+    return Outcome(served, served_accuracy, int8_accuracy, shifted_accuracy, unshifted, shifted, records, slide)
 
 
 def print_summary(args, version: int, outcome: Outcome, minutes: float) -> int:
@@ -269,6 +339,8 @@ def print_summary(args, version: int, outcome: Outcome, minutes: float) -> int:
   monitor, inverted contrast           {outcome.shifted}
       (served accuracy on the inverted images {outcome.shifted_accuracy:.4f}; offline, with plots:
        python -m monitor report {outcome.records} --window 270 --out reports/monitor)
+  whole slide ({outcome.slide['tiles']} tiles)           {outcome.slide['tiles'] / outcome.slide['seconds']:.0f} tiles/s, \
+{outcome.slide['same']} of {outcome.slide['placed']} tiles labelled as their PNG; heatmap {outcome.slide['heatmap']}
   load test ({args.users} users, {args.load_seconds}s, batch 1, 3×32² uint8)
 {load.table()}
   int8 ÷ fp32 served throughput        {load_int8.requests_per_second / load.requests_per_second:.2f}×  \

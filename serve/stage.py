@@ -19,8 +19,10 @@ SHA256SUMS *after* it was copied, so what Triton reads is what `python -m export
 an unsigned version, one signed by a key not in --trusted-keys (a folder of PEM public keys, `*.pub`:
 a ConfigMap in the cluster; two keys at once during a rotation), or a file missing, altered or added
 after signing stops the stage with a message naming the file and the reason, and nothing is left in
-the target. --allow-unsigned skips the signature (local experiments only; every overlay passes
---trusted-keys). The config must name the
+the target; so is a signed folder moved to another model or version in the store (identity.json,
+which the signature covers, names where it was published). --allow-unsigned skips the signature
+(local experiments only; every overlay that stages passes --trusted-keys; the dev overlay does not
+stage at all: its Triton polls the claim, unverified). The config must name the
 model, keep the serving contract and agree with the labels. Exit code 0: staged; 1: refused.
 
 A target folder already holding a model is replaced only when an earlier stage wrote it (a pod's
@@ -45,11 +47,13 @@ from histoserve.formats.options import POSITIVE_INT, existing_file, existing_fol
 from histoserve.formats.repository import MODEL_FILE, NAME_PATTERN, RepositoryError, contract_of, encoded_twins, read_config, versions
 from histoserve.formats.signing import trusted_keys, verify_signature
 from histoserve.formats.version import (
+    IDENTITY_FILE,
     VERSION_CONFIG,
     VERSION_CPU_CONFIG,
     VERSION_LABELS,
     GoldenAnswers,
     VersionFilesError,
+    read_identity,
     read_published,
     verify_checksums,
 )
@@ -119,6 +123,7 @@ def prepare_folder(store: Path, model: str, version: int, target: Path, placed: 
         copy_version(source, copied)
         if trusted is not None:  # first: the signature covers SHA256SUMS, so it says which file was changed after signing
             signer = verify_signature(copied, trusted, shown_as=source).key
+        check_identity(copied, model, version, source, required=trusted is not None)
         try:
             problems = verify_checksums(copied)
         except VersionFilesError as error:
@@ -152,15 +157,31 @@ def place(work: Path, target: Path, model: str) -> None:
 
 
 def copy_version(source: Path, destination: Path) -> None:
-    """Regular files only, read through any symlink; subfolders kept (SHA256SUMS names them)."""
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if path.is_dir():
-            (destination / relative).mkdir(parents=True, exist_ok=True)
-        elif path.is_file():
-            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, destination / relative)
+    """The version's files, read through any symlink. A version is flat (export writes files only):
+    a folder, or anything else that is not a file, is refused rather than copied or skipped."""
     destination.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if not path.is_file():
+            raise StageError(f"{path}: not a file (a version holds files only: export never writes "
+                             f"{'a folder' if path.is_dir() else 'this'})")
+        shutil.copyfile(path, destination / path.name)
+
+
+def check_identity(folder: Path, model: str, version: int, source: Path, required: bool) -> None:
+    """The folder was published as this model and version (identity.json, covered by the signature):
+    a signed folder moved to another name or version number in the store is refused."""
+    try:
+        identity = read_identity(folder)
+    except VersionFilesError as error:
+        raise StageError(str(error).replace(str(folder), str(source))) from None
+    if identity is None:
+        if required:
+            raise StageError(f"{source / IDENTITY_FILE}: missing: the signature does not say which model and version "
+                             "it was published as (publish it again with this release's export)")
+        return
+    if identity != (model, version):
+        raise StageError(f"{source / IDENTITY_FILE}: published as {identity[0]} version {identity[1]}, not {model} "
+                         f"version {version}: a signed version moved in the store")
 
 
 def check_version(folder: Path, model: str, version: int, source: Path) -> None:

@@ -30,6 +30,7 @@ class CheckpointMeta:
     temperature: float = 1.0
     metrics: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    data_sha256: str = ""  # the training data as fit found it (train/data.py data_digest): the provenance names it
 
 
 def save_checkpoint(path: Path, model: Classifier, meta: CheckpointMeta) -> None:

@@ -7,6 +7,7 @@ that every stage that asks for "test" gets the same files.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from histoserve.formats.preprocessing import IMAGE_SUFFIXES, ImageLoadError, find_images, load_image
+from histoserve.formats.version import sha256_of
 from histoserve.train.config import SplitRatios
 
 SPLITS = ("train", "val", "test")
@@ -34,6 +36,7 @@ class Sample:
 class DataSplits:
     class_names: list[str]
     splits: dict[str, list[Sample]]
+    digest: str = ""  # data_digest of the splits as found (fit records it in the checkpoint)
 
     def counts(self) -> dict[str, list[int]]:
         """Images per class for each split, in class order."""
@@ -168,3 +171,20 @@ def write_digits_demo(out: Path, ratios: SplitRatios = SplitRatios(), seed: int 
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(target)
     return load_splits(out)
+
+
+def data_digest(root: str | Path, splits: dict[str, list[Sample]]) -> tuple[str, str]:
+    """What names the training data in a version's provenance: (kind, sha256). A manifest CSV (`python -m
+    train prepare`) is named by its own sha256; an image folder by the sha256 of its listing, one line
+    per image `split<TAB>label<TAB>relative path<TAB>sha256 of the file`, in split and path order (the
+    splits as load_splits makes them, unreadable files included). Patient identifiers never enter it."""
+    root = Path(root)
+    if root.is_file():
+        return "manifest-csv", sha256_of(root)
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for sample in sorted(splits[split], key=lambda s: str(s.path)):
+            path = Path(sample.path)
+            relative = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+            digest.update(f"{split}\t{sample.label}\t{relative}\t{sha256_of(path)}\n".encode())
+    return "image-folder-listing", digest.hexdigest()

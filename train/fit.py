@@ -31,7 +31,7 @@ from histoserve.train import distributed
 from histoserve.train.augment import training_transform
 from histoserve.train.checkpoint import CheckpointMeta, load_checkpoint, save_atomically, save_checkpoint
 from histoserve.train.config import FitConfig
-from histoserve.train.data import ImageDataset, SplitRatios, drop_unreadable, load_splits
+from histoserve.train.data import ImageDataset, SplitRatios, data_digest, drop_unreadable, load_splits
 from histoserve.train.evaluate import fit_temperature, plot_reliability, plot_training_curves, predict, summarize, write_report
 from histoserve.train.model import IMAGENET_MEAN, IMAGENET_STD, Classifier, build_classifier, load_backbone_weights
 
@@ -202,7 +202,7 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
     parts = build_training(config, world, data, steps_per_epoch=len(train_loader))
     meta = CheckpointMeta(arch=config.arch, class_names=data.class_names, preprocess=spec, mean=IMAGENET_MEAN,
                           std=IMAGENET_STD, dropout=config.dropout, data_root=str(Path(config.data).resolve()),
-                          split_seed=config.seed, config=asdict(config))
+                          split_seed=config.seed, config=asdict(config), data_sha256=data.digest)
     progress = Progress()
     if resumed is not None:
         progress = parts.restore(resumed, world)
@@ -280,6 +280,7 @@ def load_data(config: FitConfig, world: distributed.World, out: Path, log: RunLo
     """The splits; in an ImageFolder every file is decoded once and an unreadable one is listed in
     skipped_files.txt and left out (a manifest's ok rows were decoded by `prepare` already)."""
     data = load_splits(Path(config.data), SplitRatios(config.val_ratio, config.test_ratio), config.seed, config.fold)
+    data.digest = data_digest(Path(config.data), data.splits)[1]  # as found, before unreadable files are left out
     if not data.splits["train"] or not data.splits["val"]:
         raise ValueError(f"{config.data}: the train and val splits must not be empty ({ {k: len(v) for k, v in data.splits.items()} })")
     skipped = []

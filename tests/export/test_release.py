@@ -24,7 +24,8 @@ from histoserve.train.evaluate import expected_calibration_error
 from tests.conftest import MODEL, ROOT, run_cli
 from tests.publisher_keys import session_publisher
 
-SERVING_FILES = ["config.pbtxt", "cpu.pbtxt", "drift_baseline.json", "golden.json", "golden_inputs.npy", "labels.txt", "model.onnx"]
+SERVING_FILES = ["config.pbtxt", "cpu.pbtxt", "drift_baseline.json", "golden.json", "golden_inputs.npy", "identity.json", "labels.txt",
+                 "model.onnx"]
 
 
 def read_json(path):
@@ -120,12 +121,17 @@ def test_the_signature_covers_the_provenance_and_the_card(repository, tmp_path):
         verify_signature(folder, trusted)
 
 
-def test_without_the_training_options_nothing_is_published(trained_run, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"config": {}}, "records no training options"),
+    ({"data_sha256": ""}, "records no digest of its training data"),
+    ({"data_sha256": "0" * 64}, "the training data changed since training"),
+], ids=["no-options", "no-data-digest", "data-changed"])
+def test_without_the_facts_of_the_run_nothing_is_published(trained_run, tmp_path, change, message):
     payload = torch.load(trained_run / "checkpoint.pt", weights_only=True)
-    payload["config"] = {}
+    payload.update(change)
     torch.save(payload, tmp_path / "old.pt")
     result = run_cli("-m", "export", tmp_path / "old.pt", "--repository", tmp_path / "repo", "--name", MODEL, check=False, timeout=180)
-    assert result.returncode == 1 and "records no training options" in result.stderr, result.stderr
+    assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "exporting" not in result.stdout and not (tmp_path / "repo" / MODEL / "1").exists()
 
 
@@ -156,7 +162,7 @@ def test_patients_are_counted_per_split_never_named(tmp_path):
     (tmp_path / "manifest.csv").write_text("path,label,group\n")
     splits = {"train": [Sample(tmp_path / f"{i}.png", i % 2, f"patient-{i // 3}") for i in range(12)],
               "test": [Sample(tmp_path / f"t{i}.png", i % 2, f"patient-x{i // 2}") for i in range(4)]}
-    facts = data_facts(tmp_path / "manifest.csv", splits, 2)
+    facts = data_facts(tmp_path / "manifest.csv", splits, 2, sha256_of(tmp_path / "manifest.csv"))
     assert facts.kind == "manifest-csv" and facts.sha256 == sha256_of(tmp_path / "manifest.csv")
     assert (facts.splits["train"].patients, facts.splits["test"].patients) == (4, 2)
     assert facts.splits["train"].per_class == [6, 6]

@@ -16,7 +16,8 @@ from tests.conftest import MODEL
 from tests.export.test_repository import fake_model_file, small_config
 
 VERSION_FILES = sorted(["SHA256SUMS", "config.pbtxt", "cpu.pbtxt", "drift_baseline.json", "golden.json", "golden_inputs.npy",
-                        "labels.txt", "model.onnx", "provenance.intoto.json", "MODEL_CARD.md", "model_card.json", "model.sig"])
+                        "labels.txt", "model.onnx", "provenance.intoto.json", "MODEL_CARD.md", "model_card.json", "model.sig",
+                        "identity.json"])
 
 
 @pytest.mark.parametrize("model, precision", [(MODEL, "fp32"), (f"{MODEL}-int8", "int8")])
@@ -85,5 +86,5 @@ def test_version_files_and_checksums_appear_with_the_model_in_one_rename(tmp_pat
                      version_files={"golden_inputs.npy": lambda version: bytes([version]), "note.json": lambda version: f"{version}"})
     assert (target / "golden_inputs.npy").read_bytes() == b"\x01" and (target / "note.json").read_text() == "1"
     assert verify_checksums(target) == [] and sorted(read_checksums(target)) == [
-        "config.pbtxt", "cpu.pbtxt", "golden_inputs.npy", "labels.txt", "model.onnx", "note.json"]
+        "config.pbtxt", "cpu.pbtxt", "golden_inputs.npy", "identity.json", "labels.txt", "model.onnx", "note.json"]
     assert [p.name for p in (repo / "m").iterdir() if p.name.startswith(".")] == []  # no staging folder left

@@ -145,3 +145,16 @@ def test_sha256sums_naming_a_file_twice_is_malformed(tmp_path):
     (tmp_path / CHECKSUMS_FILE).write_text(f"{'0' * 64}  a.txt\n{line}")
     with pytest.raises(VersionFilesError, match=r"SHA256SUMS:2: a\.txt is listed twice"):
         read_checksums(tmp_path)
+
+
+def test_a_version_signed_with_other_hashing_settings_is_refused(keys, tmp_path):
+    """model-signing's own defaults leave .git* files out of the signature: a trusted key's signature
+    made that way would let such files through, so only export's settings are accepted."""
+    import model_signing
+
+    folder = signed_version(tmp_path / "1", keys["old"])
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE])  # git paths ignored: the default
+    model_signing.signing.Config().set_hashing_config(hashing).use_elliptic_key_signer(
+        private_key=keys["old"].private).sign(folder, folder / SIGNATURE_FILE)
+    with pytest.raises(SignatureError, match="with other hashing settings than export's"):
+        verify_signature(folder, [keys["old"].public])

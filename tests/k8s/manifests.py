@@ -20,7 +20,7 @@ K8S = ROOT / "k8s"
 KUBECTL = Path(sys.executable).parent / "kubectl"
 OVERLAYS = ["overlays/gpu", "overlays/gpu-s3", "overlays/gpu-gateway", "overlays/gpu-canary", "overlays/gpu-canary-adopt",
             "overlays/gpu-canary-leave", "overlays/cpu", "overlays/dev"]
-JOBS = ["jobs/loadtest", "jobs/training", "jobs/publish", "jobs/publish-s3"]
+JOBS = ["jobs/loadtest", "jobs/training", "jobs/publish", "jobs/publish-s3", "jobs/slides"]
 # What outlives the overlays (the Namespace, the model store's claim, the image policy), applied first.
 PLATFORMS = ["platform", "platform/s3", "platform/dev"]
 KUSTOMIZATIONS = OVERLAYS + JOBS + PLATFORMS
@@ -464,6 +464,15 @@ def check_wiring(objects: list[dict]) -> list[str]:
                                     "is no Service port")
     for job in (o for o in objects if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed"):
         name, completions = job["metadata"]["name"], job["spec"]["completions"]
+        spec = job["spec"]["template"]["spec"]
+        for container in spec["containers"]:  # a sharded Job: each index takes its lines of a list, i ≡ index mod SHARDS
+            shards = env_sources(container).get("SHARDS")
+            if shards is not None and shards != str(completions):
+                problems.append(f"Job/{name}: SHARDS={shards} but {completions} completions: some lines go to no index "
+                                "(or indexes share none)")
+        talks = " ".join(w for c in spec["containers"] for w in c.get("command", []) + c.get("args", []))
+        if "subdomain" not in spec and "torchrun" not in talks and "locust" not in talks:
+            continue  # its pods never look each other up: no pod 0 to reach, no need to run all at once
         service = headless_service_for(objects, job)
         if service is None:
             problems.append(f"Job/{name}: no headless Service named after its subdomain selects its pods: pod 0 has no DNS name")

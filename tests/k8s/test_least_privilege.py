@@ -194,6 +194,15 @@ def test_only_export_holds_the_signing_key_and_verify_checks_against_the_trusted
     assert secret.get("optional") is not True and secret["defaultMode"] == 0o400
 
 
+def test_on_eks_the_store_writer_s_role_skips_the_containers_that_hold_the_signing_key_or_verify():
+    """The IRSA webhook gives the role's token to every container the annotation does not name: the
+    key holder (export) and the verifier get no writer credentials; the S3 containers do."""
+    template = job("jobs/publish-s3")["spec"]["template"]
+    skipped = set(template["metadata"]["annotations"]["eks.amazonaws.com/skip-containers"].split(","))
+    assert skipped == set(signing_key_holders(template)) | {"verify"}
+    assert {c["name"] for c in containers(template)} - skipped == {"store-state", "upload", "download"}
+
+
 def test_the_holder_check_notices_the_key_given_to_an_s3_container():
     template = copy.deepcopy(job("jobs/publish-s3")["spec"]["template"])
     by_name(template)["upload"]["volumeMounts"].append(
@@ -214,6 +223,7 @@ RESOLVES_NAMES = {
     "otel-collector": lambda overlay: True,       # the trace backend, by name
     "locust": lambda overlay: True,               # the master and the gRPC Service, by name
     "histoserve-train": lambda overlay: True,     # the rendezvous (other pods than 0)
+    "histoserve-slides": lambda overlay: True,    # the gRPC Service, by name
 }
 
 

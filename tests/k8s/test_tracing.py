@@ -135,15 +135,28 @@ def call_with_context(server, sampled: bool) -> tuple[str, str]:
     return trace_id, caller_span
 
 
-def spans_of(receiver, trace_id: str) -> dict:
-    spans = receiver.wait_for_spans(lambda spans: len([s for s in spans if s.trace_id == trace_id]) >= 3)
+def spans_of(receiver, trace_id: str, timeout_s: float = 30.0) -> dict:
+    spans = receiver.wait_for_spans(lambda spans: len([s for s in spans if s.trace_id == trace_id]) >= 3, timeout_s)
     return {s.name: s for s in spans if s.trace_id == trace_id}
+
+
+def traced_call(server, receiver, sampled: bool, attempts: int = 3) -> tuple[str, str, dict]:
+    """A call with a context and its spans. The local 2.51 loses the spans of about 1.5 % of traced
+    requests (measured; see README, "Client traces"): a lost trace is tried again with a new one, up
+    to `attempts` times, so the test checks what is exported rather than that loss."""
+    for attempt in range(attempts):
+        trace_id, caller_span = call_with_context(server, sampled)
+        try:
+            return trace_id, caller_span, spans_of(receiver, trace_id, 15.0 if attempt < attempts - 1 else 30.0)
+        except AssertionError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_a_call_with_a_trace_context_is_traced_under_the_callers_trace_naming_pod_namespace_model_and_version(
         traced_pod, otlp_receiver):
-    trace_id, caller_span = call_with_context(traced_pod, sampled=True)
-    spans = spans_of(otlp_receiver, trace_id)
+    trace_id, caller_span, spans = traced_call(traced_pod, otlp_receiver, sampled=True)
     assert set(spans) == {"InferRequest", MODEL, "compute"}
     assert spans["InferRequest"].parent_span_id == caller_span  # the caller's span is the parent
     assert spans[MODEL].parent_span_id == spans["InferRequest"].span_id
@@ -162,8 +175,8 @@ def test_calls_without_a_context_are_sampled_at_the_rate_and_every_call_with_one
     unsampled (flags 00), which the gateway's Envoy sends on every call it does not sample, is traced all
     the same: Triton traces every call that passes the gateway."""
     infer(traced_pod, count=100)
-    unsampled, _ = call_with_context(traced_pod, sampled=False)
-    assert set(spans_of(otlp_receiver, unsampled)) == {"InferRequest", MODEL, "compute"}
+    unsampled, _, spans = traced_call(traced_pod, otlp_receiver, sampled=False)
+    assert set(spans) == {"InferRequest", MODEL, "compute"}
     # Triton's batch span processor exports in the order spans end: any span of the 100 calls before
     # would have arrived by now.
     traced = {s.trace_id for s in otlp_receiver.spans() if s.resource.get("k8s.pod.name") == traced_pod.pod_name}

@@ -14,7 +14,15 @@ from onnx import numpy_helper
 
 from histoserve.formats.repository import config_to_text, read_config
 from histoserve.formats.signing import sign_version
-from histoserve.formats.version import CHECKSUMS_FILE, GOLDEN_FILE, VERSION_CONFIG, VERSION_CPU_CONFIG, write_checksums
+from histoserve.formats.version import (
+    CHECKSUMS_FILE,
+    GOLDEN_FILE,
+    IDENTITY_FILE,
+    VERSION_CONFIG,
+    VERSION_CPU_CONFIG,
+    identity_json,
+    write_checksums,
+)
 from tests.publisher_keys import session_publisher
 
 
@@ -35,7 +43,8 @@ def copy_model(repository: Path, model: str, store: Path, name: str | None = Non
             golden.write_text(json.dumps({**json.loads(golden.read_text()), "model": name}))
         for version in target.iterdir():
             if (version / CHECKSUMS_FILE).is_file():
-                write_checksums(version)
+                (version / IDENTITY_FILE).write_text(identity_json(name, int(version.name)))
+                republish(version)
     return target
 
 
@@ -48,6 +57,7 @@ def copy_version(model_dir: Path, source: int, target: int) -> Path:
     for name in (GOLDEN_FILE, "drift_baseline.json"):
         path = folder / name
         path.write_text(json.dumps({**json.loads(path.read_text()), "version": target}))
+    (folder / IDENTITY_FILE).write_text(identity_json(model_dir.name, target))
     republish(folder)
     return folder
 

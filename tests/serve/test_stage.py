@@ -16,7 +16,7 @@ from histoserve.serve.server import TritonServer, free_ports
 from histoserve.serve.stage import STAGE_MARKER, StageError, stage
 from tests.conftest import MODEL, run_cli
 from tests.publisher_keys import session_publisher
-from tests.serve.published import copy_model, republish, swap_labels
+from tests.serve.published import copy_model, copy_version, republish, swap_labels
 
 
 @pytest.fixture
@@ -213,3 +213,29 @@ def test_an_encoded_twin_whose_steps_call_another_version_is_refused(store_with_
     republish(version)
     with pytest.raises(StageError, match=r"its steps call version\(s\) \[2\], not 1"):
         stage(store_with_twins, MODEL, 1, tmp_path / "pod")
+
+
+def test_a_signed_version_moved_to_another_number_or_model_is_refused(store_with_twins, tmp_path):
+    """A writer of the store cannot forge a signature, but could move a signed folder: an older
+    version under a newer number, or a twin of another version. identity.json, which the signature
+    covers, says where each folder was published."""
+    import shutil
+
+    trusted = [session_publisher()[0].public]
+    preprocess, _ = encoded_twins(MODEL)
+    for name in (MODEL, *encoded_twins(MODEL)):
+        shutil.copytree(store_with_twins / name / "1", store_with_twins / name / "2")
+    with pytest.raises(StageError, match=rf"{MODEL}/2/identity\.json: published as {MODEL} version 1, not {MODEL} version 2"):
+        stage(store_with_twins, MODEL, 2, tmp_path / "pod", trusted)
+    shutil.rmtree(store_with_twins / MODEL / "2")
+    copy_version(store_with_twins / MODEL, 1, 2)  # a real version 2, signed; its preprocess twin is still version 1's
+    with pytest.raises(StageError, match=rf"{preprocess}/2/identity\.json: published as {preprocess} version 1"):
+        stage(store_with_twins, MODEL, 2, tmp_path / "pod", trusted)
+    assert os.listdir(tmp_path / "pod") == []
+
+
+def test_a_folder_inside_a_version_is_refused_not_copied_or_skipped(store, tmp_path):
+    (store / MODEL / "1" / "extra").mkdir()
+    with pytest.raises(StageError, match=r"1/extra: not a file"):
+        stage(store, MODEL, 1, tmp_path / "pod", [session_publisher()[0].public])
+    assert os.listdir(tmp_path / "pod") == []
