@@ -315,7 +315,8 @@ def report(args, served, first, second, inside, command, side, side_tiles, mm2, 
         ("python -m client slide, whole command", command["tiles_per_s"], f"{command['tiles']} tiles in {command['seconds']:.1f} s"),
         ("python -m client slide, steady", command["steady_tiles_per_s"], "progress.csv rows over time"),
     ]
-    print(f"\n{cores} cores; ResNet18 32² (tiles {TILE_PX} px at {MPP} µm/px, centre-cropped to 32), max batch {batch_size}, "
+    model = "the --checkpoint's model" if args.checkpoint else "ResNet18"
+    print(f"\n{cores} cores; {model} at 32² (tiles {TILE_PX} px at {MPP} µm/px, centre-cropped to 32), max batch {batch_size}, "
           f"{args.concurrency} requests in flight, {args.workers} tile-reading workers; slide {side}×{side} px = {mm2:.2f} mm², "
           f"{side_tiles}×{side_tiles} tiles, --min-tissue 0")
     print(f"{'':62} {'tiles/s':>8} {'÷ capacity':>10}")
