@@ -58,6 +58,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from histoserve.client.classifier import ClientError, InferenceFailed
+from histoserve.formats.files import write_atomically
 from histoserve.formats.preprocessing import INTERPOLATIONS, PreprocessSpec, preprocess_image
 
 SLIDE_EXTRA = "pip install 'histoserve[slide]'"
@@ -503,12 +504,6 @@ def load_progress(path: Path, key: dict, labels: list[str]) -> list[dict]:
         for row in rows:
             writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
     return rows
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def write_tiles_csv(path: Path, rows: list[dict], labels: list[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,7 +35,10 @@ def load_images(samples: list, spec, purpose: str) -> tuple[np.ndarray, np.ndarr
     return np.stack(arrays), np.asarray(labels)
 
 
-def parity_images(paths: list[Path], spec, count: int) -> np.ndarray:
-    from histoserve.train.data import Sample
+class _Unlabelled(NamedTuple):
+    path: Path
+    label: int = -1
 
-    return load_images([Sample(path, -1) for path in spread(paths, count)], spec, "parity")[0]
+
+def parity_images(paths: list[Path], spec, count: int) -> np.ndarray:
+    return load_images([_Unlabelled(path) for path in spread(paths, count)], spec, "parity")[0]

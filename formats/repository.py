@@ -14,9 +14,7 @@ Version folders are positive integers without leading zeros; anything else (expo
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from histoserve.formats.contract import ModelContract
+from histoserve.formats.files import write_atomically
 
 MODEL_FILE = "model.onnx"
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -60,15 +59,7 @@ def write_text_if_changed(path: Path, text: str) -> None:
     config.pbtxt or labels file was touched."""
     if path.is_file() and path.read_text() == text:
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, text)
 
 
 @dataclass(frozen=True)

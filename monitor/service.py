@@ -117,8 +117,9 @@ class WriterTokens:
         return any([hmac.compare_digest(candidate, token) for token in self.tokens])
 
 
-def held_version(repository: Path, model: str, version: str) -> str | None:
-    """None when the repository holds this model version, else why the record is refused."""
+def why_not_held(repository: Path, model: str, version: str) -> str | None:
+    """Why a record for this model version is refused (not a name, not a number, not in the repository);
+    None when the repository holds it."""
     if not MODEL_NAME.match(model) or ".." in model:
         return f"model {model[:64]!r} is not a model name"
     if not VERSION_NAME.match(version):
@@ -185,7 +186,7 @@ class Monitor:
         self.restored = self.replay_refused = 0
         if self.record_log is not None:
             for record in self.record_log.replay():
-                if held_version(self.repository, record.model, record.version) is None:
+                if why_not_held(self.repository, record.model, record.version) is None:
                     self._place(record)
                     self.restored += 1
                 else:
@@ -228,7 +229,7 @@ class Monitor:
         for index, record in records.items():
             key = (record.model, record.version)
             if key not in verdicts:
-                verdicts[key] = held_version(self.repository, *key)
+                verdicts[key] = why_not_held(self.repository, *key)
             if verdicts[key] is None:
                 kept.append(record)
             else:

@@ -28,15 +28,44 @@ THIN = {"numpy", "PIL", "pyspng", "simplejpeg", "tritonclient", "google", "grpc"
 WITH_EXTRAS = {"signing.py": ({"model_signing", "cryptography"}, {"export", "serve"})}
 
 
-def imported_modules(path: Path) -> list[tuple[int, str]]:
+# top-level folders with Python files that are not stages: they may import any stage
+OUTSIDE = {"tests", "benchmarks", "scripts"}
+
+
+def imported_modules(path: Path, root: Path | None = None) -> list[tuple[int, str]]:
+    """Every module a file imports, as an installed name: a relative import resolved against the file's
+    package (histoserve.<stage>... when `root` is the repository), `from histoserve import client` as
+    histoserve.client."""
     tree = ast.parse(path.read_text(), str(path))
+    package = ["histoserve", *path.parent.relative_to(root).parts] if root else []
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1] if root and node.level <= len(package) else ["<above the root>"]
+                module = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                module = node.module
+            if module == "histoserve":  # from histoserve import client: the stage is the name imported
+                found += [(node.lineno, f"histoserve.{alias.name}") for alias in node.names]
+            elif not node.module and node.level:  # from . import x, from .. import y: each a module of that package
+                found += [(node.lineno, f"{module}.{alias.name}") for alias in node.names]
+            else:
+                found.append((node.lineno, module))
     return found
+
+
+def python_files(root: Path) -> list[str]:
+    """The repository's Python files (git's list: not the virtualenvs or generated model folders); every
+    one for a folder that is no checkout (the self-tests')."""
+    if (root / ".git").exists():
+        import subprocess
+
+        return subprocess.run(["git", "-C", str(root), "ls-files", "--cached", "--others", "--exclude-standard", "*.py"],
+                              capture_output=True, text=True, check=True).stdout.split()
+    return [p.relative_to(root).as_posix() for p in root.rglob("*.py")]
 
 
 def stage_of(module: str) -> str | None:
@@ -46,12 +75,19 @@ def stage_of(module: str) -> str | None:
 
 def graph_problems(root: Path) -> list[str]:
     problems = []
+    folders = sorted({Path(name).parts[0] for name in python_files(root) if len(Path(name).parts) > 1} - OUTSIDE)
+    problems += [f"{folder}/: Python files in a folder that is neither a stage (ALLOWED) nor outside the package (OUTSIDE)"
+                 for folder in folders if folder not in ALLOWED]
     for stage, allowed in ALLOWED.items():
         for path in sorted((root / stage).rglob("*.py")):
-            for line, module in imported_modules(path):
-                target = stage_of(module)
-                if target is not None and target != stage and target not in allowed:
-                    problems.append(f"{path.relative_to(root)}:{line}: {stage} imports {module}")
+            for line, module in imported_modules(path, root):
+                where = f"{path.relative_to(root)}:{line}"
+                if module.split(".")[0] in ALLOWED:
+                    problems.append(f"{where}: {stage} imports {module} by its bare folder name: use histoserve.{module}")
+                elif module.startswith("<above the root>"):
+                    problems.append(f"{where}: {stage} has a relative import above the repository: {module}")
+                elif (target := stage_of(module)) is not None and target != stage and target not in allowed:
+                    problems.append(f"{where}: {stage} imports {module}")
     return problems
 
 
@@ -80,14 +116,40 @@ def is_standard_library(module: str) -> bool:
     return module.split(".")[0] in sys.stdlib_module_names or module == "__future__"
 
 
-@pytest.mark.parametrize("source, importer", [
-    ("from histoserve.monitor.service import Monitor\n", "client"),   # the client reaching into a stage for a type
-    ("import histoserve.export.repository\n", "serve"),
-    ("from histoserve.client.classifier import TritonClassifier\n", "formats"),
-])
-def test_the_check_fails_on_a_forbidden_import(tmp_path, source, importer):
+@pytest.mark.parametrize("source, importer, found", [
+    ("from histoserve.monitor.service import Monitor\n", "client", "client imports histoserve.monitor.service"),
+    ("import histoserve.export.repository\n", "serve", "serve imports histoserve.export.repository"),
+    ("from histoserve.client.classifier import TritonClassifier\n", "formats", "formats imports histoserve.client.classifier"),
+    ("from ..monitor.service import Monitor\n", "client", "client imports histoserve.monitor.service"),        # relative
+    ("from .. import monitor\n", "client", "client imports histoserve.monitor"),                            # relative package
+    ("from histoserve import monitor\n", "client", "client imports histoserve.monitor"),                    # package-level
+    ("from monitor.service import Monitor\n", "client", "by its bare folder name"),                         # bare stage name
+    ("import train\n", "export", "by its bare folder name"),                                                # bare, even if allowed
+    ("from ... import x\n", "client", "relative import above the repository"),
+], ids=["stage", "import", "formats-upward", "relative", "relative-package", "package-level", "bare", "bare-allowed",
+        "above-root"])
+def test_the_check_fails_on_a_forbidden_import(tmp_path, source, importer, found):
     for stage in ALLOWED:
         (tmp_path / stage).mkdir()
     (tmp_path / importer / "bad.py").write_text(source)
     [problem] = graph_problems(tmp_path)
-    assert problem.startswith(f"{importer}/bad.py:1: {importer} imports histoserve.")
+    assert problem.startswith(f"{importer}/bad.py:1: ") and found in problem, problem
+
+
+def test_relative_imports_within_a_stage_are_fine_and_an_unknown_folder_is_not(tmp_path):
+    for stage in ALLOWED:
+        (tmp_path / stage).mkdir()
+    (tmp_path / "client" / "ok.py").write_text("from .classifier import TritonClassifier\nfrom ..formats import options\n")
+    assert graph_problems(tmp_path) == []
+    (tmp_path / "newstage").mkdir()
+    (tmp_path / "newstage" / "thing.py").write_text("import os\n")
+    [problem] = graph_problems(tmp_path)
+    assert problem.startswith("newstage/: Python files in a folder that is neither a stage")
+
+
+def test_the_stage_list_is_the_packaged_one():
+    """ALLOWED names exactly the folders pyproject.toml packages under histoserve."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(p.removeprefix("histoserve.") for p in packages) == sorted(ALLOWED)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from histoserve.formats.files import write_atomically
 from histoserve.formats.preprocessing import PreprocessSpec
 from histoserve.train.config import SplitRatios
 from histoserve.train.data import DataSplits, load_splits
@@ -40,16 +40,8 @@ def save_checkpoint(path: Path, model: Classifier, meta: CheckpointMeta) -> None
 
 
 def save_atomically(payload: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save, renamed into place: never a half-written file (formats/files.py)."""
+    write_atomically(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: Path) -> tuple[Classifier, CheckpointMeta]:

@@ -8,10 +8,13 @@ file itself is left exactly where and as it was.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from histoserve.formats.files import write_atomically
 
 STATUSES = ("ok", "duplicate", "near-duplicate", "corrupt", "unsupported", "label-conflict", "suspected-label-issue")
 META_FILE = "prepare.json"
@@ -41,14 +44,12 @@ COLUMNS = [f.name for f in fields(ManifestRow)]
 
 
 def write_manifest(path: Path, rows: list[ManifestRow]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row))
-    tmp.replace(path)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
+    write_atomically(path, buffer.getvalue())
 
 
 def read_manifest(path: Path) -> tuple[Path, list[ManifestRow]]:
