@@ -435,6 +435,12 @@ def tile_row(x: int, y: int, footprint: int, tissue: float, probabilities: np.nd
             "score": float(probabilities[top]), **{f"p_{label}": float(p) for label, p in zip(labels, probabilities, strict=True)}}
 
 
+def exact(row: dict) -> dict:
+    """A row for csv with each float as its repr: read back, it is the very float (a resumed run's rows
+    equal an uninterrupted run's)."""
+    return {k: repr(v) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def columns_of(labels: list[str]) -> list[str]:
     return ["x", "y", "width", "height", "tissue", "label", "score", *(f"p_{label}" for label in labels)]
 
@@ -457,7 +463,7 @@ class open_progress:
         return self
 
     def writerow(self, row: dict) -> None:
-        self.writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        self.writer.writerow(exact(row))
 
     def flush(self) -> None:
         """Every batch reaches the OS (a killed client loses none); it reaches the disk at most a second
@@ -502,7 +508,7 @@ def load_progress(path: Path, key: dict, labels: list[str]) -> list[dict]:
         writer = csv.DictWriter(handle, columns_of(labels), lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+            writer.writerow(exact(row))
     return rows
 
 
@@ -513,7 +519,7 @@ def write_tiles_csv(path: Path, rows: list[dict], labels: list[str]) -> None:
     writer = csv.DictWriter(buffer, columns_of(labels), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
+        writer.writerow(exact(row))
     write_atomically(path, buffer.getvalue())
 
 

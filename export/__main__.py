@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parity-count", type=POSITIVE_INT, default=32)
     parser.add_argument("--atol", type=POSITIVE, default=1e-4, help="max |Δprob| allowed by the parity gate")
     parser.add_argument("--opset", type=POSITIVE_INT, default=18, help="ONNX opset (default: %(default)s)")
+    add_publishing_arguments(parser)
+    return parser
+
+
+def add_publishing_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is published beside the model: the encoded twins, the signature, the card, the hand-over file."""
     parser.add_argument("--encoded", action="store_true",
                         help="also publish NAME-encoded (image files in, the same probabilities out; NAME-preprocess "
                              "decodes in the server with the package's preprocessing) at the same version")
@@ -246,7 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--result-file", type=output_file,
                         help="after publishing, write NAME=, VERSION= and FOLDER= lines here (sh can source it; "
                              "`python -m serve stage --published FILE` reads it): the publish Job's hand-over")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,6 +292,15 @@ def export(args: argparse.Namespace) -> int:
     facts = release_facts(args, meta, splits)
     samples = list_image_folder(args.parity_images)[1] if args.parity_images else splits["test"]
     images = parity_images([s.path for s in samples], meta.preprocess, args.parity_count)
+    target = gate_and_publish(args, name, model, meta, splits, config, cpu, facts, images)
+    report_published(args, name, target, config, meta, encoded)
+    return 0
+
+
+def gate_and_publish(args, name: str, model, meta, splits, config, cpu: CpuTuning, facts: BuildFacts, images: np.ndarray) -> Path:
+    """ONNX export, the parity gate, the reduced-precision variant and its gate, the held-out
+    measurements, then the version folder with its provenance and card (each gate's result recorded in
+    `facts` as it passes); returns the version folder."""
     with tempfile.TemporaryDirectory(prefix="histoserve-export-") as workdir:
         onnx_file = Path(workdir) / "model.onnx"
         print(f"exporting {meta.arch} ({len(meta.class_names)} classes, input uint8 3×{meta.preprocess.crop_size}²) to ONNX "
@@ -306,11 +320,15 @@ def export(args: argparse.Namespace) -> int:
         facts.gates["golden answers"] = {"images": len(held_out.golden.top1), "tolerance": held_out.golden.tolerance}
         facts.gates["drift baseline"] = {"split": held_out.baseline.split, "images": held_out.baseline.sample_size,
                                          "accuracy": held_out.baseline.accuracy}
-        target = publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu, version_files={
+        return publish(args.repository, config, meta.class_names, onnx_file, args.version, cpu, version_files={
             BASELINE_FILE: lambda version: held_out.baseline.with_version(version).to_json(),
             GOLDEN_FILE: lambda version: held_out.golden.with_version(version).to_json(),
             GOLDEN_INPUTS_FILE: lambda _version: npy_bytes(held_out.golden_inputs),
         }, describe=release_files(name, args, meta, facts, held_out, gate), signing_key=args.signing_key)
+
+
+def report_published(args, name: str, target: Path, config, meta, encoded: EncodedOptions) -> None:
+    """What was published and how to deploy it; the encoded twins and the hand-over file."""
     print(f"published {target} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB model; every file listed with "
           f"its sha256 in {target / CHECKSUMS_FILE}; how it was made in {PROVENANCE_FILE}, what it is for in {MODEL_CARD_FILE})")
     print(f"signed: {target / SIGNATURE_FILE} ({args.signing_key})" if args.signing_key else
@@ -323,8 +341,6 @@ def export(args: argparse.Namespace) -> int:
     print(f"deploy it: set the model knob to name {name}, version {target.name} (k8s/README.md, \"Rollout and rollback\")")
     if args.result_file:
         write_published(args.result_file, Published(name, int(target.name), target))
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,7 +48,7 @@ class ModelCard:
         return json.dumps({"format": MODEL_CARD_FORMAT, "format_version": MODEL_CARD_FORMAT_VERSION, **asdict(self)}, indent=2) + "\n"
 
     def to_markdown(self) -> str:
-        e, lines = self.evaluation, []
+        lines: list[str] = []
         add = lines.append
         add(f"# Model card: {self.name}, version {self.version}\n")
         add("## Intended use\n")
@@ -67,6 +67,21 @@ class ModelCard:
             add(f"| {split} | {facts['images']} | " + (f"{facts['patients'] or '—'} | " if patients else "")
                 + " | ".join(map(str, facts["per_class"])) + " |")
         add("")
+        lines += self._performance_markdown()
+        lines += self._gates_markdown()
+        add("## Limitations\n")
+        lines.extend(f"- {item}" for item in self.limitations)
+        add("")
+        add("## Provenance\n")
+        p = self.provenance
+        add(f"Source commit `{p['commit']}`{' (with uncommitted changes)' if p['dirty'] else ''}; checkpoint sha256 "
+            f"`{p['checkpoint_sha256']}`; training data sha256 `{self.data['sha256']}`. The full statement is "
+            "provenance.intoto.json; model.sig signs every file of this version, this card included.")
+        return "\n".join(lines) + "\n"
+
+    def _performance_markdown(self) -> list[str]:
+        e, lines = self.evaluation, []
+        add = lines.append
         add(f"## Performance: the published model on the {e['split']} split ({e['images']} images)\n")
         add(f"- Accuracy {e['accuracy']:.4f}, balanced accuracy {e['balanced_accuracy']:.4f}"
             + (f", ROC AUC (one-vs-rest) {e['roc_auc_ovr']:.4f}" if e.get("roc_auc_ovr") is not None else ""))
@@ -81,6 +96,11 @@ class ModelCard:
             add(f"Patient level ({patient['patients']} patients, mean probability per patient): accuracy "
                 f"{patient['accuracy']:.4f}, balanced accuracy {patient['balanced_accuracy']:.4f}, patient score "
                 f"{patient['patient_score']:.4f}.\n")
+        return lines
+
+    def _gates_markdown(self) -> list[str]:
+        lines: list[str] = []
+        add = lines.append
         add("## Reduced precision\n")
         if r := self.reduced_precision:
             drop = 100 * r["accuracy_drop"]
@@ -99,15 +119,7 @@ class ModelCard:
         add(f"{b['sample_size']} {b['split']} images: accuracy {b['accuracy']:.4f}, mean top-1 probability "
             f"{b['expected_accuracy']:.4f}; predicted class shares {', '.join(f'{k} {v:.3f}' for k, v in b['predicted_shares'].items())}. "
             "The drift monitor compares served traffic with these (drift_baseline.json).\n")
-        add("## Limitations\n")
-        lines.extend(f"- {item}" for item in self.limitations)
-        add("")
-        add("## Provenance\n")
-        p = self.provenance
-        add(f"Source commit `{p['commit']}`{' (with uncommitted changes)' if p['dirty'] else ''}; checkpoint sha256 "
-            f"`{p['checkpoint_sha256']}`; training data sha256 `{self.data['sha256']}`. The full statement is "
-            "provenance.intoto.json; model.sig signs every file of this version, this card included.")
-        return "\n".join(lines) + "\n"
+        return lines
 
 
 def limitations(card_facts: dict) -> list[str]:

@@ -13,7 +13,6 @@ import csv
 import functools
 import http.server
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,6 @@ from tests.slides import background, write_slide
 
 BROWSER_TEST = ROOT / "tests" / "client" / "browser"
 ARTEFACT = ROOT / "reports" / "test-artefacts" / "slide-viewer.png"
-ALLOW_NO_BROWSER = "HISTOSERVE_ALLOW_NO_BROWSER"
 
 # The slide: 4100 × 3000 px at 0.5 µm/px (so the 2048-px thumbnail's downsample differs in x and y);
 # tiles of 512 level-0 px on an 8 × 5 grid, each filled with one of two stain-like colours in a
@@ -119,17 +117,12 @@ def chromium_executable() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    if os.environ.get(ALLOW_NO_BROWSER):
-        pytest.skip(f"chromium is not installed and {ALLOW_NO_BROWSER} is set (`make test` installs it: apt-get install chromium)")
-    pytest.fail(f"chromium is not installed: `make test` installs it (make chromium: apt-get install chromium, as root); "
-                f"set {ALLOW_NO_BROWSER}=1 to skip the browser test outside make")
+    pytest.fail("chromium is not installed: `make test` installs it (make chromium: apt-get install chromium, as root)")
 
 
 def node_executable() -> str:
     node = shutil.which("node")
     installed = (BROWSER_TEST / "node_modules" / "playwright-core").is_dir()
-    if not (node and installed) and os.environ.get(ALLOW_NO_BROWSER):
-        pytest.skip(f"no Node.js or no playwright-core in tests/client/browser, and {ALLOW_NO_BROWSER} is set")
     assert node, "Node.js is not installed"
     assert installed, "tests/client/browser has no node_modules: `make test` runs `npm ci --prefix tests/client/browser`"
     return node

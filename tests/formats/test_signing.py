@@ -111,8 +111,15 @@ def test_a_copied_version_still_verifies(keys, tmp_path):
 
 
 def test_keys_that_cannot_sign_or_verify_are_refused_by_name(keys, tmp_path):
-    (tmp_path / "rsa.key").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
-    with pytest.raises(SignatureError, match=r"rsa\.key: not a usable signing key"):
+    (tmp_path / "garbage.key").write_text("not a key")
+    with pytest.raises(SignatureError, match=r"garbage\.key: not a usable signing key"):
+        check_signing_key(tmp_path / "garbage.key")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    (tmp_path / "rsa.key").write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(SignatureError, match=r"rsa\.key: model signing takes EC keys"):
         check_signing_key(tmp_path / "rsa.key")
     with pytest.raises(SignatureError, match="P-256, P-384 or P-521"):
         check_signing_key(make_key_pair(tmp_path, "k1", ec.SECP256K1()).private)

@@ -65,6 +65,16 @@ def pod_templates(objects: list[dict]) -> list[tuple[dict, dict]]:
     return [(o, o["spec"]["template"]) for o in objects if o["kind"] in WORKLOADS]
 
 
+def triton_pods(objects: list[dict]) -> list[tuple[dict, dict, dict, list[str]]]:
+    """(workload, pod template, Triton container, Triton's command words) of each workload running Triton."""
+    found = []
+    for workload, template in pod_templates(objects):
+        triton = next((c for c in template["spec"]["containers"] if triton_command(c)), None)
+        if triton is not None:
+            found.append((workload, template, triton, triton_command(triton)))
+    return found
+
+
 def containers(template: dict) -> list[dict]:
     spec = template["spec"]
     return spec.get("initContainers", []) + spec["containers"]
@@ -601,12 +611,8 @@ def check_pinned_model(objects: list[dict]) -> list[str]:
     reads the same version from there, asks this pod's Triton and is the /ready readiness probe; a
     download, where there is one, runs before the stage into the store folder the stage reads."""
     problems = []
-    for workload, template in pod_templates(objects):
+    for workload, template, triton, words in triton_pods(objects):
         spec, name = template["spec"], workload["metadata"]["name"]
-        triton = next((c for c in spec["containers"] if triton_command(c)), None)
-        if triton is None:
-            continue
-        words = triton_command(triton)
         repository = (flag(words, "model-repository") or "").replace("$(MODEL_REPOSITORY)", env_sources(triton).get("MODEL_REPOSITORY", ""))
         mode = flag(words, "model-control-mode") or "none"
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -1006,12 +1012,8 @@ def check_tls(objects: list[dict]) -> list[str]:
         if issuer_of(objects, certificate) is None:
             problems.append(f"Certificate/{certificate['metadata']['name']}: issuerRef Issuer "
                             f"{certificate['spec'].get('issuerRef', {}).get('name')!r} is no Issuer of this kustomization")
-    for workload, template in pod_templates(objects):
+    for workload, template, triton, words in triton_pods(objects):
         spec, name = template["spec"], workload["metadata"]["name"]
-        triton = next((c for c in spec["containers"] if triton_command(c)), None)
-        if triton is None:
-            continue
-        words = triton_command(triton)
         if flag(words, "grpc-use-ssl") != "true":
             continue
         if flag(words, "grpc-use-ssl-mutual") != "true":
