@@ -1,6 +1,6 @@
 # The project's images. Triton itself runs from NVIDIA's image, not these. After pushing one, pin its
 # digest in k8s/components/images, sign it and attach its SBOM (make sbom writes sbom/<target>.cdx.json
-# for each target below): the cluster's admission policy admits it only then (k8s/README.md, "Images").
+# for each target below): the cluster's admission policy admits it only then (docs/kubernetes/security.md, "Images").
 #
 #   docker build --target serve-tools -t registry.example.com/histoserve-serve:0.1.0 .
 #     thin: numpy, Pillow, tritonclient, model-signing and this repository, no torch. Every Triton pod's
@@ -10,21 +10,16 @@
 #     full: the jobs (k8s/jobs/publish, loadtest, training, slides) and the drift monitor.
 #   docker build --target triton -t registry.example.com/histoserve/tritonserver:26.10-histoserve .
 #     NVIDIA's Triton with the thin package in the python backend's interpreter: needed to serve an
-#     encoded model (`python -m export --encoded`: its preprocessing step imports histoserve). Set it
+#     encoded model (`python -m histoserve.export --encoded`: its preprocessing step imports histoserve). Set it
 #     in k8s/base/kustomization.yaml (images: tritonserver) when you publish encoded twins.
 FROM python:3.11.7-slim-bookworm AS source
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN useradd --uid 1000 --create-home histoserve
 WORKDIR /app
-COPY pyproject.toml constraints.txt README.md ./
-# Every package folder pyproject.toml maps under histoserve (tests/test_packaging.py keeps this list whole).
-COPY formats formats
-COPY client client
-COPY train train
-COPY export export
-COPY serve serve
-COPY loadtest loadtest
-COPY monitor monitor
+# The build context less .dockerignore: pyproject.toml, constraints.txt, README.md and the package folders
+# pyproject.toml maps under histoserve (its list is the only one; tests/test_packaging.py checks that
+# .dockerignore leaves each of them in).
+COPY . .
 
 FROM source AS serve-tools
 RUN pip install -c constraints.txt '.[signing]'

@@ -3,6 +3,8 @@
 # installs the offline Kubernetes checks: checkov in its own venv (its pins clash with ours) and
 # promtool from Debian's prometheus package (needs root and apt, as on CI), the Node.js client's
 # packages (npm ci), and Debian's chromium with playwright-core (npm ci) for the slide viewer's browser test.
+# `make docs` builds the documentation site (docs/, mkdocs.yml) into site/ with --strict; `make test` builds it too
+# (tests/test_docs.py).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +15,7 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 NODE_STAMP := client/node/node_modules/.installed
 BROWSER_STAMP := tests/client/browser/node_modules/.installed
 
-.PHONY: demo test install constraints clean promtool chromium sbom
+.PHONY: demo test install constraints clean promtool chromium sbom docs
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
@@ -23,6 +25,10 @@ test: $(STAMP) $(CHECKOV_STAMP) $(NODE_STAMP) $(BROWSER_STAMP) promtool chromium
 	$(PY) -m pytest
 
 install: $(STAMP)
+
+# The documentation site (mkdocs.yml): a broken link or anchor fails the build. Browse it with $(VENV)/bin/mkdocs serve.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,7 +63,7 @@ $(BROWSER_STAMP): tests/client/browser/package-lock.json
 	touch $@
 
 # A CycloneDX SBOM per project image (sbom/<Dockerfile stage>.cdx.json), from constraints.txt's pins;
-# attach each to its pushed image (cosign attest --type cyclonedx): k8s/README.md, "Images".
+# attach each to its pushed image (cosign attest --type cyclonedx): docs/kubernetes/security.md, "Images".
 sbom: $(STAMP)
 	$(PY) scripts/sbom.py --out sbom
 

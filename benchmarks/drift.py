@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/drift.py [--checkpoint runs/demo/checkpoint.pt] [--trials 200] [--window 200]
 
 1. A digits model: the given checkpoint, or ResNet18 trained here for a few epochs at 32² (about 2
-   minutes on 2 cores); exported by `python -m export` (which also writes its drift_baseline.json).
+   minutes on 2 cores); exported by `python -m histoserve.export` (which also writes its drift_baseline.json).
 2. Its held-out images (val + test, 540 real 8×8 scans) through the exported ONNX model in process,
    unshifted and under six shifts made from the same images: rotation by 90°, inverted contrast, blur,
    brightness +40 %, a colour cast, and a class-prior shift (digits 0–4 dropped).
@@ -67,12 +67,12 @@ def model_and_data(work: Path, checkpoint: Path | None, epochs: int) -> tuple[Pa
         data = work / "digits"
         write_digits_demo(data, seed=0)
         print(f"training ResNet18 on the digits for {epochs} epochs ...", flush=True)
-        run("-m", "train", "fit", "--data", data, "--out", work / "run", "--arch", "resnet18", "--epochs", epochs,
+        run("-m", "histoserve.train", "fit", "--data", data, "--out", work / "run", "--arch", "resnet18", "--epochs", epochs,
             "--resize-size", 36, "--crop-size", 32, "--batch-size", 64)
         checkpoint = work / "run" / "checkpoint.pt"
     data = Path(load_checkpoint(checkpoint)[1].data_root)
     print(f"exporting {checkpoint} ...", flush=True)
-    run("-m", "export", checkpoint, "--repository", work / "repository", "--name", "digits", "--parity-count", 8)
+    run("-m", "histoserve.export", checkpoint, "--repository", work / "repository", "--name", "digits", "--parity-count", 8)
     return work / "repository" / "digits" / "1" / "model.onnx", data
 
 

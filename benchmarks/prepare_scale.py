@@ -1,4 +1,4 @@
-"""Benchmark `python -m train prepare` at growing file counts: files/s and peak memory.
+"""Benchmark `python -m histoserve.train prepare` at growing file counts: files/s and peak memory.
 
     .venv/bin/python benchmarks/prepare_scale.py [--counts 2500 5000 10000] [--size 96]
 
@@ -38,7 +38,7 @@ def tree_rss(process: psutil.Process) -> int:
 
 
 def run(src: Path, out: Path) -> tuple[float, int]:
-    command = [sys.executable, "-m", "train", "prepare", str(src), str(out), "--group-regex", r"^(?P<group>p\d+)_"]
+    command = [sys.executable, "-m", "histoserve.train", "prepare", str(src), str(out), "--group-regex", r"^(?P<group>p\d+)_"]
     started = time.perf_counter()
     process = psutil.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0

@@ -9,15 +9,15 @@
 One run, one machine, so the ratios mean something (these machines are noisy):
 1. builds the model it measures through the project's own code: a randomly initialised ResNet50
    checkpoint (speed does not depend on the weights) over synthetic 700×460 H&E-coloured PNGs, then
-   `python -m export` at fp32 and `--precision int8` (the accuracy gate is opened wide: random
+   `python -m histoserve.export` at fp32 and `--precision int8` (the accuracy gate is opened wide: random
    weights have no accuracy to keep; the gate is tested on a trained model in tests/export);
 2. in-process ONNX Runtime, CPU provider, intra-op threads = the machine's cores, batch 1/4/8/16;
    OpenVINO on the same ONNX files when it is installed (`pip install -e '.[openvino]'`), at FP32 and
    at its default precision (bfloat16 on CPUs that have it);
-3. the local real Triton (`python -m serve`'s TritonServer, the configs/cpu.pbtxt that export wrote),
+3. the local real Triton (`python -m histoserve.serve`'s TritonServer, the configs/cpu.pbtxt that export wrote),
    batch-1 gRPC requests at concurrency 1/2/4/8/16: throughput, p50/p95/p99, and from Triton's
    statistics extension the queue and compute time per request and the average batch size;
-4. `python -m client classify --concurrency 4` on 256 PNGs (the test PNGs hard-linked): files/s over
+4. `python -m histoserve.client classify --concurrency 4` on 256 PNGs (the test PNGs hard-linked): files/s over
    the whole command (process start included) and in its steady state, the client's CPU ms per file,
    and files/s ÷ the served capacity (best concurrency) of the same run;
 5. the same, served rows and client, with Triton pinned to most cores and the client (or the load
@@ -77,17 +77,18 @@ sys.path.insert(0, str(ROOT))
 import onnxruntime as ort  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from histoserve.export.repository import CpuTuning, cpu_variant  # noqa: E402
+from histoserve.export.publish import CpuTuning, cpu_variant  # noqa: E402
 from histoserve.formats.contract import INPUT_NAME  # noqa: E402
 from histoserve.formats.preprocessing import PreprocessSpec, find_images, preprocess_file  # noqa: E402
-from histoserve.formats.repository import config_to_text, read_config, write_text_if_changed  # noqa: E402
+from histoserve.formats.repository_layout import config_to_text, read_config, write_text_if_changed  # noqa: E402
 from histoserve.loadtest.triton_stats import STAGES, snapshot  # noqa: E402
-from histoserve.serve.server import TritonServer, free_ports  # noqa: E402
+from histoserve.serve.server import TritonServer  # noqa: E402
+from histoserve.serve.triton_flags import free_ports  # noqa: E402
 
 MODEL = "resnet50"
 VARIANTS = {"fp32": MODEL, "int8": f"{MODEL}-int8"}
 CONCURRENCY = (1, 2, 4, 8, 16)
-CLIENT_CONCURRENCY, CLIENT_BATCH = 4, 16  # python -m client classify's requests in flight and files per request here
+CLIENT_CONCURRENCY, CLIENT_BATCH = 4, 16  # python -m histoserve.client classify's requests in flight and files per request here
 BATCHES = (1, 4, 8, 16)
 SWEEP = [  # (instances, intra-op threads per instance, max_queue_delay_us, preferred batch sizes), for 2 cores
     CpuTuning(instance_count=i, intra_op_threads=t, max_queue_delay_us=d, preferred_batch_sizes=p)
@@ -143,7 +144,7 @@ def build_model(work: Path, images: int, classes: int = 4) -> Path:
 
 
 def export(checkpoint: Path, repository: Path, precisions: list[str]) -> None:
-    common = ["-m", "export", checkpoint, "--repository", repository, "--name", MODEL, "--parity-count", 8, "--encoded"]
+    common = ["-m", "histoserve.export", checkpoint, "--repository", repository, "--name", MODEL, "--parity-count", 8, "--encoded"]
     run([sys.executable, *common])
     wide_open = ["--calibration-count", 32, "--min-agreement", 0, "--max-accuracy-drop", 1]
     for precision in precisions:
@@ -343,11 +344,11 @@ def client_folder(folder: Path, work: Path, files: int) -> Path:
 
 
 def client_command(variant: str, url: str, model: str, folder: Path, note: str = "") -> list[Row]:
-    """`python -m client classify --concurrency 4` on `folder`: files/s over the whole command (process
+    """`python -m histoserve.client classify --concurrency 4` on `folder`: files/s over the whole command (process
     start and reading the contract included) and in its steady state (from its first result line to
     its last, each line time-stamped as it arrives), and the CPU time the client process used per file."""
     files = len(find_images(folder))
-    command = [sys.executable, "-m", "client", "classify", str(folder), "--url", url, "--model", model,
+    command = [sys.executable, "-m", "histoserve.client", "classify", str(folder), "--url", url, "--model", model,
                "--concurrency", str(CLIENT_CONCURRENCY), "--batch-size", str(CLIENT_BATCH)]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -358,13 +359,14 @@ def client_command(variant: str, url: str, model: str, folder: Path, note: str =
     elapsed = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0 or len(stamps) != files:
-        sys.exit(f"python -m client classify exited {process.returncode} with {len(stamps)} results for {files} files:\n{stderr[-2000:]}")
+        sys.exit(f"python -m histoserve.client classify exited {process.returncode} with {len(stamps)} results for {files} files:\n"
+                 f"{stderr[-2000:]}")
     cpu_ms = sum(getattr(cpu_after, k) - getattr(cpu_before, k) for k in ("ru_utime", "ru_stime")) * 1000 / files
     first_burst = sum(stamp - stamps[0] < 0.005 for stamp in stamps)  # the first request's results arrive together
     steady = (files - first_burst) / (stamps[-1] - stamps[0])
     what = f"{files} PNGs{note}"
-    return [Row(variant, "python -m client classify", f"{what}, whole command", files / elapsed, kind="whole command"),
-            Row(variant, "python -m client classify", f"{what}, steady, {cpu_ms:.1f} CPU ms/file", steady, kind="steady")]
+    return [Row(variant, "python -m histoserve.client classify", f"{what}, whole command", files / elapsed, kind="whole command"),
+            Row(variant, "python -m histoserve.client classify", f"{what}, steady, {cpu_ms:.1f} CPU ms/file", steady, kind="steady")]
 
 
 def pin(cores: list[int]) -> None:
@@ -398,9 +400,9 @@ def client_on_own_cores(repository: Path, images: np.ndarray, folder: Path, seco
                     row = served(variant, server, name, images, concurrency, seconds)
                     row.path, row.setting = "triton gRPC, own cores", f"concurrency {concurrency}{note}"
                     rows.append(row)
-                print(f"{variant}{note}: python -m client classify ...", flush=True)
+                print(f"{variant}{note}: python -m histoserve.client classify ...", flush=True)
                 for row in client_command(variant, server.grpc_url, name, folder, note):
-                    row.path = "python -m client classify, own cores"
+                    row.path = "python -m histoserve.client classify, own cores"
                     rows.append(row)
     finally:
         pin(cores)
@@ -581,7 +583,7 @@ def ratios(rows: list[Row]) -> dict[str, float]:
         result[f"{variant} served (concurrency ≥ 4) ÷ in-process"] = best(variant, "triton gRPC", 4) / in_process_mean(variant)
     result["int8 ÷ fp32, in process"] = in_process_mean("int8") / in_process_mean("fp32")
     result["int8 ÷ fp32, served"] = best("int8", "triton gRPC", 1) / best("fp32", "triton gRPC", 1)
-    def client(variant: str, kind: str, path: str = "python -m client classify") -> float:
+    def client(variant: str, kind: str, path: str = "python -m histoserve.client classify") -> float:
         return max((r.images_per_s for r in rows if r.variant == variant and r.path == path and r.kind == kind),
                    default=float("nan"))
 
@@ -597,7 +599,7 @@ def ratios(rows: list[Row]) -> dict[str, float]:
                 client(variant, kind) / best(variant, "triton gRPC", 1))
         if any(r.path == "triton gRPC, own cores" for r in rows):
             result[f"{variant} client (steady) ÷ served (best concurrency), client on its own core"] = (
-                client(variant, "steady", "python -m client classify, own cores") / best(variant, "triton gRPC, own cores"))
+                client(variant, "steady", "python -m histoserve.client classify, own cores") / best(variant, "triton gRPC, own cores"))
     if any(r.path.startswith("triton gRPC, summaries") for r in rows):
         result.update(metrics_cost(rows))
         result.update(tracing_cost(rows))
@@ -712,7 +714,7 @@ def cpu_rows(repository: Path, images: np.ndarray, client_files: Path, pngs: lis
             for concurrency in CONCURRENCY:
                 print(f"{variant}: served, concurrency {concurrency} ...", flush=True)
                 rows.append(served(variant, server, name, images, concurrency, seconds))
-            print(f"{variant}: python -m client classify ...", flush=True)
+            print(f"{variant}: python -m histoserve.client classify ...", flush=True)
             rows += client_command(variant, server.grpc_url, name, client_files)
             for concurrency in CONCURRENCY:
                 print(f"{variant}: encoded model, concurrency {concurrency} ...", flush=True)

@@ -1,12 +1,12 @@
-"""Whole-slide speed: `python -m client slide` against the served model's own capacity, in one run.
+"""Whole-slide speed: `python -m histoserve.client slide` against the served model's own capacity, in one run.
 
     .venv/bin/python benchmarks/slide.py [--checkpoint runs/x/checkpoint.pt] [--region-mm2 2] [--seconds 10]
     .venv/bin/python benchmarks/slide.py --region-mm2 20     # the whole 20 mm² region, measured (≈1 GB of pixels)
 
 One machine, one run, so the ratio means something (these machines drift):
-1. the model: one epoch of ResNet18 at 32×32 on the bundled digits (`python -m train fit ... --resize-size 36
-   --crop-size 32`, as tests/conftest.py trains it), or --checkpoint; `python -m export` at fp32 with its
-   default batching (max batch 16); the local real Triton (`python -m serve`'s TritonServer);
+1. the model: one epoch of ResNet18 at 32×32 on the bundled digits (`python -m histoserve.train fit ... --resize-size 36
+   --crop-size 32`, as tests/conftest.py trains it), or --checkpoint; `python -m histoserve.export` at fp32 with its
+   default batching (max batch 16); the local real Triton (`python -m histoserve.serve`'s TritonServer);
 2. a synthetic slide: a tissue region of --region-mm2 at 0.25 µm/px (40×), every pixel tissue (the test
    split's digits, coloured pink and purple like H&E, each 36 px: the model's resize size, so each tile is
    one digit and the preprocessing only crops it), written as a pyramidal, tiled (256²), zlib TIFF with
@@ -16,7 +16,7 @@ One machine, one run, so the ratio means something (these machines drift):
    fast as the server answers them: classifier.infer_probabilities in a thread pool for --seconds, before
    and after the slide rows (averaged);
 4. `classify_slide` in this process (tiles/s from its call to its return, tissue mask and writing the
-   results included), then `python -m client slide SLIDE --min-tissue 0` as a subprocess: tiles/s over the
+   results included), then `python -m histoserve.client slide SLIDE --min-tissue 0` as a subprocess: tiles/s over the
    whole command (interpreter start included) and in its steady state (from progress.csv's rows as they
    are written), and the peak memory of the command and its tile-reading workers together (their RSS summed,
    sampled every 50 ms) and of its largest single process (its VmHWM);
@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 from histoserve.client.classifier import TritonClassifier  # noqa: E402
 from histoserve.client.slide import PROGRESS_CSV, TILES_CSV, SlideOptions, classify_slide  # noqa: E402
 from histoserve.formats.preprocessing import find_images, preprocess_image  # noqa: E402
-from histoserve.serve.server import TritonServer, free_ports  # noqa: E402
+from histoserve.serve.server import TritonServer  # noqa: E402
+from histoserve.serve.triton_flags import free_ports  # noqa: E402
 
 MODEL = "digits"
 MPP = 0.25                 # µm per pixel: 40×
@@ -76,12 +77,12 @@ def build_model(work: Path, checkpoint: Path | None) -> Path:
     """The exported model repository: --checkpoint, or one epoch of ResNet18 at 32×32 on the digits."""
     if checkpoint is None:
         data = work / "digits"
-        run([sys.executable, "-m", "train", "demo-data", data])
-        run([sys.executable, "-m", "train", "fit", "--data", data, "--out", work / "run", "--arch", "resnet18", "--epochs", 1,
+        run([sys.executable, "-m", "histoserve.train", "demo-data", data])
+        run([sys.executable, "-m", "histoserve.train", "fit", "--data", data, "--out", work / "run", "--arch", "resnet18", "--epochs", 1,
              "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light"])
         checkpoint = work / "run" / "checkpoint.pt"
     repository = work / "model_repository"
-    run([sys.executable, "-m", "export", checkpoint, "--repository", repository, "--name", MODEL])
+    run([sys.executable, "-m", "histoserve.export", checkpoint, "--repository", repository, "--name", MODEL])
     return repository
 
 
@@ -192,8 +193,8 @@ def progress_rows(path: Path) -> int:
 
 
 def slide_command(url: str, slide: Path, out: Path, options: SlideOptions) -> dict:
-    """`python -m client slide` as a user runs it: the whole command, its steady state, its memory."""
-    command = [sys.executable, "-m", "client", "slide", slide, "--url", url, "--model", MODEL, "--out", out, "--min-tissue", 0,
+    """`python -m histoserve.client slide` as a user runs it: the whole command, its steady state, its memory."""
+    command = [sys.executable, "-m", "histoserve.client", "slide", slide, "--url", url, "--model", MODEL, "--out", out, "--min-tissue", 0,
                "--workers", options.workers, "--concurrency", options.concurrency, "--json"]
     print("$ " + " ".join(str(c) for c in command), flush=True)
     progress, samples = out / slide.stem / PROGRESS_CSV, []
@@ -211,7 +212,7 @@ def slide_command(url: str, slide: Path, out: Path, options: SlideOptions) -> di
     stdout, stderr = process.communicate()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if process.returncode != 0:
-        sys.exit(f"python -m client slide exited {process.returncode}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+        sys.exit(f"python -m histoserve.client slide exited {process.returncode}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     summary = json.loads(stdout.splitlines()[-1])["summary"]
     tiles = summary["tiles"]["classified"]
     moving = [(t, r) for t, r in samples if r > 0]
@@ -241,7 +242,7 @@ def plot(command: dict, capacity_rate: float, path: Path) -> None:
     rates = [((t0 + t1) / 2, (r1 - r0) / (t1 - t0)) for (t0, r0), (t1, r1) in zip(points, points[5:], strict=False)
              if t1 > t0]  # over 0.5 s
     figure, axes = plt.subplots(figsize=(7, 4))
-    axes.plot([t for t, _ in rates], [r for _, r in rates], label="python -m client slide (tiles/s over 0.5 s)")
+    axes.plot([t for t, _ in rates], [r for _, r in rates], label="python -m histoserve.client slide (tiles/s over 0.5 s)")
     axes.axhline(capacity_rate, linestyle="--", color="black", label="served capacity (preprocessed batches)")
     axes.axhline(0.9 * capacity_rate, linestyle=":", color="grey", label="0.9 × capacity")
     axes.set_xlabel("seconds since the command started")
@@ -276,7 +277,7 @@ def main() -> int:
         repository = build_model(work, args.checkpoint)
         digits = work / "digits" / "test" if (work / "digits").is_dir() else ROOT / "data" / "digits" / "test"
         if not digits.is_dir():
-            run([sys.executable, "-m", "train", "demo-data", work / "digits"])
+            run([sys.executable, "-m", "histoserve.train", "demo-data", work / "digits"])
             digits = work / "digits" / "test"
         tiles = digit_tiles(digits)
         slide = work / "region.tiff"
@@ -312,8 +313,9 @@ def report(args, served, first, second, inside, command, side, side_tiles, mm2, 
     rows = [
         ("served capacity, preprocessed batches (mean of before/after)", served, f"{first:.0f} before, {second:.0f} after"),
         ("classify_slide, in process", inside["tiles_per_s"], f"{inside['tiles']} tiles in {inside['seconds']:.1f} s"),
-        ("python -m client slide, whole command", command["tiles_per_s"], f"{command['tiles']} tiles in {command['seconds']:.1f} s"),
-        ("python -m client slide, steady", command["steady_tiles_per_s"], "progress.csv rows over time"),
+        ("python -m histoserve.client slide, whole command", command["tiles_per_s"],
+         f"{command['tiles']} tiles in {command['seconds']:.1f} s"),
+        ("python -m histoserve.client slide, steady", command["steady_tiles_per_s"], "progress.csv rows over time"),
     ]
     model = "the --checkpoint's model" if args.checkpoint else "ResNet18"
     print(f"\n{cores} cores; {model} at 32² (tiles {TILE_PX} px at {MPP} µm/px, centre-cropped to 32), max batch {batch_size}, "

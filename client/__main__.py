@@ -1,7 +1,7 @@
-"""python -m client classify PATH... --url HOST:PORT --model NAME [--top-k K] [--json]
-python -m client slide SLIDE... --url HOST:PORT --model NAME --out DIR [--mpp M] [--tile-px P] [--min-tissue F]
-python -m client slide-view DIR/SLIDE_STEM [--port 8080] [--host 127.0.0.1] [--slide PATH] [--export FOLDER]
-python -m client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N \
+"""python -m histoserve.client classify PATH... --url HOST:PORT --model NAME [--top-k K] [--json]
+python -m histoserve.client slide SLIDE... --url HOST:PORT --model NAME --out DIR [--mpp M] [--tile-px P] [--min-tissue F]
+python -m histoserve.client slide-view DIR/SLIDE_STEM [--port 8080] [--host 127.0.0.1] [--slide PATH] [--export FOLDER]
+python -m histoserve.client rollout-status --url dns:///triton-grpc.NS.svc.cluster.local:8001 --model NAME --version N \
     --admin-key-file KEY
 
 classify: PATH may be a file, a folder (searched recursively for images) or a glob. One line per
@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from histoserve.client.classifier import ClientError, FileResult, TritonClassifier
-from histoserve.client.monitoring import TOKEN_VARIABLE, MonitorSender, MonitorTokenError, monitor_token
+from histoserve.client.record_sender import TOKEN_VARIABLE, MonitorSender, MonitorTokenError, monitor_token
 from histoserve.client.rollout import wait_for_version
 from histoserve.client.slide_view import add_arguments as add_slide_view_arguments
 from histoserve.client.slide_view import slide_view_command
@@ -82,10 +82,22 @@ def expand_paths(arguments: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m histoserve.client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    classify = commands.add_parser("classify", help="classify image files on a Triton server")
+    add_classify_arguments(commands.add_parser("classify", help="classify image files on a Triton server"))
+    add_slide_arguments(commands.add_parser(
+        "slide", help="classify the tissue tiles of whole-slide images (histoserve.client.slide)"))
+    add_slide_view_arguments(commands.add_parser(
+        "slide-view", help="view a slide's results in the browser, or export them (histoserve.client.slide_view)"))
+    add_rollout_arguments(commands.add_parser("rollout-status", help="wait until every server serves a model version"))
+    for name, run in (("classify", classify), ("slide", classify_slides_command), ("slide-view", slide_view_command),
+                      ("rollout-status", rollout_status)):
+        commands.choices[name].set_defaults(run=run)
+    return parser
+
+
+def add_classify_arguments(classify: argparse.ArgumentParser) -> None:
     classify.add_argument("paths", nargs="+", metavar="PATH")
     classify.add_argument("--url", default="localhost:8001",
                           help="Triton gRPC address, or dns:///name:port to balance over every pod behind a "
@@ -100,14 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--output", type=output_file, help="write the result lines to this file instead of stdout")
     add_tls_arguments(classify)
     classify.add_argument("--monitor-url",
-                          help="also send a prediction record per file to this monitor (python -m monitor serve), in the "
+                          help="also send a prediction record per file to this monitor (python -m histoserve.monitor serve), in the "
                                "background: a monitor that is down never slows or fails classification")
     classify.add_argument("--monitor-token-file", type=Path,
                           help=f"the writer's bearer token for the monitor (default: ${TOKEN_VARIABLE})")
     classify.add_argument("--deadline-s", type=POSITIVE, default=60.0,
                           help="per request, retries included: a server that is restarting or rolling out is waited "
                                "for and retried until then (default: %(default)s)")
-    slide = commands.add_parser("slide", help="classify the tissue tiles of whole-slide images (histoserve.client.slide)")
+
+
+def add_slide_arguments(slide: argparse.ArgumentParser) -> None:
     slide.add_argument("slides", nargs="+", metavar="SLIDE", type=Path)
     slide.add_argument("--url", default="localhost:8001", help="Triton gRPC address, or dns:///name:port (default: %(default)s)")
     slide.add_argument("--model", required=True, help="the pixel model (tiles are preprocessed here)")
@@ -125,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     slide.add_argument("--deadline-s", type=POSITIVE, default=60.0, help="per request, retries included (default: %(default)s)")
     slide.add_argument("--json", action="store_true", help="one JSON line per slide (its summary or its error)")
     add_tls_arguments(slide)
-    add_slide_view_arguments(commands.add_parser(
-        "slide-view", help="view a slide's results in the browser, or export them (histoserve.client.slide_view)"))
-    rollout = commands.add_parser("rollout-status", help="wait until every server serves a model version")
+
+
+def add_rollout_arguments(rollout: argparse.ArgumentParser) -> None:
     rollout.add_argument("--url", required=True,
                          help="a server, servers separated by commas, or dns:///name:port for every pod behind a headless Service")
     rollout.add_argument("--model", required=True)
@@ -136,7 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--admin-key-file", type=Path,
                          help=f"the servers' admin key: the repository index is an admin API (default: ${ENVIRONMENT_VARIABLE})")
     add_tls_arguments(rollout)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             args.monitor_token = monitor_token(args.monitor_token_file) if args.monitor_url else None
     except (OptionError, AdminKeyError, MonitorTokenError) as error:
         parser.error(str(error))
-    return {"rollout-status": rollout_status, "slide": classify_slides_command}.get(args.command, classify)(args)
+    return args.run(args)
 
 
 def classify_slides_command(args: argparse.Namespace) -> int:
@@ -247,7 +260,7 @@ class Tally:
 
 def write_results(classifier: TritonClassifier, paths: list[str], args: argparse.Namespace, output, tally: Tally) -> None:
     """One line per file as its result arrives, in input order, counted in `tally`."""
-    progress = Progress(len(paths)) if sys.stderr.isatty() else None
+    progress = StatusLine(len(paths)) if sys.stderr.isatty() else None
     try:
         for result in classifier.classify_files(paths, args.top_k, args.concurrency, args.batch_size):
             tally.failed += not result.ok
@@ -268,7 +281,7 @@ def format_result(result: FileResult, as_json: bool) -> str:
     return f"{result.path}\terror: {result.error}"
 
 
-class Progress:
+class StatusLine:
     """One status line on stderr, redrawn at most every 0.2 s; only used when stderr is a terminal."""
 
     def __init__(self, total: int):
@@ -311,7 +324,8 @@ def rollout_status(args: argparse.Namespace) -> int:
         if old := sum(s.state == "OTHER_VERSION" for s in states):
             print(f"{old} server(s) still serve another version: pods of the previous ReplicaSet, kept while the new pods "
                   f"are not Ready. `kubectl rollout status deploy/triton` tells whether the rollout still progresses; the new "
-                  f"pods' model-stage and golden-gate logs say why one is not Ready (k8s/README.md, \"Rollout and rollback\")",
+                  f"pods' model-stage and golden-gate logs say why one is not Ready "
+                  f"(docs/kubernetes/rollouts.md, \"Rollout and rollback\")",
                   file=sys.stderr)
         return 2
     return 0

@@ -21,7 +21,7 @@ from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay
 from tritonclient.utils import InferenceServerException
 
 from histoserve.client import tracing
-from histoserve.client.monitoring import MonitorSender
+from histoserve.client.record_sender import MonitorSender
 from histoserve.client.telemetry import CallMetrics, grpc_code, process_metrics
 from histoserve.formats.contract import ContractError, EncodedContract, ModelContract, contract_for
 from histoserve.formats.options import ClientTls, OptionError
@@ -61,7 +61,7 @@ def parse_classification(entry: bytes | str) -> Prediction:
 
 # Keepalive: ping every 20 s, also between calls, and give up on a connection after 10 s of silence,
 # so a call to a dead node fails fast instead of hanging until its deadline. Servers must accept
-# pings that often: k8s/base/deployment.yaml and `python -m serve` allow one every 10 s.
+# pings that often: k8s/base/deployment.yaml and `python -m histoserve.serve` allow one every 10 s.
 KEEPALIVE_TIME_MS = 20_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 # After a server closes a connection (Triton's --grpc-max-connection-age on Kubernetes), re-resolve
@@ -148,7 +148,7 @@ class TritonClassifier(ContractView):
     def __init__(self, url: str, model: str, version: str = "", deadline_s: float = 60.0, tls: ClientTls | None = None,
                  monitor: MonitorSender | None = None, metrics: CallMetrics | None = None):
         self.url, self.model, self.version, self.deadline_s, self.tls = url, model, version, deadline_s, tls
-        self.monitor = monitor  # classify_files sends a record per classified file to it (client.monitoring)
+        self.monitor = monitor  # classify_files sends a record per classified file to it (client/record_sender.py)
         self.metrics = metrics or process_metrics()  # OpenTelemetry; no-ops until the process configures it (client.telemetry)
         try:
             security = tls.client_arguments() if tls else {}

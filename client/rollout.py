@@ -1,11 +1,11 @@
 """Has a model version reached every Triton server? Asked of each server's repository index.
 
-Production pods serve one pinned version each (k8s/README.md, "Rollout and rollback"): a rollout is a
+Production pods serve one pinned version each (docs/kubernetes/rollouts.md, "Rollout and rollback"): a rollout is a
 new ReplicaSet, and a server that answers is a Ready pod, old or new. Behind a Kubernetes headless
 Service, `dns:///name:port` expands to one server per Ready pod, so the rollout of version N is done,
 from the callers' side, when every server has N READY; until then the old pods report the versions
 they serve (OTHER_VERSION), and a new pod that fails its checksums or golden answers never appears.
-Triton in poll mode (`python -m serve`, the dev overlay) loads a new version folder within its poll
+Triton in poll mode (`python -m histoserve.serve`, the dev overlay) loads a new version folder within its poll
 interval and keeps serving the versions it had when the new one fails to load; there the check fails
 as soon as every server has answered and one reports the version UNAVAILABLE, naming Triton's reason. The repository index is an admin API:
 the calls carry the admin key (formats/admin.py), and a server that refuses it is reported as REFUSED.
@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from histoserve.formats.admin import REFUSED_HINT, AdminKey, headers, refused
 from histoserve.formats.options import ClientTls
-from histoserve.formats.repository import VersionState
+from histoserve.formats.repository_layout import VersionState
 
 
 def expand_servers(url: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Whole slides through the served model: `python -m client slide SLIDE... --out DIR` (histoserve.client.slide).
+"""Whole slides through the served model: `python -m histoserve.client slide SLIDE... --out DIR` (histoserve.client.slide).
 
 A slide is whatever OpenSlide opens (SVS, NDPI, MRXS, generic tiled TIFF, DICOM WSI, ...). For each:
 

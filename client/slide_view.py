@@ -1,6 +1,6 @@
-"""The slide viewer: `python -m client slide-view DIR/<slide stem> [--port 8080] [--export FOLDER]`.
+"""The slide viewer: `python -m histoserve.client slide-view DIR/<slide stem> [--port 8080] [--export FOLDER]`.
 
-Opens a result folder of `python -m client slide` (histoserve.client.slide) in the browser:
+Opens a result folder of `python -m histoserve.client slide` (histoserve.client.slide) in the browser:
 
 - the slide itself as Deep Zoom tiles, made on request from the slide file that summary.json names
   (OpenSlide's DeepZoomGenerator: 254-px tiles with a 1-px overlap, the whole level-0 plane, so the
@@ -80,17 +80,18 @@ class ResultFolder:
 
 def _summary_of(folder: Path) -> dict:
     if not folder.is_dir():
-        raise ViewerError(f"{folder}: no such folder (give DIR/<slide stem>, a folder `python -m client slide --out DIR` wrote)")
+        raise ViewerError(f"{folder}: no such folder (give DIR/<slide stem>, a folder `python -m histoserve.client slide --out DIR` wrote)")
     path = folder / "summary.json"
     if not path.is_file():
-        hint = " (an interrupted run: rerun `python -m client slide` to finish it)" if (folder / "progress.csv").is_file() else ""
-        raise ViewerError(f"{path}: missing: {folder} is not a finished result folder of `python -m client slide`{hint}")
+        interrupted = (folder / "progress.csv").is_file()
+        hint = " (an interrupted run: rerun `python -m histoserve.client slide` to finish it)" if interrupted else ""
+        raise ViewerError(f"{path}: missing: {folder} is not a finished result folder of `python -m histoserve.client slide`{hint}")
     try:
         summary = json.loads(path.read_text())
         width, height = (int(v) for v in summary["level0_size"])
         str(summary["slide"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ViewerError(f"{path}: not a summary `python -m client slide` wrote ({type(error).__name__}: {error})") from None
+        raise ViewerError(f"{path}: not a summary `python -m histoserve.client slide` wrote ({type(error).__name__}: {error})") from None
     if width < 1 or height < 1:
         raise ViewerError(f"{path}: level0_size {width}×{height} is empty")
     return summary
@@ -99,7 +100,7 @@ def _summary_of(folder: Path) -> dict:
 def _read_tiles(path: Path, labels_hint: list[str]) -> tuple[list[str], list[list]]:
     """tiles.csv as compact rows, and its class labels in column order (its p_<label> columns)."""
     if not path.is_file():
-        raise ViewerError(f"{path}: missing (each result folder of `python -m client slide` has one)")
+        raise ViewerError(f"{path}: missing (each result folder of `python -m histoserve.client slide` has one)")
     with open(path, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
@@ -146,7 +147,7 @@ def load_result(folder: Path, slide: Path | None = None) -> ResultFolder:
         with Image.open(overlay_path) as overlay:
             overlay_size = overlay.size
     except FileNotFoundError:
-        raise ViewerError(f"{overlay_path}: missing (the heatmap overlay `python -m client slide` writes)") from None
+        raise ViewerError(f"{overlay_path}: missing (the heatmap overlay `python -m histoserve.client slide` writes)") from None
     except OSError as error:
         raise ViewerError(f"{overlay_path}: not an image ({error})") from None
     downsample = (summary.get("thumbnail") or {}).get("downsample") or [width / overlay_size[0], height / overlay_size[1]]
@@ -391,7 +392,7 @@ def export(view: SlideView, target: Path, workers: int = 4, progress: Callable[[
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("result", type=Path, metavar="DIR/SLIDE_STEM",
-                        help="a result folder of `python -m client slide` (summary.json, tiles.csv, overlay.png)")
+                        help="a result folder of `python -m histoserve.client slide` (summary.json, tiles.csv, overlay.png)")
     parser.add_argument("--slide", type=Path,
                         help="the slide file, when it is no longer where summary.json says (moved, another machine)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")

@@ -18,7 +18,7 @@ those names.
 
 Only OpenTelemetry's API is a dependency of the client: with no MeterProvider configured by the
 process, every instrument is a no-op and nothing is exported. A service that already configures
-OpenTelemetry gets these metrics with its own. `python -m client classify` configures one from the
+OpenTelemetry gets these metrics with its own. `python -m histoserve.client classify` configures one from the
 standard environment variables when OTEL_METRICS_EXPORTER names an exporter
 (`configure_from_environment`; needs `pip install histoserve[telemetry]`).
 """

@@ -28,7 +28,7 @@ any valid context), so sending unsampled contexts would make Triton trace every 
 caller's 1 % sampler meant to skip.
 
 Only OpenTelemetry's API is a dependency: with no TracerProvider configured every span is a no-op
-(nothing is exported, no traceparent is sent, `trace_id` is None). `python -m client classify`
+(nothing is exported, no traceparent is sent, `trace_id` is None). `python -m histoserve.client classify`
 configures one from the standard environment variables when OTEL_TRACES_EXPORTER names an exporter
 (`configure_tracing_from_environment`; needs `pip install histoserve[telemetry]`).
 """

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from histoserve.export.repository import latency_histogram, publish_version_folder
+from histoserve.export.publish import latency_histogram, publish_version_folder
 from histoserve.formats.contract import LABELS_FILE
-from histoserve.formats.repository import RepositoryError, config_to_text, contract_of, encoded_twins, write_text_if_changed
-from histoserve.formats.version import VERSION_CONFIG, VERSION_LABELS
+from histoserve.formats.repository_layout import RepositoryError, config_to_text, contract_of, encoded_twins, write_text_if_changed
+from histoserve.formats.version import VERSION_CONFIG, VERSION_LABELS, version_folder
 
 PREPROCESS_MODEL_FILE = Path(__file__).with_name("preprocess_model.py")
 FILE_INPUT, PIXELS = "image_file", "image"
@@ -89,8 +89,8 @@ def encoded_config(pixel: mc.ModelConfig, version: int) -> mc.ModelConfig:
 
 def check_twins_publishable(repository: Path, name: str, version: int) -> None:
     for twin in encoded_twins(name):
-        if (Path(repository) / twin / str(version)).exists():
-            raise RepositoryError(f"{Path(repository) / twin / str(version)} already exists: versions are immutable")
+        if version_folder(repository, twin, version).exists():
+            raise RepositoryError(f"{version_folder(repository, twin, version)} already exists: versions are immutable")
 
 
 def publish_encoded(repository: Path, pixel: mc.ModelConfig, labels: list[str], version: int,

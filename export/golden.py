@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import torch
 
-from histoserve.formats.repository import RepositoryError
+from histoserve.formats.repository_layout import RepositoryError
 from histoserve.formats.version import TOLERANCE, GoldenAnswers, choose_golden, golden_count
 
 

@@ -20,7 +20,7 @@ def spread(items: list, count: int) -> list:
     return list(dict.fromkeys(items[int(i)] for i in np.linspace(0, len(items) - 1, num=min(count, len(items)))))
 
 
-def load_images(samples: list, spec, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_samples(samples: list, spec, purpose: str) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed uint8 images (as the client sends them) and their labels; unreadable files are
     skipped with a message naming them."""
     arrays, labels = [], []
@@ -41,4 +41,4 @@ class _Unlabelled(NamedTuple):
 
 
 def parity_images(paths: list[Path], spec, count: int) -> np.ndarray:
-    return load_images([_Unlabelled(path) for path in spread(paths, count)], spec, "parity")[0]
+    return preprocess_samples([_Unlabelled(path) for path in spread(paths, count)], spec, "parity")[0]

@@ -123,7 +123,7 @@ def convert_fp16(fp32_file: Path, target: Path) -> None:
     onnx.checker.check_model(str(target), full_check=True)
 
 
-def predict(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def onnx_probabilities(session: ort.InferenceSession, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """Probability rows for `images`, run in batches (the held-out split does not fit one call)."""
     return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: chunk})[0] for chunk in _chunks(images, batch_size)])
 
@@ -181,7 +181,8 @@ def check_accuracy_gate(
     precision: str, fp32_file: Path, variant_file: Path, images: np.ndarray, labels: np.ndarray, gate: AccuracyGate = AccuracyGate()
 ) -> GateReport:
     """Run both models on the held-out images; raise AccuracyGateError (numbers in the message) on failure."""
-    report = gate_report(precision, predict(onnx_session(fp32_file), images), predict(onnx_session(variant_file), images), labels, gate)
+    reference, candidate = (onnx_probabilities(onnx_session(f), images) for f in (fp32_file, variant_file))
+    report = gate_report(precision, reference, candidate, labels, gate)
     if not report.passed:
         raise AccuracyGateError(f"{report}; nothing was published")
     return report

@@ -2,9 +2,9 @@
 model's input with the package's one preprocessing (histoserve.formats.preprocessing, imported, not
 copied): what the Python client does before it calls the pixel model, done in the server.
 
-`python -m export --encoded` copies this file into `<name>-preprocess/<version>/model.py`; the Triton
+`python -m histoserve.export --encoded` copies this file into `<name>-preprocess/<version>/model.py`; the Triton
 that serves it needs the histoserve package (its thin install: numpy, Pillow, pyspng, simplejpeg) in
-the python backend's interpreter (k8s/README.md, "The production image").
+the python backend's interpreter (docs/kubernetes/security.md, "The production image").
 
 Input `image_file`: TYPE_STRING [1], one file's bytes per batch element. Output `image`: UINT8
 [3, crop, crop]. A file that cannot be used (corrupt, truncated, not an image, over the size or pixel

@@ -4,14 +4,14 @@
 from (model.onnx, the configs, the labels, the golden answers, the drift baseline), each with its
 sha256, and whose predicate is SLSA Provenance v1 (https://slsa.dev/provenance/v1):
 
-- buildDefinition.externalParameters: the training options (the checkpoint's, as `python -m train fit`
+- buildDefinition.externalParameters: the training options (the checkpoint's, as `python -m histoserve.train fit`
   recorded them) and the export options (this command line);
 - buildDefinition.resolvedDependencies: the checkpoint (sha256), the training data (sha256 of its
   manifest, with the split counts) and the source (the git commit, and whether the tree had changes);
 - runDetails.byproducts: the gates this version passed (parity, the accuracy gate of a reduced
   precision, the golden answers, the drift baseline), with their figures.
 
-The training data's digest is the one `python -m train fit` recorded in the checkpoint when it ran
+The training data's digest is the one `python -m histoserve.train fit` recorded in the checkpoint when it ran
 (train/data.py `data_digest`: a manifest CSV's sha256, or the sha256 of an image folder's listing,
 one line per image `split<TAB>label<TAB>relative path<TAB>sha256 of the file`), checked against the
 data as it is at export: data changed since training is refused, not described. Patient or slide
@@ -19,7 +19,7 @@ identifiers are counted, never written.
 
 The source commit comes from git when the package runs from a checkout, else from the environment
 variable HISTOSERVE_SOURCE_COMMIT (the image's build argument SOURCE_COMMIT sets it). Without either,
-`python -m export` refuses to publish: a version whose code cannot be named cannot be reviewed.
+`python -m histoserve.export` refuses to publish: a version whose code cannot be named cannot be reviewed.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def data_facts(data_root: str | Path, splits: dict, class_count: int, recorded: 
                               "nothing was published")
     if not recorded:
         raise ProvenanceError("the checkpoint records no digest of its training data (written before they were kept): "
-                              "retrain with `python -m train fit`; nothing was published")
+                              "retrain with `python -m histoserve.train fit`; nothing was published")
     kind, digest = data_digest(root, splits)
     if digest != recorded:
         raise ProvenanceError(f"{root}: the training data changed since training (sha256 {recorded[:16]}… when fit ran, "

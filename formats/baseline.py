@@ -1,6 +1,6 @@
 """The drift baseline: what a model version's predictions and inputs looked like on the held-out split.
 
-`python -m export` runs the exported ONNX model over the held-out split and publishes this file,
+`python -m histoserve.export` runs the exported ONNX model over the held-out split and publishes this file,
 `drift_baseline.json`, inside the version folder, in the same atomic rename as model.onnx, so a
 version never exists without its baseline. The monitor compares live windows against it.
 
@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from histoserve.formats.image_statistics import INPUT_STATISTICS, input_statistics
+from histoserve.formats.version import version_folder
 
 BASELINE_FILE = "drift_baseline.json"
 FORMAT, FORMAT_VERSION = "histoserve.drift-baseline", 1
@@ -122,4 +123,4 @@ def read_baseline(path: str | os.PathLike) -> DriftBaseline:
 
 
 def baseline_path(repository: str | os.PathLike, model: str, version: int | str) -> Path:
-    return Path(repository) / model / str(version) / BASELINE_FILE
+    return version_folder(repository, model, version) / BASELINE_FILE

@@ -1,5 +1,5 @@
 """The serving contract, defined once. Export writes it into config.pbtxt; the client, the load test and
-`python -m serve` read it back from the server, so no stage can drift from the model it calls.
+`python -m histoserve.serve` read it back from the server, so no stage can drift from the model it calls.
 
 - input `image`: TYPE_UINT8, dims [3, crop, crop], FORMAT_NCHW, RGB, dynamic batch axis (max_batch_size)
 - output `probabilities`: TYPE_FP32, dims [num_classes], softmax, label_filename labels.txt (Triton's
@@ -9,7 +9,7 @@
   contract's version
 
 Exactly one input and one output keeps stock Triton tools working. The encoded twin of a model
-(`python -m export --encoded`, NAME-encoded) takes image files instead: input `image_file`,
+(`python -m histoserve.export --encoded`, NAME-encoded) takes image files instead: input `image_file`,
 TYPE_STRING [1], one file's bytes per batch element, the same output; `EncodedContract` reads it. Only numpy/Pillow/tritonclient
 underneath: importing this never imports torch.
 """

@@ -163,11 +163,18 @@ TLS_OPTIONS = (
 )
 
 
+def environment_variable(option: str) -> str:
+    """The variable that also sets `option` where options come from the environment too (Locust's
+    configargparse parser, so that a Job sets every worker's options at once): --triton-url is
+    HISTOSERVE_TRITON_URL."""
+    return "HISTOSERVE_" + option.removeprefix("--").upper().replace("-", "_")
+
+
 def add_tls_arguments(parser, environment: bool = False) -> None:
-    """The TLS options on an argparse parser or group; with `environment`, each also read from
-    HISTOSERVE_SSL... (for Locust's configargparse parser, which takes `env_var`)."""
+    """The TLS options on an argparse parser or group; with `environment`, each also read from its
+    `environment_variable` (for Locust's configargparse parser, which takes `env_var`)."""
     for option, text in TLS_OPTIONS:
-        extra = {"env_var": "HISTOSERVE_" + option[2:].upper().replace("-", "_")} if environment else {}
+        extra = {"env_var": environment_variable(option)} if environment else {}
         if option == "--ssl":
             parser.add_argument(option, action="store_true", help=text, **extra)
         else:
@@ -183,3 +190,14 @@ def tls_from(options) -> ClientTls | None:
     if problems := tls.problems():
         raise OptionError("; ".join(problems))
     return tls
+
+
+def add_command(commands, name: str, module, summary: str) -> argparse.ArgumentParser:
+    """Subcommand `name` from a module that defines it: its docstring is the description, its
+    `add_arguments(parser)` the options, and its `run(args, parser) -> int` what runs (the stage's
+    main calls `args.run(args, args.parser)`)."""
+    command = commands.add_parser(name, help=summary, description=module.__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(command)
+    command.set_defaults(run=module.run, parser=command)
+    return command

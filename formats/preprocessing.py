@@ -91,7 +91,7 @@ class PreprocessSpec:
         missing = [k for k in ("resize_size", "crop_size") if k not in parameters]
         if missing:
             raise ValueError(
-                f"model config parameters lack {missing}: was this model exported by `python -m export`?"
+                f"model config parameters lack {missing}: was this model exported by `python -m histoserve.export`?"
             )
         return cls(
             resize_size=int(parameters["resize_size"]),

@@ -8,7 +8,7 @@ thin client builds them). One JSON object per prediction:
 `version` is the one Triton answered with (its response names it). `trace_id` (optional: null or
 absent when the client traced nothing) is the OpenTelemetry trace of the request that carried the
 image, so that a window the monitor flags can be followed back to requests. Records travel as a JSON array
-(POST /v1/records) or as JSON lines in a file (`python -m monitor report`).
+(POST /v1/records) or as JSON lines in a file (`python -m histoserve.monitor report`).
 """
 
 from __future__ import annotations

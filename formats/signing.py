@@ -1,10 +1,10 @@
 """Who published a version: OpenSSF model signing (PyPI `model-signing`) over a version folder.
 
-`python -m export --signing-key KEY` signs each version folder it writes, after SHA256SUMS: every
+`python -m histoserve.export --signing-key KEY` signs each version folder it writes, after SHA256SUMS: every
 file of the folder but the signature itself (model.onnx, the configs, the labels, the golden answers,
 the drift baseline, SHA256SUMS, the provenance statement and the model card) is listed with its
 sha256 in an in-toto statement, and that statement is signed with an elliptic-curve key (P-256,
-P-384 or P-521, PEM) into a Sigstore bundle, `model.sig`, beside them. `python -m serve stage
+P-384 or P-521, PEM) into a Sigstore bundle, `model.sig`, beside them. `python -m histoserve.serve stage
 --trusted-keys DIR` checks the bundle against the public keys (`*.pub`, PEM) in DIR before anything
 is placed for Triton. Refused, each naming the file and the reason:
 
@@ -16,7 +16,7 @@ is placed for Triton. Refused, each naming the file and the reason:
 
 Several trusted keys at once are the rotation: publish with the new key while the pods trust both,
 then drop the old one once no served version needs it. Sigstore keyless signing (a short-lived
-certificate for the CI job's OIDC identity) is the same bundle format; see k8s/README.md.
+certificate for the CI job's OIDC identity) is the same bundle format; see docs/kubernetes/security.md, "Signed versions".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A published model version is self-contained and can prove it is intact and correct.
 
-`python -m export` writes every version folder in one atomic rename:
+`python -m histoserve.export` writes every version folder in one atomic rename:
 
     <repository>/<name>/<version>/
         model.onnx            the model
@@ -16,14 +16,14 @@
         SHA256SUMS            sha256 of every other file of the folder (`sha256sum -c` reads it)
         model.sig             who published it: a signature over all of the above (formats/signing.py)
 
-A pod copies exactly one version into its own repository (python -m serve stage) and checks it
+A pod copies exactly one version into its own repository (python -m histoserve.serve stage) and checks it
 against SHA256SUMS: a missing, altered or unexpected file stops it, naming the file. Before the pod
-takes traffic its own Triton must answer the golden inputs as golden.json says (python -m serve
+takes traffic its own Triton must answer the golden inputs as golden.json says (python -m histoserve.serve
 golden-gate): the right top-1 class and label, and probabilities within the version's tolerance.
 The expected classes and labels come from the data (the images' true classes, on which PyTorch
 agreed), not from the exported files, so a wrong labels file or wrong weights cannot vouch for
 themselves. SHA256SUMS guards against partial copies, corruption and stray edits of the store; the
-signature against a writer of the store who holds no trusted signing key (k8s/README.md).
+signature against a writer of the store who holds no trusted signing key (docs/kubernetes/security.md, "Signed versions").
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def version_folder(repository: str | Path, model: str, version: int | str) -> Pa
 
 @dataclass(frozen=True)
 class Published:
-    """What `python -m export --result-file` hands to the next step of a publish: `KEY=value` lines,
+    """What `python -m histoserve.export --result-file` hands to the next step of a publish: `KEY=value` lines,
     which sh can source (a model name matches NAME_PATTERN, so it needs no quoting)."""
 
     name: str
@@ -236,4 +236,4 @@ def read_published(path: str | Path) -> Published:
         pairs = dict(line.split("=", 1) for line in Path(path).read_text().splitlines() if "=" in line)
         return Published(pairs["NAME"], int(pairs["VERSION"]), Path(pairs.get("FOLDER", "")))
     except (OSError, KeyError, ValueError) as error:
-        raise VersionFilesError(f"{path}: not a result file of `python -m export --result-file` ({error})") from error
+        raise VersionFilesError(f"{path}: not a result file of `python -m histoserve.export --result-file` ({error})") from error

@@ -14,7 +14,7 @@ from histoserve.formats.preprocessing import ImageLoadError, PreprocessSpec, fin
 NEAR_TIE = 1e-3  # top-1 and top-2 scores closer than this: either is a correct answer under batching
 
 
-def load_images(folder: str, spec: PreprocessSpec | None, limit: int) -> tuple[list[str], np.ndarray]:
+def request_images(folder: str, spec: PreprocessSpec | None, limit: int) -> tuple[list[str], np.ndarray]:
     """The first `limit` images of `folder`, preprocessed; a bad file is skipped with a note, not fatal.
     `spec` None (an encoded model, which takes files) is refused: the load test sends pixels."""
     if spec is None:

@@ -1,11 +1,11 @@
 """Locust load test for a histoserve model on Triton over gRPC, closed or open loop.
 
     # closed loop: 8 users, each sends its next request when the last one returns
-    locust -f loadtest/locustfile.py --headless --users 8 --spawn-rate 8 --run-time 30s \
+    python -m histoserve.loadtest locust --headless --users 8 --spawn-rate 8 --run-time 30s \
         --triton-url localhost:8001 --model digits --images data/digits/test \
         --csv reports/locust --html reports/locust.html
     # open loop: 40 requests/s (Poisson arrivals) shared by every user and worker process
-    locust -f loadtest/locustfile.py --headless --users 32 --spawn-rate 32 --run-time 60s --processes 2 \
+    python -m histoserve.loadtest locust --headless --users 32 --spawn-rate 32 --run-time 60s --processes 2 \
         --arrival-rate 40 --triton-url localhost:8001 --model digits --summary-json reports/open.json
 
 Each simulated user holds its own gRPC channel and sends real images, preprocessed once per process
@@ -27,8 +27,8 @@ Tracing: --trace-share F traces that share of requests (a histoserve.classify sp
 context goes to Triton in `traceparent`, so Triton traces exactly those: client/tracing.py), exported
 as OpenTelemetry's standard variables say (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, ...; otlp
 unless OTEL_TRACES_EXPORTER names another). Without it, OTEL_TRACES_EXPORTER and OTEL_TRACES_SAMPLER
-configure tracing as for `python -m client classify`; with neither, nothing is traced. The local
-Triton 2.51 crashes under concurrent traced requests at high rates (fixed in 25.04; k8s/README.md,
+configure tracing as for `python -m histoserve.client classify`; with neither, nothing is traced. The local
+Triton 2.51 crashes under concurrent traced requests at high rates (fixed in 25.04; docs/kubernetes/observability.md,
 "Tracing"): keep the share small against it.
 
 Exit codes: 0 passed; 1 Locust's own failure (any failed request without --fail-ratio, or workers
@@ -62,13 +62,13 @@ from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
 from histoserve.client import tracing  # noqa: E402
 from histoserve.client.classifier import ClientError, TritonClassifier  # noqa: E402
-from histoserve.client.monitoring import MonitorSender, monitor_token  # noqa: E402
+from histoserve.client.record_sender import MonitorSender, monitor_token  # noqa: E402
 from histoserve.client.telemetry import TelemetryConfigError  # noqa: E402
-from histoserve.formats.options import FRACTION, add_tls_arguments, tls_from  # noqa: E402
+from histoserve.formats.options import FRACTION, add_tls_arguments, environment_variable, tls_from  # noqa: E402
 from histoserve.formats.preprocessing import preprocess_file  # noqa: E402
 from histoserve.formats.records import records_for  # noqa: E402
 from histoserve.loadtest.arrivals import DISTRIBUTIONS  # noqa: E402
-from histoserve.loadtest.expectations import expected_predictions, load_images, read_expected  # noqa: E402
+from histoserve.loadtest.expectations import expected_predictions, read_expected, request_images  # noqa: E402
 from histoserve.loadtest.judgement import RunFacts, Thresholds, exit_code, invalid_reasons, threshold_failures  # noqa: E402
 from histoserve.loadtest.open_loop import OpenLoop, WindowBook  # noqa: E402
 from histoserve.loadtest.windows import Window, merged  # noqa: E402
@@ -76,50 +76,46 @@ from histoserve.loadtest.windows import Window, merged  # noqa: E402
 
 @events.init_command_line_parser.add_listener
 def add_arguments(parser):
+    """The test's options, each also read from its environment variable (HISTOSERVE_TRITON_URL for
+    --triton-url: formats.options.environment_variable), so a Job sets its workers' options once."""
     group = parser.add_argument_group("histoserve", "Triton model under test")
-    group.add_argument("--triton-url", default="localhost:8001", env_var="HISTOSERVE_TRITON_URL",
-                       help="Triton gRPC address")
-    group.add_argument("--model", default="digits", env_var="HISTOSERVE_MODEL", help="model name")
+    add_option(group, "--triton-url", default="localhost:8001", help="Triton gRPC address")
+    add_option(group, "--model", default="digits", help="model name")
     add_tls_arguments(group, environment=True)
-    group.add_argument("--images", default="data/digits/test", env_var="HISTOSERVE_IMAGES",
-                       help="folder of images to send (searched recursively)")
-    group.add_argument("--max-images", type=int, default=512, env_var="HISTOSERVE_MAX_IMAGES",
-                       help="use the first N images of the folder")
-    group.add_argument("--batch-size", type=int, default=1, env_var="HISTOSERVE_BATCH_SIZE",
-                       help="images per request")
-    group.add_argument("--decode-per-request", action="store_true", env_var="HISTOSERVE_DECODE_PER_REQUEST",
-                       help="each request reads and preprocesses its files (default: preprocessed once per process)")
-    group.add_argument("--expected", default="", env_var="HISTOSERVE_EXPECTED",
-                       help="JSON {path: [accepted top-1 indices]} made before the run (default: computed at start)")
-    group.add_argument("--fail-p99-ms", type=float, default=0.0, env_var="HISTOSERVE_FAIL_P99_MS",
-                       help="exit with code 3 when the p99 latency is above this (0: no limit)")
-    group.add_argument("--fail-ratio", type=float, default=-1.0, env_var="HISTOSERVE_FAIL_RATIO",
-                       help="exit with code 3 when the failed share of requests is above this (-1: Locust's "
-                            "own rule, any failure exits 1)")
-    group.add_argument("--arrival-rate", type=float, default=0.0, env_var="HISTOSERVE_ARRIVAL_RATE",
-                       help="open loop: requests/s offered by all users and workers together (0: closed loop)")
-    group.add_argument("--arrival-distribution", choices=DISTRIBUTIONS, default="poisson",
-                       env_var="HISTOSERVE_ARRIVAL_DISTRIBUTION", help="open loop: gaps between sends")
-    group.add_argument("--late-ms", type=float, default=10.0, env_var="HISTOSERVE_LATE_MS",
-                       help="open loop: a request sent more than this after its intended time is late")
-    group.add_argument("--max-late-share", type=float, default=0.01, env_var="HISTOSERVE_MAX_LATE_SHARE",
-                       help="open loop: a larger share of late requests makes the run invalid (exit 4)")
-    group.add_argument("--window-s", type=float, default=5.0, env_var="HISTOSERVE_WINDOW_S",
-                       help="measurement window (perf_analyzer's is 5 s)")
-    group.add_argument("--stable-windows", type=int, default=3, env_var="HISTOSERVE_STABLE_WINDOWS",
-                       help="windows that must agree to call the load stable")
-    group.add_argument("--stable-tolerance", type=float, default=0.1, env_var="HISTOSERVE_STABLE_TOLERANCE",
-                       help="how closely they must agree (fraction of their mean)")
-    group.add_argument("--stop-when-stable", action="store_true", env_var="HISTOSERVE_STOP_WHEN_STABLE",
-                       help="end the run as soon as the load is stable (--run-time still caps it)")
-    group.add_argument("--monitor-url", default="", env_var="HISTOSERVE_MONITOR_URL",
-                       help="also send a prediction record per image to this drift monitor (python -m monitor serve)")
-    group.add_argument("--monitor-token-file", default="", env_var="HISTOSERVE_MONITOR_TOKEN_FILE",
-                       help="the writer's bearer token for the monitor (default: $HISTOSERVE_MONITOR_TOKEN)")
-    group.add_argument("--trace-share", type=FRACTION, default=0.0, env_var="HISTOSERVE_TRACE_SHARE",
-                       help="trace this share of requests, 0 to 1 (OpenTelemetry, exported as the OTEL_* variables say)")
-    group.add_argument("--summary-json", default="", env_var="HISTOSERVE_SUMMARY_JSON",
-                       help="write the windows and totals here (also PREFIX_summary.json with --csv)")
+    add_option(group, "--images", default="data/digits/test", help="folder of images to send (searched recursively)")
+    add_option(group, "--max-images", type=int, default=512, help="use the first N images of the folder")
+    add_option(group, "--batch-size", type=int, default=1, help="images per request")
+    add_option(group, "--decode-per-request", action="store_true",
+               help="each request reads and preprocesses its files (default: preprocessed once per process)")
+    add_option(group, "--expected", default="",
+               help="JSON {path: [accepted top-1 indices]} made before the run (default: computed at start)")
+    add_option(group, "--fail-p99-ms", type=float, default=0.0, help="exit with code 3 when the p99 latency is above this (0: no limit)")
+    add_option(group, "--fail-ratio", type=float, default=-1.0,
+               help="exit with code 3 when the failed share of requests is above this (-1: Locust's "
+                    "own rule, any failure exits 1)")
+    add_option(group, "--arrival-rate", type=float, default=0.0,
+               help="open loop: requests/s offered by all users and workers together (0: closed loop)")
+    add_option(group, "--arrival-distribution", choices=DISTRIBUTIONS, default="poisson", help="open loop: gaps between sends")
+    add_option(group, "--late-ms", type=float, default=10.0,
+               help="open loop: a request sent more than this after its intended time is late")
+    add_option(group, "--max-late-share", type=float, default=0.01,
+               help="open loop: a larger share of late requests makes the run invalid (exit 4)")
+    add_option(group, "--window-s", type=float, default=5.0, help="measurement window (perf_analyzer's is 5 s)")
+    add_option(group, "--stable-windows", type=int, default=3, help="windows that must agree to call the load stable")
+    add_option(group, "--stable-tolerance", type=float, default=0.1, help="how closely they must agree (fraction of their mean)")
+    add_option(group, "--stop-when-stable", action="store_true",
+               help="end the run as soon as the load is stable (--run-time still caps it)")
+    add_option(group, "--monitor-url", default="",
+               help="also send a prediction record per image to this drift monitor (python -m histoserve.monitor serve)")
+    add_option(group, "--monitor-token-file", default="",
+               help="the writer's bearer token for the monitor (default: $HISTOSERVE_MONITOR_TOKEN)")
+    add_option(group, "--trace-share", type=FRACTION, default=0.0,
+               help="trace this share of requests, 0 to 1 (OpenTelemetry, exported as the OTEL_* variables say)")
+    add_option(group, "--summary-json", default="", help="write the windows and totals here (also PREFIX_summary.json with --csv)")
+
+
+def add_option(group, option: str, **settings) -> None:
+    group.add_argument(option, env_var=environment_variable(option), **settings)
 
 
 @dataclass
@@ -139,7 +135,7 @@ def load_inputs(options, classifier: TritonClassifier) -> Inputs:
     before the first timed request."""
     key = (options.images, options.max_images, classifier.spec, options.expected)
     if key not in _inputs:
-        paths, images = load_images(options.images, classifier.spec, options.max_images)
+        paths, images = request_images(options.images, classifier.spec, options.max_images)
         accepted = read_expected(options.expected, paths) if options.expected else expected_predictions(classifier, images)
         _inputs[key] = Inputs(paths, images, accepted)
     return _inputs[key]

@@ -1,4 +1,4 @@
-"""python -m loadtest.report PREFIX — summarize a headless Locust run written with --csv PREFIX.
+"""python -m histoserve.loadtest report PREFIX — summarize a headless Locust run written with --csv PREFIX.
 
 Prints requests, failures, throughput and latency percentiles (from PREFIX_summary.json), and plots throughput and p50/p99
 latency over time into PREFIX_latency.png.
@@ -49,7 +49,7 @@ def read_summary(prefix: str | Path) -> LoadSummary:
     """The final totals the locustfile writes to PREFIX_summary.json when the run ends."""
     path = Path(f"{prefix}_summary.json")
     if not path.is_file():
-        raise ValueError(f"{path} is missing: run `locust -f loadtest/locustfile.py ... --csv {prefix}`")
+        raise ValueError(f"{path} is missing: run `python -m histoserve.loadtest locust ... --csv {prefix}`")
     data = json.loads(path.read_text())
     known = {f.name for f in fields(LoadSummary)}
     return LoadSummary(**{k: tuple(v) if k == "invalid" else v for k, v in data.items() if k in known})
@@ -85,10 +85,12 @@ def plot_history(prefix: str | Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtest.report", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`python -m histoserve.loadtest report`'s options (loadtest/__main__.py)."""
     parser.add_argument("prefix", help="the --csv prefix given to locust, e.g. reports/locust")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         summary = read_summary(args.prefix)
         plot = plot_history(args.prefix)
@@ -100,5 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the older spelling, python -m histoserve.loadtest.report PREFIX
+    from histoserve.loadtest.__main__ import main
+
+    sys.exit(main(["report", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
-"""python -m loadtest sweep: the highest request rate a deployment takes while p99 stays under an SLO.
+"""python -m histoserve.loadtest sweep: the highest request rate a deployment takes while p99 stays under an SLO.
 
-    python -m loadtest sweep --url localhost:8001 --model resnet50 --images DIR --slo-p99-ms 500
+    python -m histoserve.loadtest sweep --url localhost:8001 --model resnet50 --images DIR --slo-p99-ms 500
 
 1. Before anything is timed: each image's expected top-1 (one file, shared by every step and worker).
 Triton's statistics are an admin API: give the server's admin key (--admin-key-file, or
@@ -54,7 +54,7 @@ from histoserve.formats.options import (
     existing_folder,
     tls_from,
 )
-from histoserve.loadtest.expectations import expected_predictions, load_images, write_expected
+from histoserve.loadtest.expectations import expected_predictions, request_images, write_expected
 from histoserve.loadtest.judgement import GENERATOR_CPU, LATE
 from histoserve.loadtest.triton_stats import StatisticsRefused, snapshot
 
@@ -98,9 +98,8 @@ class Step:
         return GENERATOR_CPU in self.invalid_codes or self.completed == 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m loadtest sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`python -m histoserve.loadtest sweep`'s options (loadtest/__main__.py)."""
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default: %(default)s)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", type=existing_folder, required=True, help="folder of images to send")
@@ -129,19 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trace-share", type=FRACTION, default=0.0,
                         help="trace this share of each step's requests (OpenTelemetry, exported as the OTEL_* variables "
                              "say; Triton traces the same requests). Not against the local Triton 2.51 at high rates: it "
-                             "crashes under concurrent traced requests, fixed in 25.04 (k8s/README.md, Tracing) "
+                             "crashes under concurrent traced requests, fixed in 25.04 (docs/kubernetes/observability.md, \"Tracing\") "
                              "(default: %(default)s)")
     parser.add_argument("--metrics-url", help="Triton's Prometheus metrics (default: http://HOST:8002/metrics)")
     parser.add_argument("--out", type=Path, default=Path("reports/sweep"))
     add_tls_arguments(parser)
     parser.add_argument("--admin-key-file", type=Path,
                         help=f"the server's admin key, for its statistics (default: ${ENVIRONMENT_VARIABLE})")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:  # every option checked before the first call to the server
         args.tls = tls_from(args)
         args.admin_key = AdminKey.resolve(args.admin_key_file)
@@ -196,7 +192,7 @@ def sweep(args: argparse.Namespace) -> int:
 def expectations(args) -> Path:
     """Each image's accepted top-1 indices, asked of the server once before any step."""
     with TritonClassifier(args.url, args.model, tls=args.tls) as classifier:
-        paths, images = load_images(args.images, classifier.spec, args.max_images)
+        paths, images = request_images(args.images, classifier.spec, args.max_images)
         target = args.out / "expected.json"
         write_expected(target, paths, expected_predictions(classifier, images))
     return target
@@ -257,7 +253,7 @@ def direct_throughput(args, seconds: float) -> float:
     """Requests/s of `--concurrency` threads, each with its own TritonClassifier, sending
     preprocessed batches back to back: what the server gives without Locust in the way."""
     with TritonClassifier(args.url, args.model, tls=args.tls) as probe:
-        images = load_images(args.images, probe.spec, args.max_images)[1]
+        images = request_images(args.images, probe.spec, args.max_images)[1]
     size = max(1, min(args.batch_size, probe.max_batch_size))
     counts = [0] * args.concurrency
     stop, measuring = threading.Event(), threading.Event()

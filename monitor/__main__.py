@@ -1,7 +1,8 @@
-"""python -m monitor serve --repository model_repository --token-file TOKENS [--port 8010] [--window 500] [--record-file records.jsonl]
-python -m monitor report [records.jsonl.1] records.jsonl --repository model_repository [--window 200] [--out reports/monitor]
+"""python -m histoserve.monitor serve --repository model_repository --token-file TOKENS [--port 8010] [--window 500]
+    [--record-file records.jsonl]
+python -m histoserve.monitor report [records.jsonl.1] records.jsonl --repository model_repository [--window 200] [--out reports/monitor]
 
-serve: the HTTP service clients send prediction records to (`python -m client classify
+serve: the HTTP service clients send prediction records to (`python -m histoserve.client classify
 --monitor-url http://HOST:8010`), exposing drift and label-free accuracy as Prometheus metrics
 (monitor/service.py); with --record-file it keeps every record, and a restart takes up the windows
 from it. Writers authenticate with a bearer token from --token-file (one per line; re-read when it
@@ -30,8 +31,8 @@ from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, reco
 from histoserve.monitor.service import TOKEN_VARIABLE, Monitor, TokenError, WriterTokens, make_server, report_json
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m monitor", description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m histoserve.monitor", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="receive prediction records, expose drift metrics")
@@ -59,15 +60,21 @@ def main(argv: list[str] | None = None) -> int:
                             "(default: %(default)s)")
     report.add_argument("--window", type=POSITIVE_INT, default=200, help="records per window (default: %(default)s)")
     report.add_argument("--out", type=Path, default=Path("reports/monitor"))
-    args = parser.parse_args(argv)
-    return run_server(args) if args.command == "serve" else run_report(args)
+    serve.set_defaults(run=run_server)
+    report.set_defaults(run=run_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 def run_server(args) -> int:
     try:
         tokens = WriterTokens(args.token_file)
         monitor = Monitor(args.repository, args.window, args.min_window, args.alpha, args.max_accuracy_drop, args.record_file,
-                          int(args.record_file_max_mb * 2**20), args.max_windows)
+                          int(args.record_file_max_mb * 2**20), args.max_windows).restore()
     except (OSError, ValueError, TokenError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """The monitor's record file: every accepted record as a JSON line, so that a restarted monitor takes up
-its windows where it left them, and `python -m monitor report` can look back over the history.
+its windows where it left them, and `python -m histoserve.monitor report` can look back over the history.
 
 A file that outgrows `max_bytes` is renamed to `<name>.1` (replacing the previous one) and a new one is
 started, so the disk holds at most about twice `max_bytes`. On start the monitor replays `<name>.1`

@@ -18,7 +18,7 @@ when another one arrives, so neither memory nor series grow without bound. Reads
 NetworkPolicy admits only Prometheus and the clients).
 
 With a record file (record_log.py), every accepted record is also appended to it as a JSON line: a
-restarted monitor replays it and takes up its windows where it left them, and `python -m monitor
+restarted monitor replays it (`Monitor.restore()`) and takes up its windows where it left them, and `python -m histoserve.monitor
 report` reads it for windows over the history, with plots.
 
 Metrics, labelled by model and version (drift ones only once a window holds `min_window` records):
@@ -28,7 +28,7 @@ histoserve_monitor_baseline_missing (1: no readable drift_baseline.json for that
 histoserve_drift_p_value{test,kind} and histoserve_drift_detected{test,kind} per test,
 histoserve_prediction_drift, histoserve_input_drift (0/1, after the Bonferroni correction),
 histoserve_estimated_accuracy (+ _low, _high: the 95 % interval), histoserve_baseline_expected_accuracy,
-histoserve_accuracy_drop (0/1).
+histoserve_accuracy_drop (0/1). They live in monitor/metrics.py (`MonitorMetrics`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from __future__ import annotations
 import hmac
 import json
 import os
-import re
 import sys
 import threading
 from collections import OrderedDict, deque
@@ -44,17 +43,20 @@ from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from histoserve.formats.baseline import BaselineError, DriftBaseline, baseline_path, read_baseline
 from histoserve.formats.records import PredictionRecord, RecordError
+from histoserve.formats.repository_layout import NAME_PATTERN, is_version_name
 from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
+from histoserve.monitor.metrics import MonitorMetrics
 from histoserve.monitor.record_log import RecordLog
 
 MAX_BODY_BYTES = 16 * 2**20
 TOKEN_VARIABLE = "HISTOSERVE_MONITOR_TOKEN"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # no path separators, no '..' at the start
-VERSION_NAME = re.compile(r"^[1-9][0-9]{0,18}$")
+# The repository's own name rules (formats/repository_layout.py), bounded here: a name from a request
+# becomes a path, so no '..' anywhere and no name longer than a file system takes.
+MAX_MODEL_NAME, MAX_VERSION_NAME = 128, 19
 
 
 class TokenError(ValueError):
@@ -120,9 +122,9 @@ class WriterTokens:
 def why_not_held(repository: Path, model: str, version: str) -> str | None:
     """Why a record for this model version is refused (not a name, not a number, not in the repository);
     None when the repository holds it."""
-    if not MODEL_NAME.match(model) or ".." in model:
+    if len(model) > MAX_MODEL_NAME or not NAME_PATTERN.fullmatch(model) or ".." in model:
         return f"model {model[:64]!r} is not a model name"
-    if not VERSION_NAME.match(version):
+    if len(version) > MAX_VERSION_NAME or not is_version_name(version):
         return f"version {version[:32]!r} is not a version number"
     if not (repository / model / version).is_dir():
         return f"model {model!r} version {version} is not in the model repository"
@@ -146,51 +148,27 @@ class Monitor:
         self.baselines: dict[tuple[str, str], DriftBaseline | BaselineError] = {}
         self.tested: dict[tuple[str, str], set[tuple[str, str]]] = {}  # (test, kind) series set per model version
         self.lock = threading.Lock()
-        self.registry = CollectorRegistry()
-        labels = ["model", "version"]
-        self.records = Counter("histoserve_monitor_records", "Prediction records received", labels, registry=self.registry)
-        self.rejected = Counter("histoserve_monitor_records_rejected", "Records refused: malformed, or for a model version "
-                                "the repository does not hold", ["reason"], registry=self.registry)
-        self.unauthorized = Counter("histoserve_monitor_unauthorized_requests", "POSTs refused for a missing or wrong "
-                                    "bearer token", registry=self.registry)
-        for reason in ("malformed", "unknown_version"):
-            self.rejected.labels(reason)
-        self.evicted = Counter("histoserve_monitor_windows_evicted", "Model versions dropped to keep at most max_windows",
-                               registry=self.registry)
-        self.unwritten = Counter("histoserve_monitor_records_unwritten", "Records the windows took but the record file "
-                                 "could not keep (disk full?)", registry=self.registry)
+        self.metrics = MonitorMetrics()
+        self.registry = self.metrics.registry
         self.record_file_failing = False
-        self.window_records = Gauge("histoserve_monitor_window_records", "Records in the sliding window", labels,
-                                    registry=self.registry)
-        self.missing = Gauge("histoserve_monitor_baseline_missing", "1: no readable drift baseline for this version", labels,
-                             registry=self.registry)
-        self.p_value = Gauge("histoserve_drift_p_value", "p-value of each drift test, window vs baseline",
-                             [*labels, "test", "kind"], registry=self.registry)
-        self.detected = Gauge("histoserve_drift_detected", "1: the test rejects 'no drift' at the Bonferroni-corrected level",
-                              [*labels, "test", "kind"], registry=self.registry)
-        self.prediction_drift = Gauge("histoserve_prediction_drift", "1: predicted classes or confidence drifted", labels,
-                                      registry=self.registry)
-        self.input_drift = Gauge("histoserve_input_drift", "1: an input statistic drifted", labels, registry=self.registry)
-        self.accuracy = Gauge("histoserve_estimated_accuracy", "Label-free accuracy estimate (mean calibrated top-1 probability)",
-                              labels, registry=self.registry)
-        self.accuracy_low = Gauge("histoserve_estimated_accuracy_low", "Lower end of its 95% interval", labels, registry=self.registry)
-        self.accuracy_high = Gauge("histoserve_estimated_accuracy_high", "Upper end of its 95% interval", labels,
-                                   registry=self.registry)
-        self.expected = Gauge("histoserve_baseline_expected_accuracy", "The same estimate on the baseline split", labels,
-                              registry=self.registry)
-        self.accuracy_drop = Gauge("histoserve_accuracy_drop", "1: the estimate fell more than the allowed drop under the baseline's",
-                                   labels, registry=self.registry)
-        # Every accepted record, appended as a JSON line: a restart replays it into the windows (records
-        # of versions the repository no longer holds are left out), and `python -m monitor report` reads it.
+        # Every accepted record, appended as a JSON line: restore() replays it into the windows after a
+        # restart, and `python -m histoserve.monitor report` reads it.
         self.record_log = RecordLog(record_file, record_file_max_bytes) if record_file else None
         self.restored = self.replay_refused = 0
-        if self.record_log is not None:
-            for record in self.record_log.replay():
-                if why_not_held(self.repository, record.model, record.version) is None:
-                    self._place(record)
-                    self.restored += 1
-                else:
-                    self.replay_refused += 1
+
+    def restore(self) -> Monitor:
+        """Replay the record file into the windows, where the monitor left them before a restart:
+        before the server starts. Records of versions the repository no longer holds are left out
+        (`replay_refused`); unreadable lines are in `record_log.skipped`."""
+        if self.record_log is None:
+            return self
+        for record in self.record_log.replay():
+            if why_not_held(self.repository, record.model, record.version) is None:
+                self._place(record)
+                self.restored += 1
+            else:
+                self.replay_refused += 1
+        return self
 
     def _place(self, record: PredictionRecord) -> None:
         """Into its window (under the lock, or before the server starts); drops the window updated
@@ -207,19 +185,8 @@ class Monitor:
     def _forget(self, key: tuple[str, str]) -> None:
         self.windows.pop(key, None)
         self.baselines.pop(key, None)
-        self.evicted.inc()
-        for metric in (self.records, self.window_records, self.missing, self.prediction_drift, self.input_drift, self.accuracy,
-                       self.accuracy_low, self.accuracy_high, self.expected, self.accuracy_drop):
-            try:
-                metric.remove(*key)
-            except KeyError:
-                pass
-        for test, kind in self.tested.pop(key, ()):
-            for metric in (self.p_value, self.detected):
-                try:
-                    metric.remove(*key, test, kind)
-                except KeyError:
-                    pass
+        self.metrics.evicted.inc()
+        self.metrics.forget(key, self.tested.pop(key, set()))
 
     def admit(self, records: dict[int, PredictionRecord]) -> tuple[list[PredictionRecord], dict[int, str]]:
         """Of records by their place in a request: those for model versions the repository holds, and
@@ -240,12 +207,12 @@ class Monitor:
         with self.lock:
             for record in records:
                 self._place(record)
-                self.records.labels(record.model, record.version).inc()
+                self.metrics.records.labels(record.model, record.version).inc()
             if self.record_log is not None:
                 try:
                     self.record_log.append(records)
                 except OSError as error:  # the windows have them; only the history (and a restart) lose them
-                    self.unwritten.inc(len(records))
+                    self.metrics.unwritten.inc(len(records))
                     if not self.record_file_failing:
                         print(f"monitor: cannot write the record file: {error}", file=sys.stderr, flush=True)
                     self.record_file_failing = True
@@ -273,8 +240,7 @@ class Monitor:
             with self.lock:  # a window dropped meanwhile gets no series back
                 if key not in self.windows:
                     continue
-                self.window_records.labels(*key).set(len(records))
-                self.missing.labels(*key).set(isinstance(baseline, BaselineError))
+                self.metrics.set_window(key, len(records), isinstance(baseline, BaselineError))
             if isinstance(baseline, BaselineError):
                 results[key] = str(baseline)
                 continue
@@ -285,17 +251,7 @@ class Monitor:
             with self.lock:
                 if key not in self.windows:
                     continue
-                for test in report.tests:
-                    self.p_value.labels(*key, test.name, test.kind).set(test.p_value)
-                    self.detected.labels(*key, test.name, test.kind).set(test.drifted)
-                    self.tested.setdefault(key, set()).add((test.name, test.kind))
-                self.prediction_drift.labels(*key).set(report.prediction_drift)
-                self.input_drift.labels(*key).set(report.input_drift)
-                self.accuracy.labels(*key).set(report.estimated_accuracy)
-                self.accuracy_low.labels(*key).set(report.estimated_accuracy_low)
-                self.accuracy_high.labels(*key).set(report.estimated_accuracy_high)
-                self.expected.labels(*key).set(report.baseline_expected_accuracy)
-                self.accuracy_drop.labels(*key).set(report.accuracy_dropped)
+                self.tested.setdefault(key, set()).update(self.metrics.set_report(key, report))
             results[key] = report
         return results
 
@@ -351,9 +307,9 @@ class MonitorHandler(BaseHTTPRequestHandler):
             self.reply(404, b'{"error": "not found"}')
             return
         if not self.tokens.admits(self.headers.get("Authorization")):
-            self.monitor.unauthorized.inc()
+            self.monitor.metrics.unauthorized.inc()
             self.close_connection = True  # the body is never read
-            self.reply(401, b'{"error": "a writer sends Authorization: Bearer <token> (python -m client classify '
+            self.reply(401, b'{"error": "a writer sends Authorization: Bearer <token> (python -m histoserve.client classify '
                             b'--monitor-token-file)"}', headers={"WWW-Authenticate": 'Bearer realm="histoserve-monitor"'})
             return
         try:
@@ -368,8 +324,8 @@ class MonitorHandler(BaseHTTPRequestHandler):
             except RecordError as error:
                 malformed[index] = str(error)
         accepted, unknown = self.monitor.admit(parsed)
-        self.monitor.rejected.labels("malformed").inc(len(malformed))
-        self.monitor.rejected.labels("unknown_version").inc(len(unknown))
+        self.monitor.metrics.rejected.labels("malformed").inc(len(malformed))
+        self.monitor.metrics.rejected.labels("unknown_version").inc(len(unknown))
         self.monitor.add(accepted)
         errors = [f"record {index}: {why}" for index, why in sorted({**malformed, **unknown}.items())]
         self.reply(200 if accepted or not errors else 400,

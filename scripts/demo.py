@@ -6,7 +6,7 @@ Kubernetes pod does (its signature against the trusted public key, every file ag
 SHA256SUMS) → real Triton and the drift monitor → the version's golden answers from the server →
 classify the test split over gRPC with both, fp32's predictions recorded by the monitor (no drift),
 then the test split with inverted contrast (drift flagged) → a small synthetic whole slide made of the
-test split's digits, classified tile by tile with `python -m client slide` → 30 s Locust run on fp32, 15 s on int8 →
+test split's digits, classified tile by tile with `python -m histoserve.client slide` → 30 s Locust run on fp32, 15 s on int8 →
 stop Triton and the monitor → summary.
 Every step is the documented command line, printed before it runs, so each can be rerun by hand.
 """
@@ -26,14 +26,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from histoserve.formats.version import GoldenAnswers, read_published
+from histoserve.formats.version import GoldenAnswers, read_published, version_folder
 from histoserve.loadtest.report import plot_history, read_summary
-from histoserve.serve.server import free_ports, wait_for_readiness
+from histoserve.serve.server import wait_for_readiness
+from histoserve.serve.triton_flags import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 
 PYTHON = sys.executable
-BIN = Path(sys.executable).parent
 
 
 def step(title: str, command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -45,7 +45,7 @@ def step(title: str, command: list[str], **kwargs) -> subprocess.CompletedProces
 
 
 def start_server(repository: Path, ports) -> subprocess.Popen:
-    command = [PYTHON, "-m", "serve", "--model-repository", repository,
+    command = [PYTHON, "-m", "histoserve.serve", "--model-repository", repository,
                "--http-port", ports.http, "--grpc-port", ports.grpc, "--metrics-port", ports.metrics]
     print(f"\n=== serve (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
     server = subprocess.Popen([str(c) for c in command], cwd=ROOT)  # its output goes to this terminal
@@ -73,7 +73,7 @@ def writer_token(path: Path) -> Path:
 def start_monitor(repository: Path, port: int, records: Path, token: Path) -> subprocess.Popen:
     for stale in (records, records.with_name(records.name + ".1")):  # a new monitor would replay them
         stale.unlink(missing_ok=True)
-    command = [PYTHON, "-m", "monitor", "serve", "--repository", repository, "--port", port, "--window", 300,
+    command = [PYTHON, "-m", "histoserve.monitor", "serve", "--repository", repository, "--port", port, "--window", 300,
                "--record-file", records, "--token-file", token]
     print(f"\n=== monitor (background)\n$ {shlex.join(str(c) for c in command)}", flush=True)
     monitor = subprocess.Popen([str(c) for c in command], cwd=ROOT)
@@ -118,10 +118,10 @@ def inverted_copy(folder: Path, target: Path) -> Path:
 
 def classify(data: Path, ports, model: str, title: str, show: int, monitor: tuple[str, Path] | None = None,
              folder: Path | None = None) -> tuple[list[dict], float]:
-    """Classify the test split with `python -m client classify`; the rows and the top-1 accuracy.
+    """Classify the test split with `python -m histoserve.client classify`; the rows and the top-1 accuracy.
     `monitor`: the monitor's URL and the writer token file."""
     result = step(title, [
-        PYTHON, "-m", "client", "classify", folder or data / "test", "--url", f"127.0.0.1:{ports.grpc}",
+        PYTHON, "-m", "histoserve.client", "classify", folder or data / "test", "--url", f"127.0.0.1:{ports.grpc}",
         "--model", model, "--top-k", 3, "--json",
         *(["--monitor-url", monitor[0], "--monitor-token-file", monitor[1]] if monitor else []),
     ], stdout=subprocess.PIPE, text=True)
@@ -173,7 +173,7 @@ def write_digit_slide(path: Path, files: list[Path], spec) -> list[tuple[int, in
 
 
 def classify_slide(ports, model: str, data: Path, title: str, served: list[dict]) -> dict:
-    """Write the demo slide, classify it with `python -m client slide` (every tile: --min-tissue 0, the
+    """Write the demo slide, classify it with `python -m histoserve.client slide` (every tile: --min-tissue 0, the
     digits being grey, not stained), and say how fast, whether each tile got its file's label from step 4
     (`served`), and where the results are."""
     import csv
@@ -187,7 +187,7 @@ def classify_slide(ports, model: str, data: Path, title: str, served: list[dict]
     placed = write_digit_slide(ROOT / slide, sorted((ROOT / data / "test").rglob("*.png")), spec)
     shutil.rmtree(ROOT / out / slide.stem, ignore_errors=True)  # a fresh run, not "already done"
     started = time.monotonic()
-    result = step(title, [PYTHON, "-m", "client", "slide", slide, "--url", f"127.0.0.1:{ports.grpc}", "--model", model,
+    result = step(title, [PYTHON, "-m", "histoserve.client", "slide", slide, "--url", f"127.0.0.1:{ports.grpc}", "--model", model,
                           "--out", out, "--min-tissue", 0, "--json"], stdout=subprocess.PIPE, text=True)
     seconds = time.monotonic() - started
     summary = json.loads(result.stdout.splitlines()[-1])["summary"]
@@ -207,7 +207,7 @@ def classify_slide(ports, model: str, data: Path, title: str, served: list[dict]
 
 def load_test(title: str, ports, model: str, data: Path, users: int, seconds: int, prefix: Path) -> None:
     step(title, [
-        BIN / "locust", "-f", "loadtest/locustfile.py", "--headless", "--users", users,
+        PYTHON, "-m", "histoserve.loadtest", "locust", "--headless", "--users", users,
         "--spawn-rate", users, "--run-time", f"{seconds}s", "--only-summary",
         "--triton-url", f"127.0.0.1:{ports.grpc}", "--model", model, "--images", data / "test",
         "--csv", prefix, "--html", prefix.with_suffix(".html"),
@@ -243,22 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train_and_publish(args) -> int:
     """Steps 1 to 3b: demo data, training, export (fp32 and int8) and staging; the published version."""
-    step("1. demo data: scikit-learn's digits as an ImageFolder tree", [PYTHON, "-m", "train", "demo-data", DATA])
+    step("1. demo data: scikit-learn's digits as an ImageFolder tree", [PYTHON, "-m", "histoserve.train", "demo-data", DATA])
     step("2. train + test report", [
-        PYTHON, "-m", "train", "fit", "--data", DATA, "--out", RUN, "--arch", args.arch, "--weights", "none",
+        PYTHON, "-m", "histoserve.train", "fit", "--data", DATA, "--out", RUN, "--arch", args.arch, "--weights", "none",
         "--epochs", args.epochs, "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light",
     ])
     published = RUN / "published"
     signing_key, trusted = publisher_keys(RUN / "keys")
     step("3. export: ONNX, parity gate, golden answers, provenance and model card, signed: Triton model repository",
-         [PYTHON, "-m", "export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--result-file", published,
+         [PYTHON, "-m", "histoserve.export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--result-file", published,
           "--signing-key", signing_key], stdout=subprocess.DEVNULL)
     version = read_published(ROOT / published).version
     step(f"3a. stage version {version} as a pod's init container does: copy it, check its signature and every file",
-         [PYTHON, "-m", "serve", "stage", "--store", REPOSITORY, "--published", published, "--target", RUN / "pod",
+         [PYTHON, "-m", "histoserve.serve", "stage", "--store", REPOSITORY, "--published", published, "--target", RUN / "pod",
           "--trusted-keys", trusted])
     gate = step("3b. export int8: calibrate on training images, accuracy gate against fp32, publish as digits-int8", [
-        PYTHON, "-m", "export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--precision", "int8",
+        PYTHON, "-m", "histoserve.export", RUN / "checkpoint.pt", "--repository", REPOSITORY, "--name", MODEL, "--precision", "int8",
         "--signing-key", signing_key,
     ], stdout=subprocess.PIPE, text=True)
     print(next((line for line in gate.stdout.splitlines() if "accuracy gate" in line), ""))
@@ -296,7 +296,7 @@ def serve_and_measure(args, version: int) -> Outcome:
     writer = (f"http://127.0.0.1:{monitor_port}", token)
     try:
         step(f"3c. golden answers: version {version} must give them before a pod serving it is Ready", [
-            PYTHON, "-m", "serve", "golden-gate", "--once", "--repository", RUN / "pod", "--model", MODEL, "--version", version,
+            PYTHON, "-m", "histoserve.serve", "golden-gate", "--once", "--repository", RUN / "pod", "--model", MODEL, "--version", version,
             "--url", f"127.0.0.1:{ports.grpc}"])
         served, served_accuracy = classify(DATA, ports, MODEL, "4. classify the test split over gRPC, records to the monitor "
                                            "(first lines shown)", show=8, monitor=writer)
@@ -325,7 +325,7 @@ def serve_and_measure(args, version: int) -> Outcome:
 def print_summary(args, version: int, outcome: Outcome, minutes: float) -> int:
     """The summary table; 0 when both load tests had no failure."""
     metrics = json.loads((ROOT / RUN / "test_metrics.json").read_text())
-    golden_count = len(GoldenAnswers.read(ROOT / RUN / "pod" / MODEL / str(version))[0].top1)
+    golden_count = len(GoldenAnswers.read(version_folder(ROOT / RUN / "pod", MODEL, version))[0].top1)
     load = read_summary(ROOT / REPORTS / "locust")
     load_int8 = read_summary(ROOT / REPORTS / "locust-int8")
     plot = plot_history(ROOT / REPORTS / "locust")
@@ -338,7 +338,7 @@ def print_summary(args, version: int, outcome: Outcome, minutes: float) -> int:
   monitor, the test split              {outcome.unshifted}
   monitor, inverted contrast           {outcome.shifted}
       (served accuracy on the inverted images {outcome.shifted_accuracy:.4f}; offline, with plots:
-       python -m monitor report {outcome.records} --window 270 --out reports/monitor)
+       python -m histoserve.monitor report {outcome.records} --window 270 --out reports/monitor)
   whole slide ({outcome.slide['tiles']} tiles)           {outcome.slide['tiles'] / outcome.slide['seconds']:.0f} tiles/s, \
 {outcome.slide['same']} of {outcome.slide['placed']} tiles labelled as their PNG; heatmap {outcome.slide['heatmap']}
   load test ({args.users} users, {args.load_seconds}s, batch 1, 3×32² uint8)

@@ -117,7 +117,7 @@ def rules(source: Source) -> dict:
                                     f"{'fast enough to be spent within days' if severity == 'critical' else 'faster than it may'} "
                                     f"({windows}): {{{{ $value | humanizePercentage }}}} "
                                     f"of calls are {'failing' if sli == 'errors' else 'slower'} over the long window "
-                                    f"(k8s/README.md, \"Caller-side SLOs\")."),
+                                    f"(docs/kubernetes/observability.md, \"Caller-side SLOs\")."),
                 },
             })
     return {"groups": [{"name": f"histoserve-{source.name}-slo.records", "rules": recording},

@@ -1,10 +1,10 @@
-"""python -m serve [--model-repository model_repository] [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+"""python -m histoserve.serve [--model-repository model_repository] [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
                  [--model-control-mode poll --repository-poll-secs 5] [--admin-key-file FILE] [--no-http]
                  [--grpc-tls-cert CERT --grpc-tls-key KEY [--grpc-tls-client-ca CA]]
 
 Runs the real Triton Inference Server over a CPU derivative of the model repository until Ctrl-C or
 SIGTERM, then stops it and everything it started. With --model-control-mode poll, versions that
-`python -m export` publishes while it runs are loaded (the previous ones keep serving), as on
+`python -m histoserve.export` publishes while it runs are loaded (the previous ones keep serving), as on
 Kubernetes; a version that fails to load is reported on stderr and the others keep serving.
 
 As in production, Triton's admin APIs (repository index and model control, shared memory,
@@ -14,30 +14,32 @@ start (pass it to the admin tools with --admin-key-file). Inference, metadata, m
 health need no key. --no-http turns Triton's HTTP/REST endpoint off, as the Kubernetes Deployment does.
 
 Two more commands run in each Kubernetes Triton pod, which serves one pinned version:
-  python -m serve stage --store S --model M --version N --target T --trusted-keys K
+  python -m histoserve.serve stage --store S --model M --version N --target T --trusted-keys K
       copy one version, verified against its signature (by a key in K) and its SHA256SUMS
-  python -m serve golden-gate --repository T --model M --version N   ready only once Triton gives the golden answers
-(`python -m serve stage --help`, `python -m serve golden-gate --help`.)
+  python -m histoserve.serve golden-gate --repository T --model M --version N   ready only once Triton gives the golden answers
+(`python -m histoserve.serve stage --help`, `python -m histoserve.serve golden-gate --help`.)
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
 from pathlib import Path
 
 from histoserve.formats.admin import ENVIRONMENT_VARIABLE, AdminKey, AdminKeyError
-from histoserve.formats.options import NON_NEGATIVE_INT, POSITIVE, Range, existing_file, existing_folder
-from histoserve.serve.local_repository import LocalRepositoryError
-from histoserve.serve.server import GrpcTls, Ports, ServerError, TritonServer
+from histoserve.formats.options import NON_NEGATIVE_INT, POSITIVE, Range, add_command, existing_file, existing_folder
+from histoserve.serve import golden_gate, stage
+from histoserve.serve.cpu_repository import CpuRepositoryError
+from histoserve.serve.server import TritonServer
+from histoserve.serve.triton_flags import GrpcTls, Ports, ServerError
 
 PORT = Range(int, 1, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+    # allow_abbrev=False: `stage --model` must reach the subcommand, not match --model-repository here
+    parser = argparse.ArgumentParser(prog="python -m histoserve.serve", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-repository", type=existing_folder, default=Path("model_repository"))
     parser.add_argument("--address", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
@@ -56,18 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--admin-key-file", type=Path,
                         help=f"the admin APIs' key (default: ${ENVIRONMENT_VARIABLE}, else a new key for this run)")
     parser.add_argument("--no-http", action="store_true", help="turn Triton's HTTP/REST endpoint off (gRPC and metrics stay)")
+    parser.set_defaults(run=run_triton, parser=parser)
+    commands = parser.add_subparsers(dest="command", title="commands run in each Kubernetes Triton pod",
+                                     metavar="{stage,golden-gate}")
+    add_command(commands, "stage", stage, "copy one version from the store, verified")
+    add_command(commands, "golden-gate", golden_gate, "ready only once Triton gives the golden answers")
     return parser
 
 
-COMMANDS = {"stage": "histoserve.serve.stage", "golden-gate": "histoserve.serve.golden_gate"}
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in COMMANDS:
-        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    return args.run(args, args.parser)
+
+
+def run_triton(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if bool(args.grpc_tls_cert) != bool(args.grpc_tls_key) or (args.grpc_tls_client_ca and not args.grpc_tls_cert):
         parser.error("TLS needs --grpc-tls-cert and --grpc-tls-key (and --grpc-tls-client-ca only with them)")
     if args.no_http and args.grpc_tls_cert:
@@ -114,7 +118,7 @@ def serve_until_stopped(server: TritonServer, key_source: str | Path | None) -> 
         code = server.stop()
         print(f"stopped (exit code {code}).", flush=True)
         return 0
-    except (ServerError, LocalRepositoryError) as error:
+    except (ServerError, CpuRepositoryError) as error:
         server.stop()
         print(f"error: {error}", file=sys.stderr)
         return 1

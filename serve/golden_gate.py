@@ -1,6 +1,6 @@
-"""python -m serve golden-gate --repository /models --model NAME --version N [--url 127.0.0.1:8001] [--port 8003]
+"""python -m histoserve.serve golden-gate --repository /models --model NAME --version N [--url 127.0.0.1:8001] [--port 8003]
                                [--ssl-root-certificates CA --ssl-private-key KEY --ssl-certificate-chain CRT]
-python -m serve golden-gate --once --repository REPO --model NAME --version N --url HOST:PORT [--ssl ...]
+python -m histoserve.serve golden-gate --once --repository REPO --model NAME --version N --url HOST:PORT [--ssl ...]
 
 Ready means "answers correctly": this process asks its own Triton (the one in the same pod) the
 version's golden inputs (formats/version.py) and reports, on HTTP, whether the answers are right:
@@ -29,7 +29,7 @@ The files are read again whenever they change on disk (a Secret volume renewed b
 a rotated client certificate needs no restart.
 
 --once asks once, prints each wrong answer and exits 0 (every golden answer given) or 1: a smoke test
-of any server that serves the version (`python -m serve` here, a pod through port-forward).
+of any server that serves the version (`python -m histoserve.serve` here, a pod through port-forward).
 """
 
 from __future__ import annotations
@@ -325,9 +325,8 @@ class GoldenGate:
         return Handler
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serve golden-gate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`python -m histoserve.serve golden-gate`'s options (serve/__main__.py)."""
     parser.add_argument("--repository", type=existing_folder, required=True, help="the serving repository (serve stage's --target)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--version", type=POSITIVE_INT, required=True)
@@ -347,11 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds for the ServerLive/ServerReady call of /triton/live, /triton/ready (default: %(default)s)")
     parser.add_argument("--once", action="store_true", help="check once and exit 0 (all answers right) or 1; no HTTP endpoint")
     add_tls_arguments(parser.add_argument_group("TLS to Triton"))
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         tls = tls_from(args)
     except OptionError as error:

@@ -1,6 +1,6 @@
 """Triton python-backend model that runs the exported model.onnx with ONNX Runtime on the CPU.
 
-`python -m serve` copies this file as `<model>/<version>/model.py` beside a link to the very
+`python -m histoserve.serve` copies this file as `<model>/<version>/model.py` beside a link to the very
 model.onnx that export published, because the pip-installable Triton has no onnxruntime backend.
 The session is set up from the same config `parameters` the onnxruntime backend reads
 (intra_op_thread_count, inter_op_thread_count, execution_mode), so the CPU config that a CPU node

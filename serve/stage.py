@@ -1,5 +1,5 @@
-"""python -m serve stage --store /store --model NAME --version N --target /models --trusted-keys /trusted-keys
-python -m serve stage --store /store --published RESULT_FILE --target /tmp/check --trusted-keys /trusted-keys
+"""python -m histoserve.serve stage --store /store --model NAME --version N --target /models --trusted-keys /trusted-keys
+python -m histoserve.serve stage --store /store --published RESULT_FILE --target /tmp/check --trusted-keys /trusted-keys
 
 Copies exactly one published version out of the model store into a serving repository of its own,
 and proves the copy intact first. What a Kubernetes pod's init container runs (the store is the
@@ -12,10 +12,10 @@ model claim mounted read-only, or the folder an S3 download filled); Triton then
     <target>/<model>/<version>/            every file of the version: model.onnx, golden answers, ...
 
 and, when the store has them at the same version, the model's encoded twins (`<model>-preprocess`,
-`<model>-encoded`: `python -m export --encoded`), each checked the same way.
+`<model>-encoded`: `python -m histoserve.export --encoded`), each checked the same way.
 
 Every file is checked against the version's signature (model.sig, formats/signing.py) and its
-SHA256SUMS *after* it was copied, so what Triton reads is what `python -m export` wrote and signed:
+SHA256SUMS *after* it was copied, so what Triton reads is what `python -m histoserve.export` wrote and signed:
 an unsigned version, one signed by a key not in --trusted-keys (a folder of PEM public keys, `*.pub`:
 a ConfigMap in the cluster; two keys at once during a rotation), or a file missing, altered or added
 after signing stops the stage with a message naming the file and the reason, and nothing is left in
@@ -27,7 +27,7 @@ model, keep the serving contract and agree with the labels. Exit code 0: staged;
 
 A target folder already holding a model is replaced only when an earlier stage wrote it (a pod's
 init container runs again when the pod restarts); anything else there is refused, never deleted.
-With --published, the model and version are the ones `python -m export --result-file` wrote: how
+With --published, the model and version are the ones `python -m histoserve.export --result-file` wrote: how
 the publish Job proves that what it put in the store verifies before anyone deploys it.
 """
 
@@ -44,7 +44,15 @@ from pathlib import Path
 
 from histoserve.formats.contract import LABELS_FILE, ContractError
 from histoserve.formats.options import POSITIVE_INT, existing_file, existing_folder
-from histoserve.formats.repository import MODEL_FILE, NAME_PATTERN, RepositoryError, contract_of, encoded_twins, read_config, versions
+from histoserve.formats.repository_layout import (
+    MODEL_FILE,
+    NAME_PATTERN,
+    RepositoryError,
+    contract_of,
+    encoded_twins,
+    read_config,
+    versions,
+)
 from histoserve.formats.signing import trusted_keys, verify_signature
 from histoserve.formats.version import (
     IDENTITY_FILE,
@@ -56,6 +64,7 @@ from histoserve.formats.version import (
     read_identity,
     read_published,
     verify_checksums,
+    version_folder,
 )
 
 STAGE_MARKER = ".histoserve-stage.json"
@@ -80,14 +89,14 @@ def stage(store: Path, model: str, version: int, target: Path, trusted: list[Pat
     with `trusted` (public keys), each folder's signature must verify with one of them first."""
     if not NAME_PATTERN.match(model):
         raise StageError(f"--model {model!r} must match {NAME_PATTERN.pattern}")
-    source = Path(store) / model / str(version)
+    source = version_folder(store, model, version)
     if not source.is_dir():
         known = versions(Path(store) / model)
         raise StageError(f"{source}: no such version in the store"
                          + (f" (it holds versions {', '.join(map(str, known))})" if known else f" (no model {model!r} there)"))
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    twins = tuple(name for name in encoded_twins(model) if (Path(store) / name / str(version)).is_dir())
+    twins = tuple(name for name in encoded_twins(model) if version_folder(store, name, version).is_dir())
     for name in (model, *twins):
         if (target / name).exists() and not (target / name / STAGE_MARKER).is_file():
             raise StageError(f"{target / name} exists and was not written by `serve stage`: stage into an empty --target")
@@ -106,7 +115,7 @@ def stage(store: Path, model: str, version: int, target: Path, trusted: list[Pat
         for _, work in prepared:
             shutil.rmtree(work, ignore_errors=True)
     folder = target / model
-    return StagedVersion(model, version, folder, sum(1 for p in (folder / str(version)).iterdir() if p.is_file()), twins,
+    return StagedVersion(model, version, folder, sum(1 for p in version_folder(target, model, version).iterdir() if p.is_file()), twins,
                          next(iter(signers)) if len(signers) == 1 else None)
 
 
@@ -115,7 +124,7 @@ def prepare_folder(store: Path, model: str, version: int, target: Path, placed: 
     """Copy store/model/version into a hidden folder of `target`, verify it (signature with `trusted`,
     SHA256SUMS, contents) and place its own config files (`placed`: file of the version → path in the
     model folder; absent ones skipped). Returns the folder and the key that verified it."""
-    source = store / model / str(version)
+    source = version_folder(store, model, version)
     work = Path(tempfile.mkdtemp(dir=target, prefix=f".stage-{model}-"))
     signer = None
     try:
@@ -232,9 +241,8 @@ def check_twin(folder: Path, model: str, version: int, source: Path) -> None:
         raise StageError(f"{source / VERSION_CONFIG}: its steps call version(s) {other}, not {version}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serve stage", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`python -m histoserve.serve stage`'s options (serve/__main__.py)."""
     parser.add_argument("--store", type=existing_folder, required=True, help="the model store (a repository written by export)")
     parser.add_argument("--model")
     parser.add_argument("--version", type=POSITIVE_INT)
@@ -244,12 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--trusted-keys", type=existing_folder,
                        help="folder of PEM public keys (*.pub): the version must be signed by one of them")
     trust.add_argument("--allow-unsigned", action="store_true", help="skip the signature check (local experiments only)")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if bool(args.published) == bool(args.model and args.version) or (args.published and (args.model or args.version)):
         parser.error("give --model and --version, or --published (not both)")
     try:

@@ -6,10 +6,12 @@ Everything is built once per test session in a temporary folder; the server runs
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,12 +23,8 @@ MODEL = "digits"
 
 
 def run_cli(*args, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run `python -m ...` (or another venv tool) from the repository root, the way users do."""
-    command = [str(a) for a in args]
-    if command[0] != "locust":
-        command = [sys.executable, *command]
-    else:
-        command[0] = str(Path(sys.executable).parent / "locust")
+    """Run `python ARGS` (`-m histoserve.<stage> ...`) from the repository root, the way users do."""
+    command = [sys.executable, *map(str, args)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{command} exited {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
@@ -62,7 +60,7 @@ def digits_root(tmp_path_factory) -> Path:
 def trained_run(digits_root, tmp_path_factory) -> Path:
     """One short epoch of ResNet18 at 32×32 through the real CLI."""
     out = tmp_path_factory.mktemp("run")
-    run_cli("-m", "train", "fit", "--data", digits_root, "--out", out, "--arch", "resnet18",
+    run_cli("-m", "histoserve.train", "fit", "--data", digits_root, "--out", out, "--arch", "resnet18",
             "--epochs", 1, "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--augment", "light")
     return out
 
@@ -77,7 +75,7 @@ def repository(trained_run, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("model_repository")
     publisher, _ = session_publisher()  # signed, as the publish Jobs sign: the rendered model-stage trusts its public key
     for precision in ("fp32", "int8"):
-        run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
+        run_cli("-m", "histoserve.export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL,
                 "--max-batch-size", 16, "--max-queue-delay-us", 2000, "--precision", precision, "--min-agreement", 0.95,
                 "--signing-key", publisher.private)
     return repo
@@ -87,12 +85,12 @@ def repository(trained_run, tmp_path_factory) -> Path:
 def encoded_repository(repository, tmp_path_factory) -> Path:
     """`repository` with the encoded twins of both models (MODEL-encoded, MODEL-int8-encoded and their
     -preprocess models), published by export's own code at version 1. Apart from `repository`: every
-    Triton started on that one would load four more models for nothing. (`python -m export --encoded`
+    Triton started on that one would load four more models for nothing. (`python -m histoserve.export --encoded`
     itself runs in tests/serve/test_encoded_model.py.)"""
     import shutil
 
     from histoserve.export.encoded import publish_encoded
-    from histoserve.formats.repository import read_config
+    from histoserve.formats.repository_layout import read_config
 
     repo = tmp_path_factory.mktemp("encoded_repository")
     for model in (MODEL, f"{MODEL}-int8"):
@@ -102,11 +100,38 @@ def encoded_repository(repository, tmp_path_factory) -> Path:
     return repo
 
 
+@contextmanager
+def started_triton(repository: Path, **options):
+    """The one way tests run a Triton: `TritonServer(repository, free ports, **options)` started, and on
+    the way out resumed if a test paused it (SIGSTOP) and stopped. Shared servers are fixtures over
+    this (`server`, `traced_server`, `mtls_server`, a module's own); a test's own are `triton_factory`'s."""
+    from histoserve.serve.server import TritonServer
+    from histoserve.serve.triton_flags import free_ports
+
+    options.setdefault("ports", free_ports(options.get("address", "127.0.0.1")))
+    server = TritonServer(repository, **options)
+    try:
+        yield server.start()
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            try:
+                os.killpg(server.process.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        server.stop()
+
+
+@pytest.fixture
+def triton_factory():
+    """`triton_factory(repository, **TritonServer options)`: a started Triton of the test's own (to pause,
+    stop or restart), stopped after the test with every other one it started."""
+    with ExitStack() as started:
+        yield lambda repository, **options: started.enter_context(started_triton(repository, **options))
+
+
 @pytest.fixture(scope="session")
 def server(repository):
-    from histoserve.serve.server import TritonServer, free_ports
-
-    with TritonServer(repository, free_ports()) as running:
+    with started_triton(repository) as running:
         yield running
 
 
@@ -134,9 +159,31 @@ def traced_server(encoded_repository, otlp_receiver):
     """Triton with the digits models and their encoded twins, tracing in OpenTelemetry mode to
     `otlp_receiver` at a production-like rate (1 in 1000 requests without a trace context; every
     request that carries one)."""
-    from histoserve.serve.server import TritonServer, free_ports
+    with started_triton(encoded_repository, extra_args=tracing_flags(otlp_receiver.endpoint)) as running:
+        yield running
 
-    with TritonServer(encoded_repository, free_ports(), extra_args=tracing_flags(otlp_receiver.endpoint)) as running:
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> dict[str, Path | tuple[Path, Path]]:
+    """Certificates made for this session (tests/client/certificates.py): `ca` issued `server` (for
+    127.0.0.1) and `client`; `other_ca` issued `stranger`. Keys and certificates as (key, certificate)."""
+    from tests.client.certificates import CertificateAuthority
+
+    folder = tmp_path_factory.mktemp("pki")
+    authority, stranger = CertificateAuthority(folder, "histoserve-ca"), CertificateAuthority(folder, "other-ca")
+    return {"ca": authority.certificate_file, "other_ca": stranger.certificate_file,
+            "server": authority.issue("server", server=True), "client": authority.issue("client", server=False),
+            "stranger": stranger.issue("stranger", server=False)}
+
+
+@pytest.fixture(scope="session")
+def mtls_server(encoded_repository, pki):
+    """Triton with the digits models and their encoded twins, asking every gRPC client for a
+    certificate from `pki`'s `ca` (mutual TLS): the Python and the Node client are tested against it."""
+    from histoserve.serve.triton_flags import GrpcTls
+
+    key, certificate = pki["server"]
+    with started_triton(encoded_repository, grpc_tls=GrpcTls(certificate, key, client_ca=pki["ca"])) as running:
         yield running
 
 

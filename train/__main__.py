@@ -1,4 +1,4 @@
-"""python -m train {demo-data,prepare,fit,evaluate,augment-preview} ... — see README.md for the exact commands."""
+"""python -m histoserve.train {demo-data,prepare,fit,evaluate,augment-preview} ... — docs/guides/training.md gives the exact commands."""
 
 from __future__ import annotations
 
@@ -34,17 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     from histoserve.train.config import FitConfig
     from histoserve.train.prepare import PrepareConfig
 
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m histoserve.train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo-data", help="write scikit-learn's digits as an ImageFolder tree")
     demo.add_argument("out", type=Path)
     demo.add_argument("--seed", type=int, default=0)
 
-    prepare = commands.add_parser("prepare", help="scan SRC into OUT/manifest.csv, a patient-level split and a data report")
-    prepare.add_argument("src", help="folder of images (class = first folder level unless --label-regex)")
-    prepare.add_argument("out", help="folder for manifest.csv, prepare.json, report.md and its PNGs")
-    add_dataclass_options(prepare, PrepareConfig(src="", out=""), skip=("src", "out"))
+    prepare_parser = commands.add_parser("prepare", help="scan SRC into OUT/manifest.csv, a patient-level split and a data report")
+    prepare_parser.add_argument("src", help="folder of images (class = first folder level unless --label-regex)")
+    prepare_parser.add_argument("out", help="folder for manifest.csv, prepare.json, report.md and its PNGs")
+    add_dataclass_options(prepare_parser, PrepareConfig(src="", out=""), skip=("src", "out"))
 
     fit_parser = commands.add_parser("fit", help="train a classifier and write checkpoint.pt + test report")
     fit_parser.add_argument("--data", required=True, help="manifest.csv from `prepare`, or an ImageFolder root (split or not)")
@@ -58,18 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--crop-size", type=POSITIVE_INT, default=224)
     preview.add_argument("--samples", type=POSITIVE_INT, default=6)
 
-    evaluate = commands.add_parser("evaluate", help="report metrics of a checkpoint on one split")
-    evaluate.add_argument("checkpoint", type=Path)
-    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
-    evaluate.add_argument("--data", type=Path, help="default: the data root recorded in the checkpoint")
-    evaluate.add_argument("--out", type=Path, help="default: the checkpoint's folder")
+    evaluate_parser = commands.add_parser("evaluate", help="report metrics of a checkpoint on one split")
+    evaluate_parser.add_argument("checkpoint", type=Path)
+    evaluate_parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate_parser.add_argument("--data", type=Path, help="default: the data root recorded in the checkpoint")
+    evaluate_parser.add_argument("--out", type=Path, help="default: the checkpoint's folder")
+    for name, run in (("demo-data", demo_data), ("prepare", prepare), ("augment-preview", augment_preview), ("fit", fit),
+                      ("evaluate", evaluate)):
+        commands.choices[name].set_defaults(run=run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        args.run(args)
     except (FileNotFoundError, ValueError) as error:  # PrepareError and WeightsUnavailableError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -122,7 +125,7 @@ def evaluate(args: argparse.Namespace) -> None:
     write_report(predictions, meta.class_names, args.out or args.checkpoint.parent, args.split)
 
 
-COMMANDS = {"demo-data": demo_data, "prepare": prepare, "augment-preview": augment_preview, "fit": fit, "evaluate": evaluate}
+
 
 
 if __name__ == "__main__":

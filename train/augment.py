@@ -9,7 +9,7 @@ uint8 (3, crop, crop) tensor; normalization stays in the model.
   jitter and H&E stain jitter (Tellez et al. 2018: scale and shift in haematoxylin-eosin-DAB
   optical-density space).
 
-`python -m train augment-preview` renders any preset on real images as a PNG grid.
+`python -m histoserve.train augment-preview` renders any preset on real images as a PNG grid.
 """
 
 from __future__ import annotations

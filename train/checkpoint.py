@@ -51,7 +51,7 @@ def load_checkpoint(path: Path) -> tuple[Classifier, CheckpointMeta]:
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint written by `python -m train fit`")
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint written by `python -m histoserve.train fit`")
     state = payload.pop("model_state")
     payload.pop("format")
     payload["preprocess"] = PreprocessSpec(**payload["preprocess"])

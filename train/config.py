@@ -1,4 +1,4 @@
-"""Training options as one dataclass: `python -m train fit --help` is generated from it, and the
+"""Training options as one dataclass: `python -m histoserve.train fit --help` is generated from it, and the
 resolved values are stored in every checkpoint and in the run folder. Kept free of torch so the CLI
 starts fast."""
 

@@ -76,7 +76,7 @@ def stratified_split(samples: list[Sample], ratios: SplitRatios, seed: int) -> d
 
 
 def load_manifest_splits(path: Path, fold: int = -1) -> DataSplits:
-    """The `ok` rows of a manifest written by `python -m train prepare`, by its split column; with
+    """The `ok` rows of a manifest written by `python -m histoserve.train prepare`, by its split column; with
     fold >= 0 (K-fold manifests), fold k of the non-test rows is the validation split."""
     from histoserve.train.manifest import read_manifest
 
@@ -121,7 +121,7 @@ def load_splits(root: Path, ratios: SplitRatios = SplitRatios(), seed: int = 0, 
             # Reporting validation accuracy as test accuracy would be a lie: val drives early stopping
             # and the temperature, so it is not held out.
             raise ValueError(f"{root} has train/ and val/ but no test/ split: add {root / 'test'}, or give a folder "
-                             f"without train/ and val/ (a seeded stratified split is made), or `python -m train prepare` it")
+                             f"without train/ and val/ (a seeded stratified split is made), or `python -m histoserve.train prepare` it")
         return DataSplits(class_names, splits)
     class_names, samples = list_image_folder(root)
     return DataSplits(class_names, stratified_split(samples, ratios, seed))

@@ -1,4 +1,4 @@
-"""The data report that `python -m train prepare` writes: report.md with PNGs beside it, meant to be
+"""The data report that `python -m histoserve.train prepare` writes: report.md with PNGs beside it, meant to be
 sent to a colleague. Every quarantined file is listed with its reason; the patient-leakage check is
 stated with its number, zero."""
 
@@ -113,7 +113,7 @@ def _classes_section(usable, labels, splits, counts, out: Path, config) -> list[
     if labels:
         per_class = [sum(c[label] for c in counts.values()) for label in labels]
         md.append(f"Imbalance: the largest class has {max(per_class) / max(1, min(per_class)):.1f}× the images of the smallest. "
-                  f"`python -m train fit --balance sampler` (or `loss`) compensates.\n")
+                  f"`python -m histoserve.train fit --balance sampler` (or `loss`) compensates.\n")
     return md
 
 

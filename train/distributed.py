@@ -1,5 +1,5 @@
 """Process-group set-up for `torchrun` (one node with several GPUs, or several nodes through its
-rendezvous). A plain `python -m train fit` is a world of one and touches none of this."""
+rendezvous). A plain `python -m histoserve.train fit` is a world of one and touches none of this."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Training, top to bottom: data → model → optimizer and schedule → epochs (mixed precision, gradient
 clipping, EMA, early stopping, best and last checkpoints) → temperature scaling → test report.
 
-Runs as one process (`python -m train fit`) or as several under torchrun (DDP: DistributedSampler,
+Runs as one process (`python -m histoserve.train fit`) or as several under torchrun (DDP: DistributedSampler,
 BatchNorm over the global batch, metrics averaged over ranks, only rank 0 writes). `last.pt` holds everything needed
 to resume exactly at the next epoch: model, optimizer, schedule, grad scaler, EMA, history, RNGs.
 """
@@ -203,12 +203,12 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
     meta = CheckpointMeta(arch=config.arch, class_names=data.class_names, preprocess=spec, mean=IMAGENET_MEAN,
                           std=IMAGENET_STD, dropout=config.dropout, data_root=str(Path(config.data).resolve()),
                           split_seed=config.seed, config=asdict(config), data_sha256=data.digest)
-    progress = Progress()
+    history = FitHistory()
     if resumed is not None:
-        progress = parts.restore(resumed, world)
+        history = parts.restore(resumed, world)
         log(f"resumed from {config.resume} after epoch {resumed['epoch']}")
 
-    for epoch in range(progress.next_epoch, config.epochs + 1):
+    for epoch in range(history.next_epoch, config.epochs + 1):
         if isinstance(sampler, torch.utils.data.DistributedSampler):
             sampler.set_epoch(epoch)
         frozen = epoch <= config.freeze_epochs
@@ -222,26 +222,26 @@ def _fit(config: FitConfig, world: distributed.World) -> dict:
                               show_progress=world.is_main)
         elapsed = time.perf_counter() - started
         row = validate(epoch, row, elapsed, step_losses, parts, data, spec, world)
-        improved = progress.record(row)
+        improved = history.record(row)
         log(f"epoch {epoch}/{config.epochs}  loss {row['train_loss']:.4f}  train acc {row['train_accuracy']:.4f}  "
             f"val loss {row['val_loss']:.4f}  val acc {row['val_accuracy']:.4f}  val bal acc {row['val_balanced_accuracy']:.4f}  "
             f"{row['images_per_second']:.0f} img/s  {elapsed:.0f}s")
         if world.is_main:
             with open(out / "steps.csv", "a", newline="") as handle:
                 csv.writer(handle).writerows([epoch, i, loss] for i, loss in enumerate(step_losses))
-            _write_metrics(out / "metrics.csv", progress.history)
+            _write_metrics(out / "metrics.csv", history.rows)
             if improved:
                 meta.metrics = {"best_epoch": epoch, "val_accuracy": row["val_accuracy"],
                                 "val_balanced_accuracy": row["val_balanced_accuracy"]}
                 save_checkpoint(out / "checkpoint.pt", parts.evaluated, meta)
-        save_training_state(out / "last.pt", parts, progress, config, world)
-        if config.early_stopping_patience and progress.stale >= config.early_stopping_patience:
-            log(f"early stop: no better validation balanced accuracy for {progress.stale} epochs")
+        save_training_state(out / "last.pt", parts, history, config, world)
+        if config.early_stopping_patience and history.stale >= config.early_stopping_patience:
+            log(f"early stop: no better validation balanced accuracy for {history.stale} epochs")
             break
 
     if not world.is_main:
         return {}
-    plot_training_curves(progress.history, out / "training_curves.png")
+    plot_training_curves(history.rows, out / "training_curves.png")
     return calibrate_and_report(config, data, spec, out, log)
 
 
@@ -342,7 +342,7 @@ class Training:
         """The weights that are validated, checkpointed and exported: the EMA when on."""
         return self.ema.module if self.ema is not None else self.model
 
-    def restore(self, state: dict, world: distributed.World) -> Progress:
+    def restore(self, state: dict, world: distributed.World) -> FitHistory:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -350,7 +350,7 @@ class Training:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         set_rng_state(state["rng"][world.rank])
-        return Progress(state["history"], state["best"], state["stale"], state["epoch"] + 1)
+        return FitHistory(state["history"], state["best"], state["stale"], state["epoch"] + 1)
 
 
 def build_training(config: FitConfig, world: distributed.World, data, steps_per_epoch: int) -> Training:
@@ -380,17 +380,17 @@ def build_training(config: FitConfig, world: distributed.World, data, steps_per_
 
 
 @dataclass
-class Progress:
+class FitHistory:
     """The run so far: one row per epoch, the best validation balanced accuracy, epochs since it."""
 
-    history: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
     best: float = -1.0
     stale: int = 0
     next_epoch: int = 1
 
     def record(self, row: dict) -> bool:
         """Add an epoch's row; True when it is the best so far."""
-        self.history.append(row)
+        self.rows.append(row)
         improved = row["val_balanced_accuracy"] > self.best
         self.best, self.stale = (row["val_balanced_accuracy"], 0) if improved else (self.best, self.stale + 1)
         return improved
@@ -412,7 +412,7 @@ def validate(epoch: int, trained: dict, elapsed: float, step_losses: list[float]
             "seconds": elapsed}
 
 
-def save_training_state(path: Path, parts: Training, progress: Progress, config: FitConfig, world: distributed.World) -> None:
+def save_training_state(path: Path, parts: Training, history: FitHistory, config: FitConfig, world: distributed.World) -> None:
     """last.pt: everything an exact resume needs, with every rank's RNG state (gathered), so a
     resumed run continues each process' own random streams."""
     states = [rng_state()]
@@ -423,8 +423,8 @@ def save_training_state(path: Path, parts: Training, progress: Progress, config:
         save_atomically({"model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
                           "schedule": parts.schedule.state_dict(), "scaler": parts.scaler.state_dict(),
                           "ema": parts.ema.state_dict() if parts.ema is not None else None,
-                          "epoch": progress.history[-1]["epoch"], "history": progress.history, "best": progress.best,
-                          "stale": progress.stale, "rng": states, "config": asdict(config)}, path)
+                          "epoch": history.rows[-1]["epoch"], "history": history.rows, "best": history.best,
+                          "stale": history.stale, "rng": states, "config": asdict(config)}, path)
 
 
 def calibrate_and_report(config: FitConfig, data, spec: PreprocessSpec, out: Path, log: RunLog) -> dict:

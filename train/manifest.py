@@ -1,6 +1,6 @@
 """The data manifest: one row per file found, the single source of truth for what is trained on.
 
-`python -m train prepare` writes it; `python -m train fit --data manifest.csv` reads it, so every
+`python -m histoserve.train prepare` writes it; `python -m histoserve.train fit --data manifest.csv` reads it, so every
 stage sees the same split. Only rows with status `ok` are used; every other row says why not, and the
 file itself is left exactly where and as it was.
 """
@@ -56,7 +56,7 @@ def read_manifest(path: Path) -> tuple[Path, list[ManifestRow]]:
     """The data root and the rows. The root comes from prepare.json beside the manifest."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist (write one with `python -m train prepare`)")
+        raise FileNotFoundError(f"manifest {path} does not exist (write one with `python -m histoserve.train prepare`)")
     meta_file = path.with_name(META_FILE)
     root = Path(json.loads(meta_file.read_text())["root"]) if meta_file.is_file() else path.parent
     with open(path, newline="") as handle:

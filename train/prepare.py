@@ -1,4 +1,4 @@
-"""`python -m train prepare SRC OUT`: scan a folder of images into a manifest, a patient-level split
+"""`python -m histoserve.train prepare SRC OUT`: scan a folder of images into a manifest, a patient-level split
 and a data report. User files are only ever read: nothing is deleted, moved or rewritten.
 
 Top to bottom: find files → label and group from the path → decode every file in parallel

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Classify image files with a histoserve *encoded* model (`python -m export --encoded`: NAME-encoded)
+// Classify image files with a histoserve *encoded* model (`python -m histoserve.export --encoded`: NAME-encoded)
 // over Triton's gRPC API, from Node.js, with nothing but Triton's own protos (protos/, vendored) and
 // @grpc/grpc-js. The files are sent as they are: the server decodes and preprocesses them with the
 // same code as the Python client, so the answers are the Python client's, to the last digit.
@@ -22,7 +22,7 @@
 // (OTEL_TRACES_SAMPLER, OTEL_TRACES_SAMPLER_ARG) and resource from OpenTelemetry's standard variables.
 // Unset (or `none`): no tracer provider, nothing exported, no traceparent sent.
 //
-// One JSON line per file, in input order, as `python -m client classify --json` prints them:
+// One JSON line per file, in input order, as `python -m histoserve.client classify --json` prints them:
 //   {"path": "...", "predictions": [{"label": "3", "index": 3, "score": 0.98}], "error": null, "trace_id": "4bf9..."}
 // trace_id: the trace of the file's request (32 hex digits), null when it is not traced.
 // A file the server refuses (corrupt, not an image, over a limit) gets an error line and the others

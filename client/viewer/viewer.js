@@ -1,7 +1,7 @@
 // The slide viewer's page (histoserve.client.slide_view): the slide as a Deep Zoom image in
 // OpenSeadragon, overlay.png over it in level-0 coordinates, and the classes of the tile under the
 // pointer (or pinned by a click) from tiles.json. All URLs are relative: the same page works served by
-// `python -m client slide-view` and from a static export.
+// `python -m histoserve.client slide-view` and from a static export.
 'use strict';
 
 (function () {

@@ -1,4 +1,4 @@
-"""`python -m client classify` against the session's real Triton."""
+"""`python -m histoserve.client classify` against the session's real Triton."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from tests.conftest import MODEL, ROOT, make_truncated_png, run_cli
 
 
 def classify(server, *paths, check=False):
-    return run_cli("-m", "client", "classify", *paths, "--url", server.grpc_url, "--model", MODEL,
+    return run_cli("-m", "histoserve.client", "classify", *paths, "--url", server.grpc_url, "--model", MODEL,
                    "--top-k", 3, "--json", check=check)
 
 
@@ -61,7 +61,7 @@ def test_a_corrupt_file_among_good_ones_gives_one_error_and_all_other_results(se
 
 
 def test_plain_text_output_and_missing_file(server, test_files, tmp_path):
-    result = run_cli("-m", "client", "classify", test_files[0], tmp_path / "missing.png",
+    result = run_cli("-m", "histoserve.client", "classify", test_files[0], tmp_path / "missing.png",
                      "--url", server.grpc_url, "--model", MODEL, "--top-k", 2, check=False)
     assert result.returncode == 1
     first, second = result.stdout.splitlines()
@@ -74,7 +74,7 @@ def test_plain_text_output_and_missing_file(server, test_files, tmp_path):
     (None, "no_such_model", "no_such_model"),
 ])
 def test_unusable_server_or_model_exits_2_with_a_message(server, test_files, url, model, message):
-    result = run_cli("-m", "client", "classify", test_files[0], "--url", url or server.grpc_url,
+    result = run_cli("-m", "histoserve.client", "classify", test_files[0], "--url", url or server.grpc_url,
                      "--model", model, check=False)
     assert result.returncode == 2
     assert message in result.stderr
@@ -90,7 +90,7 @@ def test_dns_targets_are_accepted(server, test_files):
 
 
 def classify_url(url, *paths):
-    return run_cli("-m", "client", "classify", *paths, "--url", url, "--model", MODEL, "--json", check=False)
+    return run_cli("-m", "histoserve.client", "classify", *paths, "--url", url, "--model", MODEL, "--json", check=False)
 
 
 def test_a_classifier_that_cannot_start_closes_its_channel(server, monkeypatch):
@@ -118,7 +118,7 @@ def test_a_classifier_that_cannot_start_closes_its_channel(server, monkeypatch):
 def test_concurrent_classification_keeps_input_order_and_results(server, test_files, concurrency, batch_size):
     files = test_files[:40]
     extra = ["--concurrency", concurrency, *(["--batch-size", batch_size] if batch_size else [])]
-    result = run_cli("-m", "client", "classify", *files, "--url", server.grpc_url, "--model", MODEL, "--json", *extra)
+    result = run_cli("-m", "histoserve.client", "classify", *files, "--url", server.grpc_url, "--model", MODEL, "--json", *extra)
     got = rows(result)
     assert [r["path"] for r in got] == [str(f) for f in files]
     reference = rows(classify(server, *files, check=True))
@@ -144,14 +144,14 @@ def test_input_is_read_lazily_and_held_in_bounded_batches(server, test_files):
 
 def test_output_file_gets_the_lines_and_stdout_stays_empty(server, test_files, tmp_path):
     out = tmp_path / "results.jsonl"
-    result = run_cli("-m", "client", "classify", *test_files[:5], "--url", server.grpc_url, "--model", MODEL,
+    result = run_cli("-m", "histoserve.client", "classify", *test_files[:5], "--url", server.grpc_url, "--model", MODEL,
                      "--json", "--output", out)
     assert result.stdout == ""
     assert [json.loads(line)["path"] for line in out.read_text().splitlines()] == [str(f) for f in test_files[:5]]
 
 
 def test_ctrl_c_prints_complete_lines_so_far_and_exits_130_without_a_traceback(server, digits_root):
-    command = [sys.executable, "-m", "client", "classify", str(digits_root), "--url", server.grpc_url, "--model", MODEL,
+    command = [sys.executable, "-m", "histoserve.client", "classify", str(digits_root), "--url", server.grpc_url, "--model", MODEL,
                "--json", "--batch-size", "1", "--concurrency", "2"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Interrupt as soon as results flow (a few lines in), not after a fixed sleep: the digits model
@@ -180,7 +180,7 @@ def test_ctrl_c_prints_complete_lines_so_far_and_exits_130_without_a_traceback(s
 def test_bad_options_are_refused_before_any_call(options, message, test_files, tmp_path):
     """Checked when the command line is read: the URL points at nothing, so any call would fail differently."""
     options = [o.replace("{tmp}", str(tmp_path)) for o in options]
-    result = run_cli("-m", "client", "classify", test_files[0], "--url", "127.0.0.1:9", "--model", MODEL, *options,
+    result = run_cli("-m", "histoserve.client", "classify", test_files[0], "--url", "127.0.0.1:9", "--model", MODEL, *options,
                      check=False, timeout=60, env={**os.environ, "HISTOSERVE_MONITOR_TOKEN": ""})
     assert result.returncode == 2 and message.replace("{tmp}", str(tmp_path)) in result.stderr, result.stderr
     assert "cannot reach Triton" not in result.stderr and result.stdout == ""
@@ -191,6 +191,6 @@ def test_rollout_status_refuses_bad_options_before_any_call(tmp_path):
     for options, message in ((["--version", "0"], "argument --version: must be at least 1, got 0"),
                              (["--version", "1", "--timeout", "-5"], "argument --timeout: must be above 0, got -5"),
                              (["--version", "1", "--admin-key-file", str(tmp_path / "key")], "admin key file")):
-        result = run_cli("-m", "client", "rollout-status", "--url", "127.0.0.1:9", "--model", MODEL, *options,
+        result = run_cli("-m", "histoserve.client", "rollout-status", "--url", "127.0.0.1:9", "--model", MODEL, *options,
                          check=False, timeout=60)
         assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -1,4 +1,4 @@
-"""`python -m client classify` while its server goes away: restarted on the same ports within the
+"""`python -m histoserve.client classify` while its server goes away: restarted on the same ports within the
 deadline, every file still gets its prediction; gone for good, every remaining file gets an error
 naming the deadline. No file is ever missing from the output, and the output keeps input order."""
 
@@ -10,13 +10,13 @@ import sys
 import time
 
 from histoserve.formats.preprocessing import find_images
-from histoserve.serve.server import TritonServer, free_ports
-from tests.conftest import MODEL, ROOT, triton_requests, wait_for_requests
+from histoserve.serve.triton_flags import free_ports
+from tests.conftest import MODEL, ROOT, started_triton, triton_requests, wait_for_requests
 
 
 def start_classify(url: str, folders, *extra) -> subprocess.Popen:
     folders = folders if isinstance(folders, list) else [folders]
-    command = [sys.executable, "-m", "client", "classify", *map(str, folders), "--url", url, "--model", MODEL, "--json",
+    command = [sys.executable, "-m", "histoserve.client", "classify", *map(str, folders), "--url", url, "--model", MODEL, "--json",
                "--top-k", "1", *map(str, extra)]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -30,11 +30,11 @@ def rest_of(process: subprocess.Popen, timeout: float = 300) -> tuple[list[str],
     return lines, stderr
 
 
-def test_a_server_restarted_mid_folder_loses_no_file(repository, digits_root):
+def test_a_server_restarted_mid_folder_loses_no_file(repository, digits_root, triton_factory):
     folder = digits_root / "test"
     expected = [str(p) for p in find_images(folder)]
     ports = free_ports()
-    first = TritonServer(repository, ports).start()
+    first = triton_factory(repository, ports=ports)
     try:
         warmed_up = triton_requests(first)  # Triton counts its own warm-up requests too
         process = start_classify(first.grpc_url, folder, "--batch-size", 1, "--concurrency", 2, "--deadline-s", 120)
@@ -45,7 +45,7 @@ def test_a_server_restarted_mid_folder_loses_no_file(repository, digits_root):
         first.stop()
     assert process.poll() is None, "the client finished before the server stopped: nothing was tested"
     time.sleep(1)  # down for a while: calls wait for a server, or are retried
-    with TritonServer(repository, ports):
+    with started_triton(repository, ports=ports):
         rest, stderr = rest_of(process)
     results = [json.loads(line) for line in [first_line, *rest]]
     assert [r["path"] for r in results] == expected
@@ -60,7 +60,7 @@ def test_a_server_that_never_answers_again_fails_every_remaining_file_after_its_
     could finish before the freeze (seen once); each batch takes milliseconds."""
     folders = [digits_root / "test", digits_root / "val"]
     expected = [str(p) for folder in folders for p in find_images(folder)]
-    with TritonServer(repository, free_ports()) as server:
+    with started_triton(repository) as server:
         process = start_classify(server.grpc_url, folders, "--batch-size", 16, "--concurrency", 4, "--deadline-s", 2)
         first_line = process.stdout.readline()
         assert first_line, process.stderr.read()

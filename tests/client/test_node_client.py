@@ -57,7 +57,7 @@ def lines(stdout: str) -> list[dict]:
 def test_the_node_client_gets_the_python_client_s_answers_for_every_file(node, server, test_files, tmp_path):
     files = [*test_files, *write_odd_images(tmp_path / "odd").values()]
     from_node = node_classify(node, server.grpc_url, ENCODED, files)
-    from_python = run_cli("-m", "client", "classify", *files, "--url", server.grpc_url, "--model", MODEL, "--top-k", 3, "--json",
+    from_python = run_cli("-m", "histoserve.client", "classify", *files, "--url", server.grpc_url, "--model", MODEL, "--top-k", 3, "--json",
                           env=quiet_environment())
     assert from_node.returncode == 0, from_node.stderr
     assert [row["path"] for row in lines(from_node.stdout)] == [str(f) for f in files]  # in input order
@@ -140,7 +140,7 @@ def trace_of(receiver, trace_id: str, client: bool = True, timeout_s: float = 10
 
 
 # Triton 2.51 exports nothing at all for about 1.5 % of the requests it traces. Measured against this
-# server: 17 of 1,150 runs of this client and 4 of 250 of the Python client (python -m client classify),
+# server: 17 of 1,150 runs of this client and 4 of 250 of the Python client (python -m histoserve.client classify),
 # each time with the client's spans received and its traceparent sent, and not one of Triton's spans of
 # the request, then or later; nothing in Triton's log, no POST refused by the receiver. A test that
 # needs Triton's half of a trace runs its client again when that half is missing, ATTEMPTS runs in all.
@@ -318,26 +318,8 @@ def test_the_console_exporter_writes_to_stderr_and_leaves_stdout_to_the_result_l
     assert "histoserve.classify" in result.stderr and MODEL_INFER in result.stderr and trace_id in result.stderr
 
 
-# TLS and mutual TLS: the Python client's options, against a Triton that asks for client certificates.
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    from tests.client.certificates import CertificateAuthority
-
-    folder = tmp_path_factory.mktemp("pki")
-    authority, stranger = CertificateAuthority(folder, "histoserve-ca"), CertificateAuthority(folder, "other-ca")
-    return {"ca": authority.certificate_file, "other_ca": stranger.certificate_file,
-            "server": authority.issue("server", server=True), "client": authority.issue("client", server=False)}
-
-
-@pytest.fixture(scope="module")
-def mtls_server(encoded_repository, pki):
-    from histoserve.serve.server import GrpcTls, TritonServer, free_ports
-
-    key, certificate = pki["server"]
-    with TritonServer(encoded_repository, free_ports(), grpc_tls=GrpcTls(certificate, key, client_ca=pki["ca"])) as running:
-        yield running
-
+# TLS and mutual TLS: the Python client's options, against a Triton that asks for client certificates
+# (the session's `mtls_server` and `pki`, tests/conftest.py).
 
 def timed_classify(node, url, files, *options):
     started = time.monotonic()

@@ -1,4 +1,5 @@
-"""The README's library example, run as written (only the server address and data folder differ)."""
+"""The client guide's library example (docs/guides/client.md), run as written (only the server address and
+data folder differ)."""
 
 import re
 
@@ -6,7 +7,7 @@ from tests.conftest import ROOT, run_cli
 
 
 def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "guides" / "client.md").read_text()
     start = text.index("In a service (runs as written")
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
 

@@ -1,4 +1,4 @@
-"""`python -m client slide` against the real Triton: slides made here with tifffile (pyramidal, tiled,
+"""`python -m histoserve.client slide` against the real Triton: slides made here with tifffile (pyramidal, tiled,
 with resolution tags) from the test split's images placed in known regions, and OpenSlide's own small
 vendor files. A tile classified from the slide is exactly the pixels of the same region saved as a
 lossless PNG; an interrupted run finishes with the results of an uninterrupted one; a slide that cannot
@@ -45,7 +45,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def slide_cli(*args, check=True, timeout=300):
-    return run_cli("-m", "client", "slide", *args, check=check, timeout=timeout)
+    return run_cli("-m", "histoserve.client", "slide", *args, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ def test_an_interrupted_run_continues_and_ends_with_the_uninterrupted_results(se
     slide = digit_slide(tmp_path / "digits.tiff", test_files, columns=12, rows=10)
     common = ["--url", server.grpc_url, "--model", MODEL, "--min-tissue", 0, "--batch-size", 1, "--concurrency", 1, "--workers", 1]
     slide_cli(slide, *common, "--out", tmp_path / "whole")
-    command = [sys.executable, "-m", "client", "slide", str(slide), *map(str, common), "--out", str(tmp_path / "cut")]
+    command = [sys.executable, "-m", "histoserve.client", "slide", str(slide), *map(str, common), "--out", str(tmp_path / "cut")]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     progress = tmp_path / "cut" / "digits" / "progress.csv"
     deadline = time.monotonic() + 120

@@ -1,4 +1,4 @@
-"""The slide viewer (`python -m client slide-view`, histoserve.client.slide_view) in Debian's headless
+"""The slide viewer (`python -m histoserve.client slide-view`, histoserve.client.slide_view) in Debian's headless
 chromium, driven by playwright-core (tests/client/browser/check_viewer.js): on a slide whose tiles have
 known colours and a result folder whose tiles have known classes, the page draws each tile's own colour
 where the tile is, the overlay puts each class's colour over exactly that tile (the screen pixel is the
@@ -61,7 +61,7 @@ def make_slide(path: Path) -> Path:
 
 
 def write_result_folder(slide_path: Path, out: Path) -> Path:
-    """DIR/<slide stem>/ as `python -m client slide` writes it, with the classes chosen here, through
+    """DIR/<slide stem>/ as `python -m histoserve.client slide` writes it, with the classes chosen here, through
     that module's own writers (tiles.csv, tiles.geojson, overlay.png, heatmap.png) and summary.json's
     keys the viewer reads."""
     import openslide
@@ -129,10 +129,10 @@ def node_executable() -> str:
 
 
 class Viewer:
-    """`python -m client slide-view RESULT --port 0` running; its URL from its first line."""
+    """`python -m histoserve.client slide-view RESULT --port 0` running; its URL from its first line."""
 
     def __init__(self, folder: Path, *options):
-        self.process = subprocess.Popen([sys.executable, "-m", "client", "slide-view", str(folder), "--port", "0", *options],
+        self.process = subprocess.Popen([sys.executable, "-m", "histoserve.client", "slide-view", str(folder), "--port", "0", *options],
                                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.process.stdout.readline()
         if "http://" not in line:
@@ -192,7 +192,7 @@ def browser_run(result, tmp_path_factory) -> dict:
     node = node_executable()
     work = tmp_path_factory.mktemp("browser")
     exported = work / "export"
-    run_cli("-m", "client", "slide-view", result, "--export", exported, timeout=120)
+    run_cli("-m", "histoserve.client", "slide-view", result, "--export", exported, timeout=120)
     points = [*tile_points(), *CORNER_POINTS]
     plan = {"chromium": chromium, "out": str(work), "artefact": str(ARTEFACT),
             "views": [{"name": "home"}, {"name": "corner", "bounds": [CORNER[0] - 200, CORNER[1] - 200, 400, 400]}],
@@ -296,7 +296,7 @@ def test_the_static_export_shows_the_same(browser_run):
 def test_the_export_holds_the_page_every_deep_zoom_tile_and_the_tiles(result, tmp_path):
     from histoserve.client.slide_view import open_view
 
-    run_cli("-m", "client", "slide-view", result, "--export", tmp_path / "site", "--tile-format", "png", timeout=120)
+    run_cli("-m", "histoserve.client", "slide-view", result, "--export", tmp_path / "site", "--tile-format", "png", timeout=120)
     site = tmp_path / "site"
     for name in ("index.html", "viewer.js", "viewer.css", "openseadragon/openseadragon.min.js", "openseadragon/LICENSE.txt",
                  "viewer.json", "tiles.json", "overlay.png", "slide.dzi"):
@@ -325,22 +325,22 @@ def test_the_export_holds_the_page_every_deep_zoom_tile_and_the_tiles(result, tm
     assert config["overlay"]["level0_rect"] == [0, 0, overlay.width * dx, overlay.height * dy]
     assert abs(overlay.width * dx - WIDTH) < 1e-6 and abs(overlay.height * dy - HEIGHT) < 1e-6
     # an export over an earlier export is replaced; over a folder of other files, refused
-    run_cli("-m", "client", "slide-view", result, "--export", site, timeout=120)
+    run_cli("-m", "histoserve.client", "slide-view", result, "--export", site, timeout=120)
     assert not list((site / "slide_files").rglob("*.png")) and list((site / "slide_files").rglob("*.jpeg"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    refused = run_cli("-m", "client", "slide-view", result, "--export", tmp_path / "other", check=False)
+    refused = run_cli("-m", "histoserve.client", "slide-view", result, "--export", tmp_path / "other", check=False)
     assert refused.returncode == 1 and "other files" in refused.stderr
 
 
 def test_a_folder_without_summary_json_is_named(tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "progress.csv").write_text("# run x\n")
-    refused = run_cli("-m", "client", "slide-view", tmp_path / "half", "--export", tmp_path / "out", check=False)
+    refused = run_cli("-m", "histoserve.client", "slide-view", tmp_path / "half", "--export", tmp_path / "out", check=False)
     assert refused.returncode == 1
     assert f"{tmp_path / 'half' / 'summary.json'}: missing" in refused.stderr and "interrupted" in refused.stderr
     assert "Traceback" not in refused.stderr
-    missing = run_cli("-m", "client", "slide-view", tmp_path / "nowhere", check=False)
+    missing = run_cli("-m", "histoserve.client", "slide-view", tmp_path / "nowhere", check=False)
     assert missing.returncode == 1 and f"{tmp_path / 'nowhere'}: no such folder" in missing.stderr
 
 
@@ -352,17 +352,17 @@ def test_a_moved_slide_is_named_and_found_again_with_slide(result, tmp_path):
     shutil.copy(summary["slide"], moved)
     summary["slide"] = str(tmp_path / "gone" / "checkerboard.tiff")
     (folder / "summary.json").write_text(json.dumps(summary))
-    refused = run_cli("-m", "client", "slide-view", folder, "--export", tmp_path / "out", check=False)
+    refused = run_cli("-m", "histoserve.client", "slide-view", folder, "--export", tmp_path / "out", check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert f"{folder / 'summary.json'}: its slide {tmp_path / 'gone' / 'checkerboard.tiff'} is not there any more" in refused.stderr
     assert "--slide" in refused.stderr
-    run_cli("-m", "client", "slide-view", folder, "--slide", moved, "--export", tmp_path / "out", timeout=120)
+    run_cli("-m", "histoserve.client", "slide-view", folder, "--slide", moved, "--export", tmp_path / "out", timeout=120)
     assert (tmp_path / "out" / "slide.dzi").is_file()
 
 
 def test_another_slide_is_refused(result, tmp_path):
     other = write_slide(tmp_path / "other.tiff", background(600, 800), mpp=0.5, levels=2)
-    refused = run_cli("-m", "client", "slide-view", result, "--slide", other, "--export", tmp_path / "out", check=False)
+    refused = run_cli("-m", "histoserve.client", "slide-view", result, "--slide", other, "--export", tmp_path / "out", check=False)
     assert refused.returncode == 1 and "not the slide these results are of" in refused.stderr and str(other) in refused.stderr
 
 
@@ -402,13 +402,13 @@ def test_the_installed_package_carries_the_viewer_s_files():
 
 @pytest.mark.server
 def test_a_real_result_folder_opens(server, tmp_path):
-    """A folder `python -m client slide` wrote against the served model: the viewer reads it as it is."""
+    """A folder `python -m histoserve.client slide` wrote against the served model: the viewer reads it as it is."""
     from histoserve.client.slide_view import open_view
 
     pixels = background(256, 320)
     pixels[64:192, 64:256] = (200, 120, 180)
     slide = write_slide(tmp_path / "real.tiff", pixels, mpp=0.5, levels=2, tile=128)
-    run_cli("-m", "client", "slide", slide, "--url", server.grpc_url, "--model", MODEL, "--out", tmp_path / "out",
+    run_cli("-m", "histoserve.client", "slide", slide, "--url", server.grpc_url, "--model", MODEL, "--out", tmp_path / "out",
             "--min-tissue", 0, timeout=300)
     with open_view(tmp_path / "out" / "real") as view:
         config, tiles = view.config(), json.loads(view.tiles_json())

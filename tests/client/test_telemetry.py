@@ -1,5 +1,5 @@
 """The client's call metrics (client/telemetry.py) against the real Triton: what a caller got, per call
-and per attempt, through OpenTelemetry's real SDK; exported by `python -m client classify` over OTLP to a
+and per attempt, through OpenTelemetry's real SDK; exported by `python -m histoserve.client classify` over OTLP to a
 real receiver only when the standard variables ask for it; and named, once in Prometheus, as the SLO
 rules read them."""
 
@@ -16,9 +16,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from histoserve.client.classifier import InferenceFailed, TritonClassifier
 from histoserve.client.telemetry import CallMetrics, TelemetryConfigError, configure_from_environment
-from histoserve.formats.repository import config_to_text, read_config
-from histoserve.serve.server import TritonServer, free_ports
-from tests.conftest import MODEL, ROOT, run_cli
+from histoserve.formats.repository_layout import config_to_text, read_config
+from tests.conftest import MODEL, ROOT, run_cli, started_triton
 from tests.otlp_receiver import OtlpReceiver, value
 
 
@@ -68,7 +67,7 @@ def test_refusals_that_retries_hid_from_the_caller_show_as_attempts(repository, 
     config.dynamic_batching.default_queue_policy.max_queue_size = 1
     os.chmod(cpu, 0o644)
     cpu.write_text(config_to_text(config))
-    with TritonServer(tmp_path, free_ports()) as refusing, \
+    with started_triton(tmp_path) as refusing, \
             TritonClassifier(refusing.grpc_url, MODEL, metrics=call_metrics) as classifier:
         results = list(classifier.classify_files(test_files[:64] * 2, batch_size=1, concurrency=8))
     assert all(r.ok for r in results)
@@ -88,7 +87,7 @@ def test_the_cli_exports_over_otlp_when_asked_and_never_otherwise(server, test_f
     with OtlpReceiver() as receiver:
         environment = {**os.environ, "OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                        "OTEL_SERVICE_NAME": "clinic-batch", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test"}
-        run_cli("-m", "client", "classify", *test_files[:20], "--url", server.grpc_url, "--model", MODEL, "--batch-size", 8,
+        run_cli("-m", "histoserve.client", "classify", *test_files[:20], "--url", server.grpc_url, "--model", MODEL, "--batch-size", 8,
                 env=environment)
         assert counter_total(receiver, "histoserve.client.calls") == 3
         assert counter_total(receiver, "histoserve.client.attempts") == 3
@@ -100,12 +99,13 @@ def test_the_cli_exports_over_otlp_when_asked_and_never_otherwise(server, test_f
         received = len(receiver.metrics)
         quiet = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         for unset in ({}, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}, {"OTEL_METRICS_EXPORTER": "none"}):
-            run_cli("-m", "client", "classify", *test_files[:4], "--url", server.grpc_url, "--model", MODEL, env={**quiet, **unset})
+            run_cli("-m", "histoserve.client", "classify", *test_files[:4], "--url", server.grpc_url, "--model", MODEL,
+                    env={**quiet, **unset})
         assert len(receiver.metrics) == received  # nothing configured, nothing sent
 
 
 def test_a_misconfigured_exporter_is_named_before_any_work(server, test_files):
-    result = run_cli("-m", "client", "classify", test_files[0], "--url", server.grpc_url, "--model", MODEL, check=False,
+    result = run_cli("-m", "histoserve.client", "classify", test_files[0], "--url", server.grpc_url, "--model", MODEL, check=False,
                      env={**os.environ, "OTEL_METRICS_EXPORTER": "zipkin"})
     assert result.returncode == 2 and "unknown exporter 'zipkin'" in result.stderr
     with pytest.raises(TelemetryConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):

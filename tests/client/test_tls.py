@@ -1,4 +1,4 @@
-"""TLS and mutual TLS between `python -m client classify` and the real Triton (`python -m serve`'s
+"""TLS and mutual TLS between `python -m histoserve.client classify` and the real Triton (`python -m histoserve.serve`'s
 TritonServer with --grpc-use-ssl), with certificates made in the test."""
 
 import json
@@ -6,42 +6,22 @@ import time
 
 import pytest
 
-from histoserve.serve.server import GrpcTls, TritonServer, free_ports
-from tests.client.certificates import CertificateAuthority
-from tests.conftest import MODEL, run_cli
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pki")
-    authority, stranger = CertificateAuthority(folder, "histoserve-ca"), CertificateAuthority(folder, "other-ca")
-    return {
-        "ca": authority.certificate_file,
-        "other_ca": stranger.certificate_file,
-        "server": authority.issue("server", server=True),
-        "client": authority.issue("client", server=False),
-        "stranger": stranger.issue("stranger", server=False),
-    }
+from histoserve.serve.triton_flags import GrpcTls
+from tests.conftest import MODEL, run_cli, started_triton
 
 
 def classify(url, files, *tls):
     started = time.monotonic()
-    result = run_cli("-m", "client", "classify", *files, "--url", url, "--model", MODEL, "--json", "--deadline-s", 20,
+    result = run_cli("-m", "histoserve.client", "classify", *files, "--url", url, "--model", MODEL, "--json", "--deadline-s", 20,
                      *tls, check=False, timeout=120)
     return result, time.monotonic() - started
 
 
 @pytest.fixture(scope="module")
 def tls_server(repository, pki):
+    """TLS without client certificates; mutual TLS is the session's `mtls_server` (tests/conftest.py)."""
     key, certificate = pki["server"]
-    with TritonServer(repository, free_ports(), grpc_tls=GrpcTls(certificate, key)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def mtls_server(repository, pki):
-    key, certificate = pki["server"]
-    with TritonServer(repository, free_ports(), grpc_tls=GrpcTls(certificate, key, client_ca=pki["ca"])) as server:
+    with started_triton(repository, grpc_tls=GrpcTls(certificate, key)) as server:
         yield server
 
 
@@ -86,7 +66,7 @@ def test_half_a_client_identity_is_refused_before_connecting(tls_server, pki, te
 def test_the_load_test_speaks_mutual_tls_too(mtls_server, pki, digits_root):
     """The Locust user takes the same TLS options; without a client certificate it cannot measure (exit 2)."""
     key, certificate = pki["client"]
-    common = ["locust", "-f", "loadtest/locustfile.py", "--headless", "--only-summary", "--users", 2, "--spawn-rate", 2,
+    common = ["-m", "histoserve.loadtest", "locust", "--headless", "--only-summary", "--users", 2, "--spawn-rate", 2,
               "--run-time", "3s", "--triton-url", mtls_server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
               "--max-images", 32, "--ssl", "--ssl-root-certificates", pki["ca"]]
     admitted = run_cli(*common, "--ssl-private-key", key, "--ssl-certificate-chain", certificate, "--fail-ratio", 0,
@@ -100,7 +80,7 @@ def test_the_sweep_speaks_mutual_tls_too(mtls_server, pki, digits_root, tmp_path
     """Every call of the sweep (expectations, Locust steps, the direct loop, Triton's statistics) goes
     over mutual TLS; without a client certificate nothing can be measured (exit 2)."""
     key, certificate = pki["client"]
-    common = ["-m", "loadtest", "sweep", "--url", mtls_server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
+    common = ["-m", "histoserve.loadtest", "sweep", "--url", mtls_server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
               "--max-images", 32, "--slo-p99-ms", 1000, "--rates", 10, "--refine", 0, "--window-s", 1,
               "--stable-windows", 2, "--max-windows", 3, "--concurrency", 2, "--out", tmp_path / "sweep",
               "--ssl", "--ssl-root-certificates", pki["ca"], "--admin-key-file", mtls_server.admin_key_file]

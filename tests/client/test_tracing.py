@@ -26,7 +26,7 @@ def traced_environment(receiver, service: str = "tracing-test") -> dict[str, str
 
 
 def classify(server, model: str, files, environment: dict, *extra, check: bool = True) -> list[dict]:
-    result = run_cli("-m", "client", "classify", *files, "--url", server.grpc_url, "--model", model, "--json", *extra,
+    result = run_cli("-m", "histoserve.client", "classify", *files, "--url", server.grpc_url, "--model", model, "--json", *extra,
                      env=environment, timeout=120, check=check)
     return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -49,7 +49,7 @@ def classify_traced(server, receiver, model: str, files, *extra, triton_spans: i
                     check: bool = True) -> tuple[list[dict], dict[str, dict[str, list]]]:
     """`classify` with tracing, and each request's trace by trace id. Run again (3 runs at most) when
     Triton's spans of a request never come: the local 2.51 now and then loses a traced request's
-    spans (a race in its trace release, server PR #8144, fixed in 25.04: k8s/README.md "Tracing")."""
+    spans (a race in its trace release, server PR #8144, fixed in 25.04: docs/kubernetes/observability.md, "Tracing")."""
     for run in range(3):
         lines = classify(server, model, files, traced_environment(receiver), *extra, check=check)
         try:

@@ -1,4 +1,4 @@
-"""The encoded twins export publishes beside the pixel model (`python -m export --encoded`), at the
+"""The encoded twins export publishes beside the pixel model (`python -m histoserve.export --encoded`), at the
 same version, each complete, checksummed and read-only, wired so that version N of MODEL-encoded is
 version N of MODEL behind the package's own preprocessing. (What they answer, and the command itself:
 tests/serve/test_encoded_model.py.)"""
@@ -11,7 +11,7 @@ import pytest
 
 from histoserve.export.encoded import PREPROCESS_MODEL_FILE
 from histoserve.formats.contract import LABELS_FILE
-from histoserve.formats.repository import contract_of, encoded_twins, read_config
+from histoserve.formats.repository_layout import contract_of, encoded_twins, read_config
 from histoserve.formats.version import VERSION_CONFIG, verify_checksums
 from tests.conftest import MODEL
 

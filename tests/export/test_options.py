@@ -1,4 +1,4 @@
-"""`python -m export` refuses what it can before any work: bad option values when the command line
+"""`python -m histoserve.export` refuses what it can before any work: bad option values when the command line
 is read, and a version number, model name or contract the repository cannot take before the ONNX
 export, the calibration or the drift baseline run. Nothing is written either way."""
 
@@ -19,14 +19,14 @@ from tests.conftest import MODEL, run_cli
     (["--encoded", "--preprocess-instances", "0"], "argument --preprocess-instances: must be at least 1, got 0"),
 ], ids=["agreement", "accuracy-drop", "atol", "batch", "threads", "calibration", "split", "file-limit", "preprocess"])
 def test_bad_values_are_refused_when_the_command_line_is_read(trained_run, tmp_path, options, message):
-    result = run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", tmp_path / "repo", "--name", MODEL,
+    result = run_cli("-m", "histoserve.export", trained_run / "checkpoint.pt", "--repository", tmp_path / "repo", "--name", MODEL,
                      *options, check=False, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "repo").exists()
 
 
 def test_a_missing_checkpoint_is_named(tmp_path):
-    result = run_cli("-m", "export", tmp_path / "nothing.pt", "--name", MODEL, check=False, timeout=60)
+    result = run_cli("-m", "histoserve.export", tmp_path / "nothing.pt", "--name", MODEL, check=False, timeout=60)
     assert result.returncode == 2 and f"no such file: {tmp_path / 'nothing.pt'}" in result.stderr
 
 
@@ -46,7 +46,7 @@ def test_what_the_repository_cannot_take_is_refused_before_the_export(trained_ru
     if case == "encoded twin taken":  # the next version is 2, and a stray MODEL-encoded/2 is there already
         shutil.copytree(encoded_repository / f"{MODEL}-encoded" / "1", repo / f"{MODEL}-encoded" / "2")
     before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
-    result = run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL, *options,
+    result = run_cli("-m", "histoserve.export", trained_run / "checkpoint.pt", "--repository", repo, "--name", MODEL, *options,
                      check=False, timeout=180)
     assert result.returncode == 1, result.stdout + result.stderr
     assert {"existing version": "already exists: versions are immutable",

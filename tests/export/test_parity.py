@@ -32,12 +32,13 @@ def test_export_publishes_nothing_when_parity_fails(trained_run, tmp_path, monke
     """An ONNX file that computes something else than the checkpoint (injected: the exporter writes
     another network) fails the real parity gate, and no model folder is left behind."""
     from histoserve.export import __main__ as export_cli
+    from histoserve.export import pipeline
     from histoserve.export.onnx_model import export_onnx
 
     def export_another_network(model, path, crop_size, opset=18):
         export_onnx(ServingModel(build_classifier("resnet18", 10)).eval(), path, crop_size, opset)
 
-    monkeypatch.setattr(export_cli, "export_onnx", export_another_network)
+    monkeypatch.setattr(pipeline, "export_onnx", export_another_network)
     code = export_cli.main([str(trained_run / "checkpoint.pt"), "--repository", str(tmp_path / "repo"), "--name", "gated"])
     assert code == 1 and "nothing was published" in capsys.readouterr().err
     assert not (tmp_path / "repo" / "gated").exists()

@@ -16,20 +16,20 @@ from histoserve.export.precision import (
     convert_fp16,
     gate_report,
     kept_in_fp32,
-    predict,
+    onnx_probabilities,
 )
-from histoserve.formats.repository import read_config
+from histoserve.formats.repository_layout import read_config
 from tests.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
 def held_out(trained_run):
     """The checkpoint's own test split, preprocessed as the client does, with labels."""
-    from histoserve.export.images import load_images
+    from histoserve.export.images import preprocess_samples
     from histoserve.train.checkpoint import load_checkpoint, training_splits
 
     _, meta = load_checkpoint(trained_run / "checkpoint.pt")
-    return load_images(training_splits(meta).splits["test"], meta.preprocess, "test")
+    return preprocess_samples(training_splits(meta).splits["test"], meta.preprocess, "test")
 
 
 def damaged_copy(fp32_file: Path, target: Path) -> Path:
@@ -80,8 +80,9 @@ def test_export_refuses_to_publish_a_variant_that_fails_the_gate(trained_run, tm
     """A quantization that really loses accuracy (injected: the quantizer writes a copy with a random
     classifier layer) fails the real accuracy gate, and nothing is published."""
     from histoserve.export import __main__ as export_cli
+    from histoserve.export import pipeline
 
-    monkeypatch.setattr(export_cli.variants, "quantize_int8", lambda fp32_file, target, *_: damaged_copy(fp32_file, target))
+    monkeypatch.setattr(pipeline.variants, "quantize_int8", lambda fp32_file, target, *_: damaged_copy(fp32_file, target))
     repo = tmp_path / "repo"
     code = export_cli.main([str(trained_run / "checkpoint.pt"), "--repository", str(repo), "--name", MODEL, "--precision", "int8",
                             "--calibration-count", "16"])
@@ -137,7 +138,8 @@ def test_fp16_variant_keeps_uint8_in_and_fp32_out_and_passes_the_gate(repository
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     conv_weights = {node.input[1] for node in model.graph.node if node.op_type == "Conv"}
     assert {init.data_type for init in model.graph.initializer if init.name in conv_weights} == {onnx.TensorProto.FLOAT16}
-    difference = np.abs(predict(onnx_session(tmp_path / "fp16.onnx"), images[:32]) - predict(onnx_session(fp32_file), images[:32]))
+    fp16, fp32 = (onnx_probabilities(onnx_session(f), images[:32]) for f in (tmp_path / "fp16.onnx", fp32_file))
+    difference = np.abs(fp16 - fp32)
     assert difference.max() < 1e-2
     assert check_accuracy_gate("fp16", fp32_file, tmp_path / "fp16.onnx", images, labels).passed
 

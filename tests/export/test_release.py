@@ -1,7 +1,7 @@
 """What a version says about itself, read against the run that made it: provenance.intoto.json (the
 data's, code's and checkpoint's digests, the options, the gates) and the model card (the published
 model's figures on the held-out split, recomputed here from model.onnx), both covered by model.sig;
-and `python -m export` refuses to publish without the facts they need."""
+and `python -m histoserve.export` refuses to publish without the facts they need."""
 
 from __future__ import annotations
 
@@ -130,14 +130,15 @@ def test_without_the_facts_of_the_run_nothing_is_published(trained_run, tmp_path
     payload = torch.load(trained_run / "checkpoint.pt", weights_only=True)
     payload.update(change)
     torch.save(payload, tmp_path / "old.pt")
-    result = run_cli("-m", "export", tmp_path / "old.pt", "--repository", tmp_path / "repo", "--name", MODEL, check=False, timeout=180)
+    result = run_cli("-m", "histoserve.export", tmp_path / "old.pt", "--repository", tmp_path / "repo", "--name", MODEL,
+                     check=False, timeout=180)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert "exporting" not in result.stdout and not (tmp_path / "repo" / MODEL / "1").exists()
 
 
 def test_a_key_that_cannot_sign_is_refused_before_the_export(trained_run, tmp_path):
     (tmp_path / "signing.key").write_text("not a key")
-    result = run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", tmp_path / "repo", "--name", MODEL,
+    result = run_cli("-m", "histoserve.export", trained_run / "checkpoint.pt", "--repository", tmp_path / "repo", "--name", MODEL,
                      "--signing-key", tmp_path / "signing.key", check=False, timeout=180)
     assert result.returncode == 1 and f"{tmp_path / 'signing.key'}: not a usable signing key" in result.stderr, result.stderr
     assert "exporting" not in result.stdout and not (tmp_path / "repo" / MODEL / "1").exists()

@@ -7,13 +7,13 @@ import torch
 
 from histoserve.export.golden import GoldenAnswersError, golden_answers, tolerance_for
 from histoserve.export.onnx_model import onnx_session
-from histoserve.export.precision import predict
-from histoserve.export.repository import publish
+from histoserve.export.precision import onnx_probabilities
+from histoserve.export.publish import publish
 from histoserve.formats.preprocessing import preprocess_file
-from histoserve.formats.repository import read_config
+from histoserve.formats.repository_layout import read_config
 from histoserve.formats.version import TOLERANCE, GoldenAnswers, read_checksums, verify_checksums
 from tests.conftest import MODEL
-from tests.export.test_repository import fake_model_file, small_config
+from tests.export.test_publish import fake_model_file, small_config
 
 VERSION_FILES = sorted(["SHA256SUMS", "config.pbtxt", "cpu.pbtxt", "drift_baseline.json", "golden.json", "golden_inputs.npy",
                         "labels.txt", "model.onnx", "provenance.intoto.json", "MODEL_CARD.md", "model_card.json", "model.sig",
@@ -39,7 +39,7 @@ def test_golden_answers_are_the_data_s_classes_and_the_published_model_s_probabi
     folder = repository / MODEL / "1"
     answers, inputs = GoldenAnswers.read(folder)
     spec = read_config(folder / "config.pbtxt")
-    from histoserve.formats.repository import contract_of
+    from histoserve.formats.repository_layout import contract_of
 
     preprocess = contract_of(spec).preprocess
     held_out = {preprocess_file(path, preprocess).tobytes(): path.parent.name for path in sorted((digits_root / "test").rglob("*.png"))}
@@ -47,7 +47,7 @@ def test_golden_answers_are_the_data_s_classes_and_the_published_model_s_probabi
     class_names = (folder / "labels.txt").read_text().splitlines()
     assert [class_names[c] for c in answers.top1] == answers.labels
     assert 2 <= len(answers.labels) <= 10  # golden_count(10); fewer where too few images qualify
-    measured = predict(onnx_session(folder / "model.onnx"), inputs)
+    measured = onnx_probabilities(onnx_session(folder / "model.onnx"), inputs)
     assert np.abs(measured - np.asarray(answers.probabilities)).max() < 1e-6
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from histoserve.formats.baseline import BASELINE_FILE, BaselineError, DriftBaseline, build_baseline, read_baseline
+from histoserve.formats.baseline import BASELINE_FILE, BaselineError, DriftBaseline, baseline_path, build_baseline, read_baseline
 from histoserve.formats.image_statistics import INPUT_STATISTICS, input_statistics
 from histoserve.formats.preprocessing import find_images
 from tests.conftest import MODEL
@@ -14,7 +14,7 @@ from tests.conftest import MODEL
 @pytest.mark.parametrize("model", [MODEL, f"{MODEL}-int8"])
 def test_export_publishes_a_baseline_inside_each_version(repository, digits_root, model):
     version = max(int(p.name) for p in (repository / model).iterdir() if p.name.isdigit())
-    baseline = read_baseline(repository / model / str(version) / BASELINE_FILE)
+    baseline = read_baseline(baseline_path(repository, model, version))
     assert (baseline.model, baseline.version, baseline.split) == (model, version, "test")
     assert baseline.precision == ("int8" if model.endswith("int8") else "fp32")
     assert baseline.sample_size == len(find_images(digits_root / "test")) == sum(baseline.predicted_counts)

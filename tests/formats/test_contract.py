@@ -6,10 +6,10 @@ import copy
 import pytest
 from google.protobuf import json_format
 
-from histoserve.export.repository import BatchingConfig, build_config
+from histoserve.export.publish import BatchingConfig, build_config
 from histoserve.formats.contract import ContractError, ModelContract
 from histoserve.formats.preprocessing import PreprocessSpec
-from histoserve.formats.repository import contract_of
+from histoserve.formats.repository_layout import contract_of
 
 
 def exported(spec=PreprocessSpec(256, 224, "bicubic"), classes=8, max_batch_size=32):

@@ -5,7 +5,6 @@ then Triton over the pod's repository."""
 from __future__ import annotations
 
 import secrets
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -61,7 +60,8 @@ def start_manifest_server(store, overlay: str = "overlays/cpu", extra: list[str]
     are dropped unless `certificates` (tests/k8s/pod_tls.PodCertificates) holds the Secrets the pod
     mounts: then they stay, pointing at those files, and the server is asked for its readiness with
     the golden gate's client certificate (`server.client_tls`)."""
-    from histoserve.serve.server import TritonServer, free_ports
+    from histoserve.serve.server import TritonServer
+    from histoserve.serve.triton_flags import free_ports
 
     deployment = triton_deployment(overlay)
     template = deployment["spec"]["template"]
@@ -90,18 +90,9 @@ def start_manifest_server(store, overlay: str = "overlays/cpu", extra: list[str]
         repository = Path(tempfile.mkdtemp(prefix="histoserve-pod-"))
         run_init_containers(template, Path(store), repository)
     server = TritonServer(repository, free_ports(), extra_args=[*manifest_args, *extra], admin_key=key, restrict_admin=False,
-                          client_tls=client_tls)
+                          client_tls=client_tls, remove_on_stop=[repository] if repository != Path(store) else [])
     server.manifest_args, server.manifest_container, server.pod_template = manifest_args, container, template
     server.pod_name, server.pod_namespace = name, namespace
-    stop = server.stop
-
-    def stop_and_remove_the_pod_repository(*args, **kwargs):
-        code = stop(*args, **kwargs)
-        if repository != Path(store):
-            shutil.rmtree(repository, ignore_errors=True)
-        return code
-
-    server.stop = stop_and_remove_the_pod_repository
     return server.start()
 
 

@@ -572,13 +572,9 @@ MODEL_ANNOTATION, VERSION_ANNOTATION = "histoserve.io/model", "histoserve.io/mod
 
 
 def serve_command(container: dict, command: str) -> list[str] | None:
-    """The words after `python -m histoserve.serve <command>` (or `serve <command>`), else None."""
+    """The words after `python -m histoserve.serve <command>`, else None."""
     words = container.get("command", []) + container.get("args", [])
-    for module in ("histoserve.serve", "serve"):
-        head = ["python", "-m", module, command]
-        if words[:4] == head:
-            return words[4:]
-    return None
+    return words[4:] if words[:4] == ["python", "-m", "histoserve.serve", command] else None
 
 
 def option(words: list[str], name: str) -> str | None:

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from histoserve.serve.server import free_ports
+from histoserve.serve.triton_flags import free_ports
 from tests.k8s.test_monitoring import PROMETHEUS, PROMTOOL, require
 
 STEP_S = 15  # the ServiceMonitor's and PodMonitor's scrape interval

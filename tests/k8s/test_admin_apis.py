@@ -174,13 +174,13 @@ def test_the_calls_tritons_stock_image_client_makes_work_without_a_key(manifest_
 
 
 def test_rollout_status_needs_the_admin_key(manifest_server):
-    without = run_cli("-m", "client", "rollout-status", "--url", manifest_server.grpc_url, "--model", MODEL, "--version", 1,
+    without = run_cli("-m", "histoserve.client", "rollout-status", "--url", manifest_server.grpc_url, "--model", MODEL, "--version", 1,
                       "--timeout", 5, check=False, env={**os.environ, "HISTOSERVE_ADMIN_KEY": ""})
     assert without.returncode == 2, without.stdout + without.stderr
     assert "REFUSED" in without.stdout and "no admin key was given" in without.stderr
-    wrong = run_cli("-m", "client", "rollout-status", "--url", manifest_server.grpc_url, "--model", MODEL, "--version", 1,
+    wrong = run_cli("-m", "histoserve.client", "rollout-status", "--url", manifest_server.grpc_url, "--model", MODEL, "--version", 1,
                     "--timeout", 5, check=False, env={**os.environ, "HISTOSERVE_ADMIN_KEY": AdminKey.generate().value})
     assert wrong.returncode == 2 and "the admin key is wrong" in wrong.stderr
-    admitted = run_cli("-m", "client", "rollout-status", "--url", manifest_server.grpc_url, "--model", MODEL, "--version", 1,
+    admitted = run_cli("-m", "histoserve.client", "rollout-status", "--url", manifest_server.grpc_url, "--model", MODEL, "--version", 1,
                        "--timeout", 30, "--admin-key-file", manifest_server.admin_key_file, check=False)
     assert admitted.returncode == 0 and "READY" in admitted.stdout, admitted.stdout + admitted.stderr

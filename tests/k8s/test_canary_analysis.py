@@ -30,12 +30,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 import yaml
 
-from histoserve.client.monitoring import MonitorSender
+from histoserve.client.record_sender import MonitorSender
 from histoserve.formats.preprocessing import preprocess_file
 from histoserve.formats.records import records_for
-from histoserve.formats.repository import config_to_text, contract_of, read_config
+from histoserve.formats.repository_layout import config_to_text, contract_of, read_config
 from histoserve.monitor.service import Monitor, WriterTokens, make_server
-from histoserve.serve.server import free_ports
+from histoserve.serve.triton_flags import free_ports
 from tests.conftest import MODEL
 from tests.k8s import argo_analysis
 from tests.k8s.conftest import start_manifest_server

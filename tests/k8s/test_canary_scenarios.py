@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from histoserve.export.repository import LATENCY_BUCKETS_MS
+from histoserve.export.publish import LATENCY_BUCKETS_MS
 from tests.k8s import argo_analysis
 from tests.k8s.manifests import render
 from tests.k8s.recorded_prometheus import STEP_S, RecordedPrometheus, Recording

@@ -7,13 +7,15 @@ import threading
 import time
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 from dnslib import QTYPE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 
 from histoserve.client.classifier import TritonClassifier
-from histoserve.serve.server import Ports, ServerError, TritonServer, check_ports_free, free_ports
-from tests.conftest import MODEL
+from histoserve.serve.server import TritonServer
+from histoserve.serve.triton_flags import Ports, ServerError, check_ports_free, free_ports
+from tests.conftest import MODEL, started_triton
 from tests.k8s.manifests import deployment_args, flag
 
 NAME = "triton-grpc.histoserve.test"
@@ -26,6 +28,14 @@ def grpc_flags() -> list[str]:
     assert flag(args, "grpc-max-connection-age") and flag(args, "grpc-keepalive-time")
     return [a for a in args if a.startswith(("--grpc-keepalive", "--grpc-http2"))] + [
         f"--grpc-max-connection-age={MAX_AGE_MS}", f"--grpc-max-connection-age-grace={GRACE_MS}"]
+
+
+@pytest.fixture(scope="module")
+def two_servers(repository):
+    """Two Tritons with the Deployment's gRPC flags, as two pods behind one Service: shared by the
+    balancing test and the frozen-server test (which resumes the one it freezes)."""
+    with started_triton(repository, extra_args=grpc_flags()) as first, started_triton(repository, extra_args=grpc_flags()) as second:
+        yield first, second
 
 
 def inference_count(server: TritonServer) -> int:
@@ -91,18 +101,17 @@ class Load:
         self.stop()
 
 
-def test_a_long_lived_client_spreads_calls_over_every_server(repository):
-    with TritonServer(repository, free_ports(), extra_args=grpc_flags()) as first, \
-         TritonServer(repository, free_ports(), extra_args=grpc_flags()) as second:
-        before = inference_count(first), inference_count(second)
-        with TritonClassifier(f"ipv4:{first.grpc_url},{second.grpc_url}", MODEL) as client:
-            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
-            for _ in range(200):
-                client.infer(image)
-        deadline = time.monotonic() + 10  # Triton books a request in its statistics just after answering it
-        while sum(served := (inference_count(first) - before[0], inference_count(second) - before[1])) < 200 \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
+def test_a_long_lived_client_spreads_calls_over_every_server(two_servers):
+    first, second = two_servers
+    before = inference_count(first), inference_count(second)
+    with TritonClassifier(f"ipv4:{first.grpc_url},{second.grpc_url}", MODEL) as client:
+        image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+        for _ in range(200):
+            client.infer(image)
+    deadline = time.monotonic() + 10  # Triton books a request in its statistics just after answering it
+    while sum(served := (inference_count(first) - before[0], inference_count(second) - before[1])) < 200 \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert sum(served) == 200
     assert min(served) >= 0.3 * 200, f"calls per server {served}"
 
@@ -115,13 +124,13 @@ def test_a_server_added_after_the_client_connected_gets_calls_within_the_max_con
     resolver.start_thread()
     dns_port = resolver.server.server_address[1]
     try:
-        with TritonServer(repository, old_ports, extra_args=grpc_flags()) as old:
+        with started_triton(repository, ports=old_ports, extra_args=grpc_flags()) as old:
             with Load(f"dns://127.0.0.1:{dns_port}/{NAME}:{grpc_port}") as load:
                 deadline = time.monotonic() + 30
                 while load.sent < 20 and time.monotonic() < deadline:
                     time.sleep(0.2)
                 assert load.sent >= 20, load.errors[:3]
-                with TritonServer(repository, new_ports, address="127.0.0.2", extra_args=grpc_flags()) as new:
+                with started_triton(repository, ports=new_ports, address="127.0.0.2", extra_args=grpc_flags()) as new:
                     dns.addresses = ["127.0.0.1", "127.0.0.2"]  # the scale-out's pod became ready
                     started = time.monotonic()
                     while inference_count(new) < 20 and time.monotonic() - started < 30:
@@ -139,7 +148,7 @@ def test_a_server_added_after_the_client_connected_gets_calls_within_the_max_con
         resolver.stop()
 
 
-def test_a_frozen_server_costs_a_client_seconds_not_its_deadline(repository, monkeypatch):
+def test_a_frozen_server_costs_a_client_seconds_not_its_deadline(two_servers, monkeypatch):
     """A node that dies without closing its connections (power loss, network partition) looks like a
     server that stops answering: SIGSTOP. Keepalive ends the calls stuck on it long before their 60 s
     deadline, and the client retries them on the other server."""
@@ -150,23 +159,22 @@ def test_a_frozen_server_costs_a_client_seconds_not_its_deadline(repository, mon
 
     monkeypatch.setattr(classifier_module, "KEEPALIVE_TIME_MS", 2000)  # production: 20 s and 10 s
     monkeypatch.setattr(classifier_module, "KEEPALIVE_TIMEOUT_MS", 1000)
-    with TritonServer(repository, free_ports(), extra_args=grpc_flags()) as frozen, \
-         TritonServer(repository, free_ports(), extra_args=grpc_flags()) as healthy:
-        with TritonClassifier(f"ipv4:{frozen.grpc_url},{healthy.grpc_url}", MODEL, deadline_s=60) as client:
-            image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
-            for _ in range(4):
-                client.infer(image)  # a connection to each
-            before = inference_count(healthy)
-            os.killpg(frozen.process.pid, signal.SIGSTOP)
-            try:
-                started = time.monotonic()
-                for _ in range(10):
-                    client.infer(image)
-                waited = time.monotonic() - started
-            finally:
-                os.killpg(frozen.process.pid, signal.SIGCONT)
-            settle = time.monotonic() + 10  # Triton counts an inference just after it sends the response
-            while inference_count(healthy) - before < 10 and time.monotonic() < settle:
-                time.sleep(0.1)
-            assert inference_count(healthy) - before == 10
+    frozen, healthy = two_servers
+    with TritonClassifier(f"ipv4:{frozen.grpc_url},{healthy.grpc_url}", MODEL, deadline_s=60) as client:
+        image = np.zeros((1, 3, client.spec.crop_size, client.spec.crop_size), np.uint8)
+        for _ in range(4):
+            client.infer(image)  # a connection to each
+        before = inference_count(healthy)
+        os.killpg(frozen.process.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            for _ in range(10):
+                client.infer(image)
+            waited = time.monotonic() - started
+        finally:
+            os.killpg(frozen.process.pid, signal.SIGCONT)
+        settle = time.monotonic() + 10  # Triton counts an inference just after it sends the response
+        while inference_count(healthy) - before < 10 and time.monotonic() < settle:
+            time.sleep(0.1)
+        assert inference_count(healthy) - before == 10
     assert waited < 15, f"10 calls took {waited:.0f} s (deadline 60 s): keepalive did not notice the dead peer"

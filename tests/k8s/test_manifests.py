@@ -602,7 +602,7 @@ def test_s3_overlay_downloads_only_the_pinned_version_before_the_stage_and_trito
 def test_the_cpu_overlay_gives_triton_the_cores_the_exported_cpu_config_uses():
     """configs/cpu.pbtxt sets ONNX Runtime's intra-op threads (ONNX Runtime's own default is the node's
     core count); the CPU pod must request that many cores, or the threads fight over fewer."""
-    from histoserve.export.repository import CpuTuning
+    from histoserve.export.publish import CpuTuning
 
     resources = triton(rendered("overlays/cpu"))["resources"]
     cores = CpuTuning.instance_count * CpuTuning.intra_op_threads

@@ -166,7 +166,7 @@ def _send_load(url: str, seconds: float) -> int:
 def test_real_prometheus_evaluates_the_autoscaler_metric_to_a_number_under_load(manifest_server, tmp_path):
     """Prometheus scrapes the real Triton (labelled as the pod would be) and evaluates the adapter's
     query for triton_queue_duration_us_per_request, with the placeholders the adapter fills in."""
-    from histoserve.serve.server import free_ports
+    from histoserve.serve.triton_flags import free_ports
 
     port = free_ports().http
     config = {

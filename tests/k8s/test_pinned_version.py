@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from histoserve.formats.signing import sign_version
-from histoserve.formats.version import write_checksums
-from histoserve.serve.server import TritonServer, free_ports
+from histoserve.formats.version import version_folder, write_checksums
+from histoserve.serve.server import TritonServer
+from histoserve.serve.triton_flags import free_ports
 from tests.conftest import MODEL, run_cli
 from tests.k8s.conftest import run_init_containers, start_manifest_server, triton_template
 from tests.k8s.kubelet import grpc_probe, http_probe, local_command
@@ -167,7 +168,7 @@ def test_key_rotation_the_rendered_init_container_trusts_every_key_of_the_config
         pod = tmp_path / f"pod-{version}-{trusted.name}"
         if staged:
             run_init_containers(template, store, pod, trusted)
-            assert (pod / MODEL / str(version) / "model.sig").is_file()
+            assert (version_folder(pod, MODEL, version) / "model.sig").is_file()
         else:
             with pytest.raises(RuntimeError, match="signed by a key that is not trusted"):
                 run_init_containers(template, store, pod, trusted)
@@ -181,7 +182,7 @@ def test_rollout_status_is_done_when_every_ready_pod_serves_the_new_version(mani
     new = start_manifest_server(store, version=2, key=manifest_server.admin_key)
 
     def status(*servers):
-        return run_cli("-m", "client", "rollout-status", "--url", ",".join(s.grpc_url for s in servers), "--model", MODEL,
+        return run_cli("-m", "histoserve.client", "rollout-status", "--url", ",".join(s.grpc_url for s in servers), "--model", MODEL,
                        "--version", 2, "--timeout", 3, "--admin-key-file", manifest_server.admin_key_file, check=False)
 
     try:

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from histoserve.formats.options import ClientTls
-from histoserve.serve.server import free_ports
+from histoserve.serve.triton_flags import free_ports
 from tests.client.certificates import CertificateAuthority
 from tests.k8s.conftest import start_manifest_server
 from tests.k8s.kubelet import grpc_probe, http_probe, local_command

@@ -1,4 +1,4 @@
-"""Tracing (k8s/components/tracing, k8s/README.md "Tracing"): every production overlay runs Triton with
+"""Tracing (k8s/components/tracing, docs/kubernetes/observability.md, "Tracing"): every production overlay runs Triton with
 OpenTelemetry tracing to a collector it deploys (and the gateway overlays with the edge's spans to the
 same collector); then the real Triton, started with the cpu overlay's own arguments and its collector
 URL pointed at a local OTLP receiver, exports a traced call under the caller's trace, naming the pod,
@@ -142,7 +142,7 @@ def spans_of(receiver, trace_id: str, timeout_s: float = 30.0) -> dict:
 
 def traced_call(server, receiver, sampled: bool, attempts: int = 3) -> tuple[str, str, dict]:
     """A call with a context and its spans. The local 2.51 loses the spans of about 1.5 % of traced
-    requests (measured; see README, "Client traces"): a lost trace is tried again with a new one, up
+    requests (measured; see docs/guides/client.md, "Client traces"): a lost trace is tried again with a new one, up
     to `attempts` times, so the test checks what is exported rather than that loss."""
     for attempt in range(attempts):
         trace_id, caller_span = call_with_context(server, sampled)

@@ -4,16 +4,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from histoserve.loadtest.report import plot_history, read_summary
-from histoserve.serve.server import free_ports
+from histoserve.serve.triton_flags import free_ports
 from tests.conftest import MODEL, ROOT, run_cli, triton_requests, wait_for_requests
 
 
 def test_headless_locust_run_against_triton_has_no_failures(server, digits_root, tmp_path):
     prefix = tmp_path / "locust"
-    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 4, "--spawn-rate", 4,
+    result = run_cli("-m", "histoserve.loadtest", "locust", "--headless", "--users", 4, "--spawn-rate", 4,
                      "--run-time", "6s", "--only-summary", "--triton-url", server.grpc_url, "--model", MODEL,
                      "--images", digits_root / "test", "--batch-size", 2,
                      "--csv", prefix, "--html", tmp_path / "locust.html", check=False, timeout=120)
@@ -29,7 +28,7 @@ def test_headless_locust_run_against_triton_has_no_failures(server, digits_root,
 
 
 def test_locust_run_fails_loudly_when_the_model_is_missing(server, digits_root):
-    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 1, "--spawn-rate", 1,
+    result = run_cli("-m", "histoserve.loadtest", "locust", "--headless", "--users", 1, "--spawn-rate", 1,
                      "--run-time", "3s", "--only-summary", "--triton-url", server.grpc_url, "--model", "absent",
                      "--images", digits_root / "test", check=False, timeout=120)
     assert result.returncode == 2
@@ -37,7 +36,7 @@ def test_locust_run_fails_loudly_when_the_model_is_missing(server, digits_root):
 
 
 def test_latency_threshold_turns_a_slow_run_into_exit_code_3(server, digits_root, tmp_path):
-    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 2, "--spawn-rate", 2,
+    result = run_cli("-m", "histoserve.loadtest", "locust", "--headless", "--users", 2, "--spawn-rate", 2,
                      "--run-time", "3s", "--only-summary", "--triton-url", server.grpc_url, "--model", MODEL,
                      "--images", digits_root / "test", "--fail-p99-ms", 0.001, "--fail-ratio", 0.5,
                      check=False, timeout=120)
@@ -49,7 +48,7 @@ def run_distributed(*master_args, workers: int = 1, kill_a_worker_mid_run: Calla
     """A headless Locust master and its worker processes on this machine; returns the master's exit
     code and output. `kill_a_worker_mid_run` returns once the run is under way; then a worker dies."""
     port = free_ports().http
-    locust = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py")]
+    locust = [sys.executable, "-m", "histoserve.loadtest", "locust"]
     master = subprocess.Popen([*locust, "--master", "--headless", "--master-bind-port", str(port), *map(str, master_args)],
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     started = [subprocess.Popen([*locust, "--worker", "--master-port", str(port)], cwd=ROOT,
@@ -101,7 +100,7 @@ def test_a_traced_share_of_requests_is_traced_from_locust_through_triton(traced_
 
     before = len(otlp_receiver.spans())
     environment = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint, "OTEL_SERVICE_NAME": "locust-tracing"}
-    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 2, "--spawn-rate", 2,
+    result = run_cli("-m", "histoserve.loadtest", "locust", "--headless", "--users", 2, "--spawn-rate", 2,
                      "--arrival-rate", 20, "--window-s", 1, "--max-late-share", 1, "--run-time", "4s", "--only-summary",
                      "--triton-url", traced_server.grpc_url,
                      "--model", MODEL,
@@ -118,12 +117,12 @@ def test_a_traced_share_of_requests_is_traced_from_locust_through_triton(traced_
     assert set(triton) <= traced, "Triton traced a request that the sampler left out"
     # About 1 traced request in 10 gets no Triton trace here (measured: 32 to 34 of 36 or 37): likely the
     # local 2.51's race between concurrently traced requests (server PR #8144, fixed in 25.04; it also
-    # crashes 2.51 at higher rates, k8s/README.md "Tracing"), so the test asks for most, not all.
+    # crashes 2.51 at higher rates, docs/kubernetes/observability.md, "Tracing"), so the test asks for most, not all.
     assert len(set(triton)) >= 0.8 * len(traced), f"Triton traced {len(set(triton))} of {len(traced)} sampled requests"
 
 
 def test_an_encoded_model_is_refused_by_name_before_any_timed_request(traced_server, digits_root):
-    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--users", 1, "--spawn-rate", 1,
+    result = run_cli("-m", "histoserve.loadtest", "locust", "--headless", "--users", 1, "--spawn-rate", 1,
                      "--run-time", "3s", "--only-summary", "--triton-url", traced_server.grpc_url, "--model", f"{MODEL}-encoded",
                      "--images", digits_root / "test", check=False, timeout=120)
     assert result.returncode == 2

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from histoserve.client.classifier import TritonClassifier
-from histoserve.loadtest.expectations import expected_predictions, load_images, write_expected
-from histoserve.serve.server import TritonServer, free_ports
+from histoserve.loadtest.expectations import expected_predictions, request_images, write_expected
 from tests.conftest import MODEL, ROOT, run_cli, triton_requests, wait_for_requests
 
 LOCUST = [str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py")]
@@ -42,22 +41,24 @@ def test_open_loop_run_offers_the_rate_and_reports_both_latencies(server, digits
     assert "loadtest: offered 30 req/s" in result.stdout + result.stderr
 
 
-def test_a_stalled_server_shows_in_response_latency_not_in_service_latency(repository, digits_root, tmp_path):
+def test_a_stalled_server_shows_in_response_latency_not_in_service_latency(server, digits_root, tmp_path):
     """The server is frozen (SIGSTOP) for 2 s mid-run. The 4 users are stuck, so the requests meant
     for those 2 s go out late: from when they were sent they look fast, from when they were meant
-    to be sent they waited. The run is marked invalid: the generator could not keep the rate."""
+    to be sent they waited. The run is marked invalid: the generator could not keep the rate. (The
+    session's server: resumed at once, and the run has had every answer when the test ends.)"""
     summary_file = tmp_path / "stalled.json"
-    with TritonServer(repository, free_ports()) as server:
-        warmed_up = triton_requests(server)  # Triton counts its own warm-up requests too
-        process = subprocess.Popen(locust_args(server, digits_root / "test", summary_file, "--users", 4, "--spawn-rate", 4,
-                                               "--run-time", "9s", "--arrival-rate", 25),
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        # about 1.5 s into the run, past Locust's warm-up: a busy machine starts Locust late
+    warmed_up = triton_requests(server)  # Triton counts its own warm-up requests too
+    process = subprocess.Popen(locust_args(server, digits_root / "test", summary_file, "--users", 4, "--spawn-rate", 4,
+                                           "--run-time", "9s", "--arrival-rate", 25),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # about 1.5 s into the run, past Locust's warm-up: a busy machine starts Locust late
+    try:
         wait_for_requests(server, 40, since=warmed_up)
         os.killpg(server.process.pid, signal.SIGSTOP)
         time.sleep(2)
-        os.killpg(server.process.pid, signal.SIGCONT)
-        output = process.communicate(timeout=120)[0]
+    finally:
+        os.killpg(server.process.pid, signal.SIGCONT)  # whatever happens: the next tests share it
+    output = process.communicate(timeout=120)[0]
     summary = json.loads(summary_file.read_text())
     measured = summary["measured"]
     assert process.returncode == 4, output[-3000:]
@@ -72,7 +73,7 @@ def test_a_wrong_answer_is_a_failed_request(server, digits_root, tmp_path):
     """Expected predictions that disagree with the model's own (shifted by one class): every answer
     is then wrong, and each one is a failed request, counted as a mismatch."""
     with TritonClassifier(server.grpc_url, MODEL) as classifier:
-        paths, images = load_images(str(digits_root / "test"), classifier.spec, 64)
+        paths, images = request_images(str(digits_root / "test"), classifier.spec, 64)
         right = expected_predictions(classifier, images)
     expected = tmp_path / "expected.json"
     write_expected(expected, paths, [frozenset({(min(a) + 1) % 10}) if len(a) == 1 else frozenset() for a in right])
@@ -113,7 +114,7 @@ def test_open_loop_rate_is_shared_by_worker_processes(server, digits_root, tmp_p
 @pytest.mark.parametrize("slo_ms, code", [(1000, 0), (0.001, 3)])
 def test_sweep_finds_capacity_under_the_slo(server, digits_root, tmp_path, slo_ms, code):
     out = tmp_path / "sweep"
-    result = run_cli("-m", "loadtest", "sweep", "--url", server.grpc_url, "--model", MODEL,
+    result = run_cli("-m", "histoserve.loadtest", "sweep", "--url", server.grpc_url, "--model", MODEL,
                      "--images", digits_root / "test", "--slo-p99-ms", slo_ms, "--rates", "10,20", "--refine", 0,
                      "--window-s", 1, "--stable-windows", 2, "--max-windows", 4, "--concurrency", 2,
                      "--metrics-url", f"http://127.0.0.1:{server.ports.metrics}/metrics", "--out", out,
@@ -135,7 +136,7 @@ def test_the_sweep_stops_before_any_load_when_triton_refuses_its_statistics(serv
     """Triton's statistics are an admin API: without the key the sweep cannot say where the time goes,
     and says so (exit 2) before it sends any load."""
     before = triton_requests(server)
-    result = run_cli("-m", "loadtest", "sweep", "--url", server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
+    result = run_cli("-m", "histoserve.loadtest", "sweep", "--url", server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
                      "--max-images", 16, "--slo-p99-ms", 1000, "--rates", 10, "--out", tmp_path / "sweep",
                      check=False, timeout=120, env={**os.environ, "HISTOSERVE_ADMIN_KEY": ""})
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]

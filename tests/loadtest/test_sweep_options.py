@@ -1,4 +1,4 @@
-"""`python -m loadtest sweep` refuses bad options when the command line is read, before it calls the
+"""`python -m histoserve.loadtest sweep` refuses bad options when the command line is read, before it calls the
 server (the URL here points at nothing: any call would fail with another message)."""
 
 import pytest
@@ -17,7 +17,7 @@ from tests.conftest import MODEL, run_cli
 def test_bad_sweep_options_are_refused_before_any_call(digits_root, tmp_path, options, message):
     defaults = {"--slo-p99-ms": "500"}
     given = dict(zip(options[::2], options[1::2], strict=True))
-    result = run_cli("-m", "loadtest", "sweep", "--url", "127.0.0.1:9", "--model", MODEL, "--images", digits_root / "test",
+    result = run_cli("-m", "histoserve.loadtest", "sweep", "--url", "127.0.0.1:9", "--model", MODEL, "--images", digits_root / "test",
                      "--out", tmp_path / "sweep", *[x for k, v in {**defaults, **given}.items() for x in (k, v)],
                      check=False, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
@@ -25,6 +25,6 @@ def test_bad_sweep_options_are_refused_before_any_call(digits_root, tmp_path, op
 
 
 def test_a_missing_image_folder_is_named(tmp_path):
-    result = run_cli("-m", "loadtest", "sweep", "--model", MODEL, "--images", tmp_path / "none", "--slo-p99-ms", 500,
+    result = run_cli("-m", "histoserve.loadtest", "sweep", "--model", MODEL, "--images", tmp_path / "none", "--slo-p99-ms", 500,
                      check=False, timeout=60)
     assert result.returncode == 2 and f"argument --images: no such folder: {tmp_path / 'none'}" in result.stderr

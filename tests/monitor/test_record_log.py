@@ -17,7 +17,7 @@ from histoserve.formats.image_statistics import INPUT_STATISTICS
 from histoserve.formats.records import PredictionRecord, RecordError, read_records, records_for
 from histoserve.monitor.record_log import RecordLog
 from histoserve.monitor.service import Monitor
-from histoserve.serve.server import free_ports
+from histoserve.serve.triton_flags import free_ports
 from tests.conftest import ROOT
 
 TOKEN = "test-writer-token-0123456789"
@@ -51,7 +51,8 @@ def test_a_restarted_monitor_takes_up_each_window_where_it_was(tmp_path):
     monitor.add(first[70:])
     monitor.record_log.close()
     restarted = Monitor(repository, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
-    assert restarted.restored == 180
+    assert restarted.windows == {}  # constructing opens the file; the restore step replays it
+    assert restarted.restore() is restarted and restarted.restored == 180
     assert list(restarted.windows[("digits", "1")]) == first[-100:]
     assert list(restarted.windows[("digits", "2")]) == other
 
@@ -63,7 +64,7 @@ def test_a_restart_leaves_out_the_records_of_versions_no_longer_in_the_repositor
     monitor.add(records(30, version="2", seed=1))
     monitor.record_log.close()
     (repository / "digits" / "2").rmdir()  # version 2 was rolled back
-    restarted = Monitor(repository, window=100, min_window=10, record_file=tmp_path / "records.jsonl")
+    restarted = Monitor(repository, window=100, min_window=10, record_file=tmp_path / "records.jsonl").restore()
     assert (restarted.restored, restarted.replay_refused) == (20, 30)
     assert list(restarted.windows) == [("digits", "1")]
 
@@ -72,7 +73,7 @@ def test_without_a_record_file_a_restart_starts_empty(tmp_path):
     repository = holding(tmp_path, ("digits", "1"))
     monitor = Monitor(repository, window=100, min_window=10)
     monitor.add(records(50))
-    assert Monitor(repository, window=100, min_window=10).windows == {}
+    assert Monitor(repository, window=100, min_window=10).restore().windows == {}
 
 
 def test_a_line_cut_short_is_skipped_and_the_next_append_starts_a_new_line(tmp_path):
@@ -112,10 +113,10 @@ def get_json(url: str):
 
 
 def start_monitor(port: int, record_file, repository, window: int = 100, preexec_fn=None) -> subprocess.Popen:
-    """python -m monitor serve on `port` (writers' token TOKEN, in a file), returned once /healthz answers."""
+    """python -m histoserve.monitor serve on `port` (writers' token TOKEN, in a file), returned once /healthz answers."""
     tokens = repository.parent / f"{repository.name}-tokens"
     tokens.write_text(f"# writers\n{TOKEN}\n")
-    process = subprocess.Popen([sys.executable, "-m", "monitor", "serve", "--repository", str(repository), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "histoserve.monitor", "serve", "--repository", str(repository), "--port", str(port),
                                 "--window", str(window), "--min-window", "10", "--record-file", str(record_file),
                                 "--token-file", str(tokens)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
@@ -130,7 +131,7 @@ def start_monitor(port: int, record_file, repository, window: int = 100, preexec
 
 
 def test_the_monitor_process_keeps_its_window_over_a_restart(tmp_path):
-    """python -m monitor serve, stopped by SIGTERM (as Kubernetes does) and started again on the same
+    """python -m histoserve.monitor serve, stopped by SIGTERM (as Kubernetes does) and started again on the same
     record file: its window metric says the records are still there."""
     port, record_file = free_ports().http, tmp_path / "records.jsonl"
     repository = holding(tmp_path / "models", ("digits", "1"))

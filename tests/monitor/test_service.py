@@ -74,7 +74,7 @@ def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(serve
                                                                            tmp_path):
     test_split = digits_root / "test"
     files = len(find_images(test_split))
-    first = run_cli("-m", "client", "classify", test_split, "--url", server.grpc_url, "--model", MODEL,
+    first = run_cli("-m", "histoserve.client", "classify", test_split, "--url", server.grpc_url, "--model", MODEL,
                     "--monitor-url", monitor, "--monitor-token-file", token_file, check=False, timeout=300)
     assert first.returncode == 0, first.stderr
     seen = metrics(monitor)
@@ -86,7 +86,7 @@ def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(serve
     assert abs(seen[key("histoserve_estimated_accuracy")] - seen[key("histoserve_baseline_expected_accuracy")]) < 1e-6
 
     shifted = inverted_copies(test_split, tmp_path / "inverted")
-    second = run_cli("-m", "client", "classify", shifted, "--url", server.grpc_url, "--model", MODEL,
+    second = run_cli("-m", "histoserve.client", "classify", shifted, "--url", server.grpc_url, "--model", MODEL,
                      "--monitor-url", monitor, check=False, timeout=300, env={**os.environ, "HISTOSERVE_MONITOR_TOKEN": TOKEN})
     assert second.returncode == 0, second.stderr
     seen = metrics(monitor)
@@ -98,7 +98,7 @@ def test_the_client_feeds_the_monitor_and_a_shift_raises_its_drift_metrics(serve
     # the record file holds both folders' records in order, for the offline report
     recorded = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert len(recorded) == 2 * files and {r["version"] for r in recorded} == {"1"}
-    offline = run_cli("-m", "monitor", "report", tmp_path / "records.jsonl", "--repository", repository,
+    offline = run_cli("-m", "histoserve.monitor", "report", tmp_path / "records.jsonl", "--repository", repository,
                       "--window", files, "--out", tmp_path / "report", check=False, timeout=120)
     verdicts = [line for line in offline.stdout.splitlines() if line.startswith(MODEL)]
     assert offline.returncode == 1 and len(verdicts) == 2, offline.stdout + offline.stderr
@@ -125,10 +125,10 @@ def test_a_monitor_that_is_down_never_fails_or_holds_up_classification(server, d
         hung.close()
     try:
         started = time.monotonic()
-        plain = run_cli("-m", "client", "classify", folder, "--url", server.grpc_url, "--model", MODEL, "--json", timeout=300)
+        plain = run_cli("-m", "histoserve.client", "classify", folder, "--url", server.grpc_url, "--model", MODEL, "--json", timeout=300)
         alone = time.monotonic() - started
         started = time.monotonic()
-        monitored = run_cli("-m", "client", "classify", folder, "--url", server.grpc_url, "--model", MODEL, "--json",
+        monitored = run_cli("-m", "histoserve.client", "classify", folder, "--url", server.grpc_url, "--model", MODEL, "--json",
                             "--monitor-url", f"http://127.0.0.1:{port}", check=False, timeout=300,
                             env={**os.environ, "HISTOSERVE_MONITOR_TOKEN": TOKEN})
         took = time.monotonic() - started
@@ -161,7 +161,7 @@ def test_offline_report_flags_the_windows_after_a_shift(server, repository, digi
     older.write_text("".join(json.dumps(r.to_dict()) + "\n" for r in records[:200]) + '{"model": "dig')
     current.write_text("\n" + "".join(json.dumps(r.to_dict()) + "\n" for r in records[200:]))
     out = tmp_path / "report"
-    result = run_cli("-m", "monitor", "report", older, current, "--repository", repository, "--window", 100, "--out", out,
+    result = run_cli("-m", "histoserve.monitor", "report", older, current, "--repository", repository, "--window", 100, "--out", out,
                      check=False, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"warning: skipped {older}:201:" in result.stderr
@@ -181,7 +181,7 @@ def test_offline_report_flags_the_windows_after_a_shift(server, repository, digi
 
 
 def test_the_load_test_feeds_the_monitor_too(server, monitor, token_file, digits_root):
-    result = run_cli("locust", "-f", "loadtest/locustfile.py", "--headless", "--only-summary", "--users", 2, "--spawn-rate", 2,
+    result = run_cli("-m", "histoserve.loadtest", "locust", "--headless", "--only-summary", "--users", 2, "--spawn-rate", 2,
                      "--run-time", "4s", "--triton-url", server.grpc_url, "--model", MODEL, "--images", digits_root / "test",
                      "--max-images", 64, "--monitor-url", monitor, "--monitor-token-file", token_file, "--fail-ratio", 0,
                      check=False, timeout=120)

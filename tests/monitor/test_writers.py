@@ -149,7 +149,7 @@ def test_a_rotated_token_file_takes_effect_without_a_restart(running):
     (lambda tmp: (tmp / "empty").write_text("# nothing\n") and ["--token-file", tmp / "empty"], "holds no token"),
 ], ids=["none", "missing file", "too short", "empty file"])
 def test_the_monitor_will_not_run_without_writer_tokens(tmp_path, setup, message):
-    result = run_cli("-m", "monitor", "serve", "--repository", tmp_path, "--port", 0, *setup(tmp_path), check=False,
+    result = run_cli("-m", "histoserve.monitor", "serve", "--repository", tmp_path, "--port", 0, *setup(tmp_path), check=False,
                      timeout=60, env={**os.environ, "HISTOSERVE_MONITOR_TOKEN": ""})
     assert result.returncode == 2 and message in result.stderr, result.stderr
 
@@ -158,7 +158,8 @@ def test_the_client_sends_its_token_and_a_refused_one_costs_no_result(server, tm
     running = Running(tmp_path)
     try:
         files = [str(p) for p in test_files[:40]]
-        common = ["-m", "client", "classify", *files, "--url", server.grpc_url, "--model", MODEL, "--json", "--monitor-url", running.url]
+        common = ["-m", "histoserve.client", "classify", *files, "--url", server.grpc_url, "--model", MODEL, "--json",
+                  "--monitor-url", running.url]
         wrong = tmp_path / "wrong-token"
         wrong.write_text(OTHER + "\n")
         refused = run_cli(*common, "--monitor-token-file", wrong, check=False, timeout=120)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from histoserve.formats.repository import config_to_text, read_config
+from histoserve.formats.repository_layout import config_to_text, read_config
 from histoserve.formats.signing import sign_version
 from histoserve.formats.version import (
     CHECKSUMS_FILE,

@@ -18,9 +18,8 @@ from tritonclient.utils import InferenceServerException
 
 from histoserve.client.classifier import TritonClassifier
 from histoserve.formats.preprocessing import preprocess_file
-from histoserve.formats.repository import config_to_text, contract_of, read_config
-from histoserve.serve.server import TritonServer, free_ports
-from tests.conftest import MODEL, run_cli
+from histoserve.formats.repository_layout import config_to_text, contract_of, read_config
+from tests.conftest import MODEL, run_cli, started_triton
 from tests.odd_images import unusable_files, write_odd_images
 
 MAX_FILE_BYTES = 2_000_000  # this module's limit (the export default is 64 MiB): an oversize file is cheap to make
@@ -29,12 +28,12 @@ BATCH = 16
 
 @pytest.fixture(scope="module")
 def store(encoded_repository, trained_run, tmp_path_factory):
-    """The session's models and twins, an FP16 model with its twin (`python -m export --encoded`), and
+    """The session's models and twins, an FP16 model with its twin (`python -m histoserve.export --encoded`), and
     a lower file-size limit."""
     store = tmp_path_factory.mktemp("encoded-store")
     for model in sorted(p.name for p in encoded_repository.iterdir()):
         shutil.copytree(encoded_repository / model, store / model)
-    run_cli("-m", "export", trained_run / "checkpoint.pt", "--repository", store, "--name", MODEL, "--max-batch-size", BATCH,
+    run_cli("-m", "histoserve.export", trained_run / "checkpoint.pt", "--repository", store, "--name", MODEL, "--max-batch-size", BATCH,
             "--precision", "fp16", "--encoded")
     config_file = store / f"{MODEL}-preprocess" / "config.pbtxt"
     config = read_config(config_file)
@@ -45,7 +44,7 @@ def store(encoded_repository, trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(store):
-    with TritonServer(store, free_ports()) as server:
+    with started_triton(store) as server:
         yield server
 
 

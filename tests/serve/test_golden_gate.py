@@ -1,4 +1,4 @@
-"""Ready means "answers correctly": `python -m serve golden-gate` against a real Triton serving staged
+"""Ready means "answers correctly": `python -m histoserve.serve golden-gate` against a real Triton serving staged
 versions. A good version becomes ready; versions that load and serve but answer wrongly (perturbed
 weights, swapped labels, a rescaled head) never do, whatever the checksums say."""
 
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from histoserve.formats.version import GoldenAnswers
-from histoserve.serve.server import TritonServer, free_ports
 from histoserve.serve.stage import stage
-from tests.conftest import MODEL, ROOT
+from histoserve.serve.triton_flags import free_ports
+from tests.conftest import MODEL, ROOT, started_triton
 from tests.serve.published import copy_model, perturb_weights, republish, scale_head, swap_labels
 
 WRONG = {  # model name → how its version 1 was damaged before its checksums were rewritten
@@ -45,7 +45,7 @@ def pod_repository(repository, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def triton(pod_repository):
-    with TritonServer(pod_repository, free_ports()) as server:
+    with started_triton(pod_repository) as server:
         yield server
 
 
@@ -54,12 +54,12 @@ def free_port() -> int:
 
 
 class Gate:
-    """`python -m serve golden-gate` as a child process, polled like the kubelet's readiness probe."""
+    """`python -m histoserve.serve golden-gate` as a child process, polled like the kubelet's readiness probe."""
 
     def __init__(self, repository, model: str, url: str, recheck_s: float = 300.0, extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "serve", "golden-gate", "--repository", str(repository), "--model", model, "--version", "1",
+            [sys.executable, "-m", "histoserve.serve", "golden-gate", "--repository", str(repository), "--model", model, "--version", "1",
              "--url", url, "--address", "127.0.0.1", "--port", str(self.port), "--interval", "0.2", "--recheck", str(recheck_s),
              *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -131,7 +131,7 @@ def test_a_loadable_version_with_wrong_answers_is_served_by_triton_and_never_rea
 
 @pytest.mark.parametrize("model, code", [(MODEL, 0), ("swapped", 1)])
 def test_once_checks_a_server_and_exits_with_the_verdict(triton, pod_repository, model, code):
-    result = subprocess.run([sys.executable, "-m", "serve", "golden-gate", "--once", "--repository", str(pod_repository),
+    result = subprocess.run([sys.executable, "-m", "histoserve.serve", "golden-gate", "--once", "--repository", str(pod_repository),
                              "--model", model, "--version", "1", "--url", triton.grpc_url], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == code, result.stdout + result.stderr
@@ -144,46 +144,38 @@ def test_once_checks_a_server_and_exits_with_the_verdict(triton, pod_repository,
 def test_the_rescaled_head_keeps_every_top1_class_so_only_the_tolerance_catches_it(pod_repository):
     """The third damage is the subtle one: same classes, same labels, other probabilities."""
     from histoserve.export.onnx_model import onnx_session
-    from histoserve.export.precision import predict
+    from histoserve.export.precision import onnx_probabilities
 
     good, inputs = GoldenAnswers.read(pod_repository / MODEL / "1")
-    rescaled = predict(onnx_session(pod_repository / "rescaled" / "1" / "model.onnx"), inputs)
+    rescaled = onnx_probabilities(onnx_session(pod_repository / "rescaled" / "1" / "model.onnx"), inputs)
     assert rescaled.argmax(1).tolist() == good.top1
     assert np.abs(rescaled - np.asarray(good.probabilities)).max() > good.tolerance
 
 
-def test_a_ready_gate_turns_unready_when_its_triton_stops_answering(repository, tmp_path):
-    copy_model(repository, MODEL, tmp_path / "store")
-    stage(tmp_path / "store", MODEL, 1, tmp_path / "pod")
-    server = TritonServer(tmp_path / "pod", free_ports()).start()
-    gate = Gate(tmp_path / "pod", MODEL, server.grpc_url, recheck_s=0.5)
+def test_a_ready_gate_turns_unready_when_its_triton_stops_answering(own_triton):
+    gate = Gate(own_triton.model_repository, MODEL, own_triton.grpc_url, recheck_s=0.5)
     try:
         gate.probe_until(lambda status, _body: status == 200)
-        server.stop()
+        own_triton.stop()
         status, body = gate.probe_until(lambda status, _body: status == 503, timeout_s=30)[-1]
         assert body["ready"] is False and "cannot ask" in body["problems"][0]
     finally:
-        server.stop()
         gate.stop()
 
 
 def test_the_gate_refuses_to_start_without_readable_golden_answers(pod_repository, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "serve", "golden-gate", "--repository", str(tmp_path), "--model", MODEL,
+    result = subprocess.run([sys.executable, "-m", "histoserve.serve", "golden-gate", "--repository", str(tmp_path), "--model", MODEL,
                              "--version", "1", "--port", str(free_port())], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert f"{tmp_path / MODEL / '1' / 'golden.json'}: cannot read" in result.stderr
 
 
 @pytest.fixture
-def own_triton(repository, tmp_path):
+def own_triton(repository, tmp_path, triton_factory):
     """A Triton of this test's own (it is paused, stopped and restarted), serving the good version."""
     copy_model(repository, MODEL, tmp_path / "store")
     stage(tmp_path / "store", MODEL, 1, tmp_path / "pod")
-    server = TritonServer(tmp_path / "pod", free_ports()).start()
-    yield server
-    if server.process is not None and server.process.poll() is None:
-        os.kill(server.process.pid, signal.SIGCONT)
-    server.stop()
+    return triton_factory(tmp_path / "pod")
 
 
 def test_one_timed_out_recheck_does_not_pull_a_ready_pod_but_several_in_a_row_do(own_triton):
@@ -211,24 +203,21 @@ def test_one_timed_out_recheck_does_not_pull_a_ready_pod_but_several_in_a_row_do
     assert "still ready after 1 failed check(s) in a row of 3 tolerated" in output
 
 
-def test_a_restarted_triton_clears_a_stale_ready_at_once_and_is_checked_again(own_triton):
+def test_a_restarted_triton_clears_a_stale_ready_at_once_and_is_checked_again(own_triton, triton_factory):
     """Rechecks 5 minutes apart, as in the pod: the gate still notices Triton going (it watches its
     readiness every --watch seconds) and withdraws the pass before the restarted Triton is back, which
     must then give the golden answers again."""
     gate = Gate(own_triton.model_repository, MODEL, own_triton.grpc_url, recheck_s=300, extra=("--watch", "0.2"))
-    restarted = None
     try:
         gate.probe_until(lambda status, _body: status == 200)
         own_triton.stop()
         started = time.monotonic()
         status, body = gate.probe_until(lambda status, _body: status == 503, timeout_s=10)[-1]
         assert time.monotonic() - started < 5 and body["passes"] == 1, body
-        restarted = TritonServer(own_triton.model_repository, own_triton.ports).start()
+        triton_factory(own_triton.model_repository, ports=own_triton.ports)  # the restart, on the same ports
         status, body = gate.probe_until(lambda status, _body: status == 200, timeout_s=60)[-1]
         assert body["passes"] == 2  # a fresh check of the new Triton, not the old verdict back
     finally:
-        if restarted is not None:
-            restarted.stop()
         output = gate.stop()
     assert "checking again once Triton is back" in output
 

@@ -9,7 +9,7 @@ import pytest
 
 from histoserve.client.classifier import TritonClassifier
 from histoserve.export.onnx_model import onnx_session
-from histoserve.export.precision import predict
+from histoserve.export.precision import onnx_probabilities
 from histoserve.formats.preprocessing import preprocess_file
 from tests.conftest import MODEL
 
@@ -26,7 +26,7 @@ def test_served_int8_equals_its_onnx_in_process_and_keeps_fp32_accuracy(server, 
     labels = np.array([class_names.index(path.parent.name) for path in test_files])
     int8 = served_probabilities(server.grpc_url, f"{MODEL}-int8", images)
     fp32 = served_probabilities(server.grpc_url, MODEL, images)
-    in_process = predict(onnx_session(repository / f"{MODEL}-int8" / "1" / "model.onnx"), images)
+    in_process = onnx_probabilities(onnx_session(repository / f"{MODEL}-int8" / "1" / "model.onnx"), images)
     assert np.abs(int8 - in_process).max() <= 1e-4
     assert np.abs(int8 - fp32).max() > 1e-4, "the int8 model should not be the fp32 one under another name"
     fp32_accuracy, int8_accuracy = (fp32.argmax(1) == labels).mean(), (int8.argmax(1) == labels).mean()

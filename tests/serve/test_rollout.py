@@ -1,8 +1,8 @@
 """Publishing model versions into a repository that a real Triton polls, while clients stream
-requests: poll mode as `python -m serve --model-control-mode poll` and the dev overlay run it
+requests: poll mode as `python -m histoserve.serve --model-control-mode poll` and the dev overlay run it
 (non-strict readiness, exit on error at start-up) with export's two loaded versions. (Production pods
 serve one pinned version instead: tests/k8s/test_pinned_version.py.) A good version takes over with no failed request and no moment of
-unreadiness; a broken one is named (serve's log, `python -m client rollout-status`) while the
+unreadiness; a broken one is named (serve's log, `python -m histoserve.client rollout-status`) while the
 previous version keeps serving; moving it out of the repository is the rollback."""
 
 import shutil
@@ -14,10 +14,10 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from histoserve.client.classifier import TritonClassifier, input_of
-from histoserve.export.repository import publish
-from histoserve.formats.repository import read_config
-from histoserve.serve.server import LOCAL_HTTP, TritonServer, free_ports
-from tests.conftest import MODEL, run_cli
+from histoserve.export.publish import publish
+from histoserve.formats.repository_layout import read_config
+from histoserve.serve.server import LOCAL_HTTP, TritonServer
+from tests.conftest import MODEL, run_cli, started_triton
 from tests.k8s.kubelet import grpc_probe
 from tests.k8s.manifests import deployment_args, flag
 
@@ -120,7 +120,7 @@ class Traffic:
 
 
 def rollout_status(server, version):
-    return run_cli("-m", "client", "rollout-status", "--url", server.grpc_url, "--model", MODEL,
+    return run_cli("-m", "histoserve.client", "rollout-status", "--url", server.grpc_url, "--model", MODEL,
                    "--version", version, "--timeout", 60, "--admin-key-file", server.admin_key_file, check=False)
 
 
@@ -135,7 +135,7 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
     assert readiness == ["--strict-readiness=false", "--exit-on-error=true"]
     probe = container["readinessProbe"]
 
-    with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=2, extra_args=readiness) as server:
+    with started_triton(repo, model_control_mode="poll", repository_poll_s=2, extra_args=readiness) as server:
         with Traffic(server, probe) as traffic:
             wait_until(lambda: traffic.ok > 20, 30, "traffic flows")
             publish(repo, config, labels, model_dir / "1" / "model.onnx")  # version 2: a good one
@@ -183,8 +183,8 @@ def test_strict_readiness_would_take_the_pod_out_during_every_publish(repository
     repo = tmp_path / "model_repository"
     shutil.copytree(repository / MODEL, repo / MODEL)  # the fp32 model only: one model rolling out
     config, labels = read_config(repo / MODEL / "config.pbtxt"), (repo / MODEL / "labels.txt").read_text().splitlines()
-    with TritonServer(repo, free_ports(), model_control_mode="poll", repository_poll_s=1,
-                      extra_args=["--strict-readiness=true"]) as server:
+    with started_triton(repo, model_control_mode="poll", repository_poll_s=1,
+                        extra_args=["--strict-readiness=true"]) as server:
         with Traffic(server, deployment_args("overlays/dev")[1]["readinessProbe"], clients=1) as traffic:
             wait_until(lambda: traffic.probes > 10, 30, "probes run")
             publish(repo, config, labels, repo / MODEL / "1" / "model.onnx")

@@ -17,7 +17,8 @@ from tritonclient.utils import InferenceServerException
 
 from histoserve.client.classifier import TritonClassifier
 from histoserve.formats.preprocessing import preprocess_file
-from histoserve.serve.server import free_ports, wait_for_readiness
+from histoserve.serve.server import wait_for_readiness
+from histoserve.serve.triton_flags import free_ports
 from histoserve.train.checkpoint import load_checkpoint
 from histoserve.train.model import ServingModel
 from tests.conftest import MODEL, ROOT, run_cli
@@ -90,14 +91,14 @@ def test_serve_refuses_a_taken_port_with_a_clear_message(repository):
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", ports.grpc))
         blocker.listen()
-        result = run_cli("-m", "serve", "--model-repository", repository, "--http-port", ports.http,
+        result = run_cli("-m", "histoserve.serve", "--model-repository", repository, "--http-port", ports.http,
                          "--grpc-port", ports.grpc, "--metrics-port", ports.metrics, check=False, timeout=120)
     assert result.returncode == 1
     assert f"grpc port {ports.grpc} on 127.0.0.1 already in use" in result.stderr
 
 
 def test_serve_refuses_a_missing_repository(tmp_path):
-    result = run_cli("-m", "serve", "--model-repository", tmp_path / "nothing", check=False, timeout=120)
+    result = run_cli("-m", "histoserve.serve", "--model-repository", tmp_path / "nothing", check=False, timeout=120)
     assert result.returncode == 2 and f"argument --model-repository: no such folder: {tmp_path / 'nothing'}" in result.stderr
 
 
@@ -111,7 +112,7 @@ def descendants_alive(pid):
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_cli_stops_cleanly(repository, stop_signal):
     ports = free_ports()
-    command = [sys.executable, "-m", "serve", "--model-repository", str(repository), "--http-port", str(ports.http),
+    command = [sys.executable, "-m", "histoserve.serve", "--model-repository", str(repository), "--http-port", str(ports.http),
                "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -172,5 +173,5 @@ def test_serve_refuses_an_unusable_admin_key_before_starting_anything(tmp_path, 
     key_file = tmp_path / "admin-key"
     if content is not None:
         key_file.write_text(content)
-    result = run_cli("-m", "serve", "--model-repository", tmp_path, "--admin-key-file", key_file, check=False, timeout=60)
+    result = run_cli("-m", "histoserve.serve", "--model-repository", tmp_path, "--admin-key-file", key_file, check=False, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr

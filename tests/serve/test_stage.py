@@ -1,4 +1,4 @@
-"""`python -m serve stage`: a pod's repository holds exactly one version, copied and proven intact
+"""`python -m histoserve.serve stage`: a pod's repository holds exactly one version, copied and proven intact
 against the SHA256SUMS export wrote; any missing, altered or added file stops it, naming the file."""
 
 import json
@@ -9,12 +9,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from histoserve.formats.preprocessing import preprocess_file
-from histoserve.formats.repository import config_to_text, contract_of, encoded_twins, read_config
+from histoserve.formats.repository_layout import config_to_text, contract_of, encoded_twins, read_config
 from histoserve.formats.signing import SignatureError
 from histoserve.formats.version import CHECKSUMS_FILE, GoldenAnswers, verify_checksums
-from histoserve.serve.server import TritonServer, free_ports
 from histoserve.serve.stage import STAGE_MARKER, StageError, stage
-from tests.conftest import MODEL, run_cli
+from tests.conftest import MODEL, run_cli, started_triton
 from tests.publisher_keys import session_publisher
 from tests.serve.published import copy_model, copy_version, republish, swap_labels
 
@@ -143,7 +142,7 @@ def test_staging_again_replaces_its_own_earlier_copy_and_never_a_foreign_folder(
 
 
 def test_the_stage_command_exits_1_naming_the_file_and_0_when_intact(store, tmp_path):
-    args = ("-m", "serve", "stage", "--store", store, "--model", MODEL, "--version", 1, "--trusted-keys", session_publisher()[1])
+    args = ("-m", "histoserve.serve", "stage", "--store", store, "--model", MODEL, "--version", 1, "--trusted-keys", session_publisher()[1])
     flip_a_byte(store / MODEL / "1")
     failed = run_cli(*args, "--target", tmp_path / "bad", check=False)
     assert failed.returncode == 1
@@ -157,7 +156,7 @@ def test_the_stage_command_exits_1_naming_the_file_and_0_when_intact(store, tmp_
 
 @pytest.fixture
 def store_with_twins(encoded_repository, tmp_path):
-    """The digits model and its encoded twins (`python -m export --encoded`), writable."""
+    """The digits model and its encoded twins (`python -m histoserve.export --encoded`), writable."""
     for name in (MODEL, *encoded_twins(MODEL)):
         copy_model(encoded_repository, name, tmp_path / "store")
     return tmp_path / "store"
@@ -176,7 +175,7 @@ def test_the_encoded_twins_are_staged_with_their_version_and_serve_from_the_pod_
         assert (pod / name / "config.pbtxt").read_bytes() == (store_with_twins / name / "1" / "config.pbtxt").read_bytes()
     assert (pod / f"{MODEL}-encoded" / "labels.txt").is_file()
     spec = contract_of(read_config(pod / MODEL / "config.pbtxt")).preprocess
-    with TritonServer(pod, free_ports()) as server, grpcclient.InferenceServerClient(server.grpc_url) as client:
+    with started_triton(pod) as server, grpcclient.InferenceServerClient(server.grpc_url) as client:
         files = np.array([[path.read_bytes()] for path in test_files[:4]], dtype=np.object_)
         encoded = grpcclient.InferInput("image_file", list(files.shape), "BYTES")
         encoded.set_data_from_numpy(files)

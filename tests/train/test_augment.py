@@ -54,7 +54,7 @@ def test_unknown_preset_is_refused():
 def test_preview_command_renders_a_grid(tmp_path):
     for i in range(2):
         tissue(10 + i).save(tmp_path / f"tile{i}.png")
-    run_cli("-m", "train", "augment-preview", tmp_path, "--preset", "histology", "--out", tmp_path / "grid.png",
+    run_cli("-m", "histoserve.train", "augment-preview", tmp_path, "--preset", "histology", "--out", tmp_path / "grid.png",
             "--resize-size", 72, "--crop-size", 64, "--samples", 3)
     preview = Image.open(tmp_path / "grid.png")
     assert preview.format == "PNG" and preview.width > preview.height

@@ -12,7 +12,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 def train(processes: int, data: Path, out: Path) -> dict[tuple[int, int], float]:
-    command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={processes}", "-m", "train", "fit",
+    command = [str(TORCHRUN), "--standalone", f"--nproc_per_node={processes}", "-m", "histoserve.train", "fit",
                "--data", str(data), "--out", str(out), "--arch", "resnet18", "--epochs", "2", "--freeze-epochs", "1",
                "--resize-size", "36", "--crop-size", "32", "--batch-size", "32", "--augment", "none", "--dropout", "0",
                "--optimizer", "sgd", "--lr", "0.01", "--warmup-epochs", "0", "--no-calibrate"]

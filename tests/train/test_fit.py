@@ -33,14 +33,14 @@ def test_training_reports_the_test_split(trained_run, digits_root):
 
 
 def test_evaluate_command_reports_any_split(trained_run, digits_root, tmp_path):
-    run_cli("-m", "train", "evaluate", trained_run / "checkpoint.pt", "--split", "val", "--out", tmp_path)
+    run_cli("-m", "histoserve.train", "evaluate", trained_run / "checkpoint.pt", "--split", "val", "--out", tmp_path)
     metrics = json.loads((tmp_path / "val_metrics.json").read_text())
     assert metrics["images"] == len(list((digits_root / "val").rglob("*.png")))
     assert (tmp_path / "val_confusion_matrix.png").exists()
 
 
 def test_fit_refuses_unavailable_weights_with_exit_code_2(digits_root, tmp_path, no_network):
-    result = run_cli("-m", "train", "fit", "--data", digits_root, "--out", tmp_path, "--arch", "resnet18",
+    result = run_cli("-m", "histoserve.train", "fit", "--data", digits_root, "--out", tmp_path, "--arch", "resnet18",
                      "--weights", "IMAGENET1K_V1", "--weights-cache", tmp_path / "cache", "--epochs", 1, check=False)
     assert result.returncode == 2
     assert "could not download" in result.stderr and "--weights none" in result.stderr
@@ -48,7 +48,7 @@ def test_fit_refuses_unavailable_weights_with_exit_code_2(digits_root, tmp_path,
 
 def test_logs_get_epoch_lines_and_no_progress_bars(small_digits, tmp_path):
     """Progress bars are for terminals; piped into a log (CI, a Job) only the epoch lines remain."""
-    result = run_cli("-m", "train", "fit", "--data", small_digits, "--out", tmp_path, "--arch", "resnet18", "--epochs", 1,
+    result = run_cli("-m", "histoserve.train", "fit", "--data", small_digits, "--out", tmp_path, "--arch", "resnet18", "--epochs", 1,
                      "--resize-size", 36, "--crop-size", 32, "--batch-size", 64, "--no-calibrate")
     assert "epoch 1/1  loss" in result.stdout
     assert "batch/s" not in result.stderr + result.stdout and "img/s]" not in result.stderr + result.stdout

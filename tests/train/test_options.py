@@ -1,4 +1,4 @@
-"""A mistyped or impossible option stops `python -m train` before any image is decoded, naming the
+"""A mistyped or impossible option stops `python -m histoserve.train` before any image is decoded, naming the
 option and what it accepts."""
 
 import pytest
@@ -14,7 +14,7 @@ from tests.conftest import run_cli
     ("--amp", "fp32"), ("--interpolation", "cubic"), ("--arch", "resnet152"),
 ])
 def test_fit_refuses_a_value_outside_the_choices_before_reading_data(option, value, tmp_path):
-    result = run_cli("-m", "train", "fit", "--data", tmp_path / "nothing-here", "--out", tmp_path / "run",
+    result = run_cli("-m", "histoserve.train", "fit", "--data", tmp_path / "nothing-here", "--out", tmp_path / "run",
                      option, value, check=False, timeout=120)
     assert result.returncode == 2
     assert f"argument {option}: invalid choice: '{value}'" in result.stderr
@@ -27,7 +27,7 @@ def test_fit_refuses_a_value_outside_the_choices_before_reading_data(option, val
     (["--amp", "fp16"], "--amp fp16 needs CUDA"),
 ])
 def test_fit_refuses_cuda_options_without_cuda_before_decoding_any_image(options, message, small_digits, tmp_path):
-    result = run_cli("-m", "train", "fit", "--data", small_digits, "--out", tmp_path / "run", "--arch", "resnet18",
+    result = run_cli("-m", "histoserve.train", "fit", "--data", small_digits, "--out", tmp_path / "run", "--arch", "resnet18",
                      *options, check=False, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr
@@ -46,7 +46,7 @@ def test_configs_built_in_code_are_checked_too(config, fields):
 
 
 def test_prepare_help_explains_every_option():
-    result = run_cli("-m", "train", "prepare", "--help")
+    result = run_cli("-m", "histoserve.train", "prepare", "--help")
     assert "--near-duplicate-distance" in result.stdout and "pHash Hamming distance" in result.stdout
     assert "{pixels,resnet18}" in result.stdout
 
@@ -60,7 +60,7 @@ def test_prepare_help_explains_every_option():
     (["--batch-size", "many"], "argument --batch-size: not an integer: 'many'"),
 ], ids=["crop-over-resize", "no-epochs", "negative-lr", "dropout-one", "ratios", "not-a-number"])
 def test_fit_refuses_a_value_out_of_range_before_writing_anything(options, message, small_digits, tmp_path):
-    result = run_cli("-m", "train", "fit", "--data", small_digits, "--out", tmp_path / "run", "--arch", "resnet18",
+    result = run_cli("-m", "histoserve.train", "fit", "--data", small_digits, "--out", tmp_path / "run", "--arch", "resnet18",
                      *options, check=False, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()  # not even config.json

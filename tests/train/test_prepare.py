@@ -1,4 +1,4 @@
-"""`python -m train prepare` on a generated corpus with every kind of problem mixed in."""
+"""`python -m histoserve.train prepare` on a generated corpus with every kind of problem mixed in."""
 
 import json
 import re
@@ -24,7 +24,7 @@ def corpus(tmp_path_factory) -> Path:
 def prepared(corpus, tmp_path_factory):
     before = fingerprint(corpus)
     out = tmp_path_factory.mktemp("prepared")
-    run_cli("-m", "train", "prepare", corpus, out, "--group-regex", GROUP_REGEX, "--max-pixels", BOMB_LIMIT)
+    run_cli("-m", "histoserve.train", "prepare", corpus, out, "--group-regex", GROUP_REGEX, "--max-pixels", BOMB_LIMIT)
     root, rows = read_manifest(out / "manifest.csv")
     return {"before": before, "out": out, "root": root, "rows": {r.path: r for r in rows}}
 
@@ -149,7 +149,7 @@ def test_training_reads_the_manifest(prepared, tmp_path):
     data = load_splits(manifest)
     expected = {s: sum(r.status == "ok" and r.split == s for r in prepared["rows"].values()) for s in ("train", "val", "test")}
     assert {s: len(v) for s, v in data.splits.items()} == expected
-    run_cli("-m", "train", "fit", "--data", manifest, "--out", tmp_path, "--arch", "resnet18", "--epochs", 1,
+    run_cli("-m", "histoserve.train", "fit", "--data", manifest, "--out", tmp_path, "--arch", "resnet18", "--epochs", 1,
             "--resize-size", 36, "--crop-size", 32, "--batch-size", 16, "--augment", "histology", "--balance", "sampler")
     metrics = json.loads((tmp_path / "test_metrics.json").read_text())
     assert metrics["images"] == expected["test"]
@@ -158,7 +158,7 @@ def test_training_reads_the_manifest(prepared, tmp_path):
 
 
 def test_k_fold_manifest_trains_one_fold(corpus, tmp_path):
-    run_cli("-m", "train", "prepare", corpus, tmp_path / "prep", "--group-regex", GROUP_REGEX, "--folds", 3,
+    run_cli("-m", "histoserve.train", "prepare", corpus, tmp_path / "prep", "--group-regex", GROUP_REGEX, "--folds", 3,
             "--max-pixels", BOMB_LIMIT, "--near-duplicate-distance", -1)
     manifest = tmp_path / "prep" / "manifest.csv"
     with pytest.raises(ValueError, match="K-fold manifest"):

@@ -18,7 +18,7 @@ TOLERANCE = 1e-6  # absolute, on losses and accuracies (measured: identical)
 
 
 def command(data, out, *extra):
-    return [sys.executable, "-m", "train", "fit", "--data", str(data), "--out", str(out), *ARGS, *extra]
+    return [sys.executable, "-m", "histoserve.train", "fit", "--data", str(data), "--out", str(out), *ARGS, *extra]
 
 
 def rows(out):

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from histoserve.client.monitoring import MonitorSender
+from histoserve.client.record_sender import MonitorSender
 from histoserve.formats.records import records_for
 
 RECORDS = 300  # more than one batch of 256

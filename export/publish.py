@@ -1,4 +1,4 @@
-"""Writing the Triton model repository (its layout: formats/repository.py) with Triton's own
+"""Writing the Triton model repository (its layout: formats/repository_layout.py) with Triton's own
 protobuf types: the production config, its CPU variant, and each new version.
 
 A new version is assembled in a hidden, non-numeric folder (Triton ignores those) and renamed into
@@ -18,7 +18,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from histoserve.formats.contract import CONTRACT_VERSION, INPUT_NAME, LABELS_FILE, OUTPUT_NAME, ContractError, ModelContract
 from histoserve.formats.preprocessing import PreprocessSpec
-from histoserve.formats.repository import (
+from histoserve.formats.repository_layout import (
     MODEL_FILE,
     NAME_PATTERN,
     RepositoryError,
@@ -36,6 +36,7 @@ from histoserve.formats.version import (
     VERSION_LABELS,
     identity_json,
     sha256_of,
+    version_folder,
     write_checksums,
 )
 
@@ -54,8 +55,8 @@ class BatchingConfig:
 class CpuTuning:
     """What configs/cpu.pbtxt runs with, in the onnxruntime backend's own terms (its model config
     `parameters` intra_op_thread_count / inter_op_thread_count, the instance count and the batcher).
-    `python -m serve` applies the same values to its local ONNX Runtime sessions. The defaults are
-    what `benchmarks/serving.py --sweep` measured best on a 2-vCPU node (README, "Serving speed").
+    `python -m histoserve.serve` applies the same values to its local ONNX Runtime sessions. The defaults are
+    what `benchmarks/serving.py --sweep` measured best on a 2-vCPU node (docs/figures.md, "Serving speed").
     Set intra_op_threads to the pod's CPU limit: ONNX Runtime's default (0) is the node's core count,
     which oversubscribes a pod that may use a few of them."""
 
@@ -107,7 +108,7 @@ LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 250, 300, 400,
 
 def latency_histogram(buckets_ms: tuple[float, ...] = LATENCY_BUCKETS_MS) -> mc.ModelMetrics:
     """config.pbtxt `model_metrics` giving the latency histogram these buckets (Triton 24.11+ reads
-    the field; 2.51, the local server, does not: serve/local_repository.py leaves it out)."""
+    the field; 2.51, the local server, does not: serve/cpu_repository.py leaves it out)."""
     if not buckets_ms or list(buckets_ms) != sorted(set(buckets_ms)) or buckets_ms[0] <= 0:
         raise RepositoryError(f"latency buckets {list(buckets_ms)} must be positive and increasing")
     control = mc.ModelMetrics.MetricControl(
@@ -223,7 +224,7 @@ def publish(
     signature over everything (formats/signing.py). It is assembled in
     a hidden folder and appears by one rename: complete or absent. The model-level config.pbtxt,
     configs/cpu.pbtxt and labels.txt are what a Triton in poll mode reads over the whole store; a pod
-    that serves one version builds its own from that version's copies (python -m serve stage).
+    that serves one version builds its own from that version's copies (python -m histoserve.serve stage).
 
     A model that already exists keeps its contract: a new version with other labels, input
     geometry or preprocessing is refused instead of silently breaking the versions being served.
@@ -251,7 +252,7 @@ def publish_version_folder(model_dir: Path, version: int, files: dict[str, str |
     `describe({name: sha256 of those})` adds, SHA256SUMS over them and, with `signing_key`, model.sig
     over all; read-only, assembled in a hidden folder (Triton ignores those) and renamed into place:
     complete or absent."""
-    target = Path(model_dir) / str(version)
+    target = version_folder(Path(model_dir).parent, Path(model_dir).name, version)
     staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=f".staging-{version}-"))
     files = {**files, IDENTITY_FILE: identity_json(Path(model_dir).name, version)}
     try:
@@ -293,8 +294,9 @@ def check_publishable(repository: Path, config: mc.ModelConfig, labels: list[str
     if (model_dir / "config.pbtxt").exists():
         _check_same_contract(model_dir, read_config(model_dir / "config.pbtxt"), config, labels)
     version = version or (max(versions(model_dir), default=0) + 1)
-    if (model_dir / str(version)).exists():
-        raise RepositoryError(f"{model_dir / str(version)} already exists: versions are immutable, pick another --version")
+    if version_folder(repository, config.name, version).exists():
+        raise RepositoryError(f"{version_folder(repository, config.name, version)} already exists: versions are immutable, "
+                              "pick another --version")
     return version
 
 

@@ -4,9 +4,9 @@ import onnx
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from histoserve.export.repository import BatchingConfig, CpuTuning, TensorRTConfig, build_config, cpu_variant, publish
+from histoserve.export.publish import BatchingConfig, CpuTuning, TensorRTConfig, build_config, cpu_variant, publish
 from histoserve.formats.preprocessing import PreprocessSpec
-from histoserve.formats.repository import RepositoryError, read_config, versions
+from histoserve.formats.repository_layout import RepositoryError, read_config, versions
 from tests.conftest import MODEL
 
 
@@ -33,8 +33,8 @@ def test_every_published_config_gives_triton_latency_buckets_that_resolve_the_sl
     """config.pbtxt and its CPU variant (each version's own copies too) set the latency histogram's
     buckets; the thresholds the alerts, the canary analysis and the SLO rules compare against are
     bucket bounds. The local Triton (2.51) cannot read the field: its derivative drops it."""
-    from histoserve.export.repository import LATENCY_BUCKETS_MS, LATENCY_HISTOGRAM_FAMILY
-    from histoserve.serve.local_repository import sync_local_repository
+    from histoserve.export.publish import LATENCY_BUCKETS_MS, LATENCY_HISTOGRAM_FAMILY
+    from histoserve.serve.cpu_repository import sync_cpu_repository
     from tests.k8s.manifests import ROOT, render
 
     model = repository / MODEL
@@ -50,7 +50,7 @@ def test_every_published_config_gives_triton_latency_buckets_that_resolve_the_sl
     slo = (ROOT / "k8s" / "components" / "gateway-grpc" / "slo-rules.yaml").read_text()
     assert max_p99 in LATENCY_BUCKETS_MS and float(alert["expr"].split(">")[-1]) in LATENCY_BUCKETS_MS
     assert r'le=~"500(\\.0)?"' in slo and 500 in LATENCY_BUCKETS_MS  # Prometheus 2 and 3 spellings of le
-    sync_local_repository(repository, tmp_path / "local")
+    sync_cpu_repository(repository, tmp_path / "local")
     assert not read_config(tmp_path / "local" / MODEL / "config.pbtxt").HasField("model_metrics")
 
 

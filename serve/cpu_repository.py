@@ -9,9 +9,9 @@ dynamic batching, warmup, labels, the preprocessing parameters and the onnxrunti
 parameters, which the python model applies to its session — is kept as written, except the latency
 histogram's buckets (`model_metrics`), which this Triton (2.51) cannot read.
 
-`sync_local_repository` is idempotent: run again, it adds the versions that `python -m export`
+`sync_cpu_repository` is idempotent: run again, it adds the versions that `python -m histoserve.export`
 published since (each assembled in a hidden folder and renamed into place, as export does), removes
-the ones that were deleted, and rewrites a config only when it changed. `python -m serve` runs it on
+the ones that were deleted, and rewrites a config only when it changed. `python -m histoserve.serve` runs it on
 every poll, so a local Triton in poll mode picks up new versions exactly as the pods on Kubernetes
 do from their volume.
 """
@@ -26,19 +26,20 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from histoserve.formats.contract import LABELS_FILE
-from histoserve.formats.repository import MODEL_FILE, config_to_text, read_config, versions, write_text_if_changed
+from histoserve.formats.repository_layout import MODEL_FILE, config_to_text, read_config, versions, write_text_if_changed
+from histoserve.formats.version import version_folder
 
 PYTHON_MODEL = Path(__file__).with_name("onnxruntime_model.py")
 
 
-class LocalRepositoryError(RuntimeError):
+class CpuRepositoryError(RuntimeError):
     pass
 
 
 def local_config(config: mc.ModelConfig) -> mc.ModelConfig:
     """The CPU config, run by the python backend on CPU instances."""
     if config.backend not in ("onnxruntime", "") or config.platform not in ("onnxruntime_onnx", ""):
-        raise LocalRepositoryError(f"{config.name}: only ONNX models can be served locally, not {config.backend or config.platform}")
+        raise CpuRepositoryError(f"{config.name}: only ONNX models can be served locally, not {config.backend or config.platform}")
     local = mc.ModelConfig()
     local.CopyFrom(config)
     local.backend, local.platform = "python", ""
@@ -60,11 +61,11 @@ def runs_as_written(config: mc.ModelConfig) -> bool:
     return config.platform == "ensemble" or config.backend == "python"
 
 
-def sync_local_repository(repository: Path, target: Path) -> list[str]:
+def sync_cpu_repository(repository: Path, target: Path) -> list[str]:
     """Make `target` the CPU/python-backend derivative of `repository`; returns the model names."""
     repository, target = Path(repository).resolve(), Path(target)
     if not repository.is_dir():
-        raise LocalRepositoryError(f"model repository {repository} does not exist (run `python -m export` first)")
+        raise CpuRepositoryError(f"model repository {repository} does not exist (run `python -m histoserve.export` first)")
     target.mkdir(parents=True, exist_ok=True)
     names = []
     for model_dir in sorted(p for p in repository.iterdir() if (p / "config.pbtxt").is_file()):
@@ -73,7 +74,7 @@ def sync_local_repository(repository: Path, target: Path) -> list[str]:
         as_written = runs_as_written(config)
         published = [v for v in versions(model_dir) if as_written or (model_dir / str(v) / MODEL_FILE).is_file()]
         if not published:
-            raise LocalRepositoryError(f"{model_dir} has no <version>/{MODEL_FILE}")
+            raise CpuRepositoryError(f"{model_dir} has no <version>/{MODEL_FILE}")
         name = config.name or model_dir.name
         out = target / name
         out.mkdir(exist_ok=True)
@@ -85,17 +86,17 @@ def sync_local_repository(repository: Path, target: Path) -> list[str]:
         for version in sorted(set(published) - set(versions(out))):
             staging = Path(tempfile.mkdtemp(dir=out, prefix=f".staging-{version}-"))
             if as_written:
-                for path in (model_dir / str(version)).iterdir():
+                for path in version_folder(repository, model_dir.name, version).iterdir():
                     os.symlink(path, staging / path.name)
             else:
-                os.symlink(model_dir / str(version) / MODEL_FILE, staging / MODEL_FILE)
+                os.symlink(version_folder(repository, model_dir.name, version) / MODEL_FILE, staging / MODEL_FILE)
                 shutil.copyfile(PYTHON_MODEL, staging / "model.py")
             os.chmod(staging, 0o755)
-            os.rename(staging, out / str(version))
+            os.rename(staging, version_folder(target, name, version))
         for version in set(versions(out)) - set(published):
-            shutil.rmtree(out / str(version))
+            shutil.rmtree(version_folder(target, name, version))
         names.append(name)
     if not names:
-        raise LocalRepositoryError(f"{repository} holds no <model>/config.pbtxt")
+        raise CpuRepositoryError(f"{repository} holds no <model>/config.pbtxt")
     return names
 

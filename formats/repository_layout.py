@@ -1,6 +1,6 @@
 """The Triton model repository as every stage reads it, and Triton's own account of it.
 
-Layout (export writes it; Triton, `python -m serve`, the monitor and the k8s manifests read it):
+Layout (export writes it; Triton, `python -m histoserve.serve`, the monitor and the k8s manifests read it):
 
     <repository>/<name>/config.pbtxt           (GPU: the default)
     <repository>/<name>/configs/cpu.pbtxt      (the same on CPU: tritonserver --model-config-name=cpu)
@@ -48,10 +48,16 @@ def read_config(path: Path) -> mc.ModelConfig:
         raise RepositoryError(f"{path}: not a valid Triton model config ({error})") from error
 
 
+def is_version_name(text: str) -> bool:
+    """The rule for a version folder's name: a positive integer in ASCII digits without leading zeros
+    ("1", "12"; not "0", "01", "1.0", "١" or export's `.staging-*` folders)."""
+    return text.isascii() and text.isdigit() and not text.startswith("0")
+
+
 def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and is_version_name(p.name))
 
 
 def write_text_if_changed(path: Path, text: str) -> None:
@@ -87,6 +93,6 @@ PREPROCESS_SUFFIX, ENCODED_SUFFIX = "-preprocess", "-encoded"
 
 
 def encoded_twins(name: str) -> tuple[str, str]:
-    """The models `python -m export --encoded` publishes beside `name`, at its version numbers: the
+    """The models `python -m histoserve.export --encoded` publishes beside `name`, at its version numbers: the
     server-side preprocessing and the ensemble that takes image files (export/encoded.py)."""
     return name + PREPROCESS_SUFFIX, name + ENCODED_SUFFIX

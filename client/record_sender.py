@@ -1,4 +1,4 @@
-"""Prediction records to the monitor (`python -m monitor serve`), in the background.
+"""Prediction records to the monitor (`python -m histoserve.monitor serve`), in the background.
 
 Classification never waits for the monitor and never fails because of it: records go into a bounded
 queue (`submit` does not block), a daemon thread posts them in batches, and a batch the monitor does
