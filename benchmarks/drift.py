@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from histoserve.export.onnx_model import onnx_session  # noqa: E402
-from histoserve.export.precision import predict  # noqa: E402
+from histoserve.export.precision import onnx_probabilities  # noqa: E402
 from histoserve.formats.baseline import build_baseline  # noqa: E402
 from histoserve.formats.image_statistics import input_statistics  # noqa: E402
 from histoserve.formats.preprocessing import find_images, load_image, preprocess_image  # noqa: E402
@@ -79,7 +79,7 @@ def model_and_data(work: Path, checkpoint: Path | None, epochs: int) -> tuple[Pa
 def outputs(session, paths: list[Path], spec, shift) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images after the shift and the model's probabilities for them."""
     images = np.stack([preprocess_image(shift(load_image(path)), spec) for path in paths])
-    return images, predict(session, images, batch_size=64)
+    return images, onnx_probabilities(session, images, batch_size=64)
 
 
 def main() -> int:

@@ -19,14 +19,20 @@ import sys
 import textwrap
 from pathlib import Path
 
-STAGES = ("client", "train", "export", "serve", "monitor", "loadtest")
-SUMMARIES = {
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+# the stages as pyproject.toml lists them (its [tool.setuptools] packages), those with a command
+SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+PACKAGES = [name.removeprefix("histoserve.") for name in SETUPTOOLS["packages"]]
+STAGES = tuple(package for package in PACKAGES if importlib.util.find_spec(f"histoserve.{package}.__main__"))
+SUMMARIES = {  # a stage without one fails the build
     "client": "classify files, whole slides and their viewer; wait for a rollout",
     "train": "demo data, dataset preparation, training, evaluation, augmentation previews",
     "export": "ONNX export, gates and publishing a model version into a Triton model repository",
     "serve": "the real Triton locally, and what each Kubernetes pod runs (stage, golden-gate)",
     "monitor": "the drift monitor service and its offline report",
-    "loadtest": "the SLO sweep and the Locust run report",
+    "loadtest": "Locust with the project's locustfile, the SLO sweep and the Locust run report",
 }
 
 

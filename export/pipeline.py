@@ -63,7 +63,7 @@ def export_and_publish(config: ExportConfig) -> Path:
     samples = list_image_folder(config.parity_images)[1] if config.parity_images else splits["test"]
     images = parity_images([s.path for s in samples], meta.preprocess, config.parity_count)
     target = gate_and_publish(config, model, meta, splits, triton, facts, images)
-    report_published(config, target, triton, meta, encoded)
+    finish_publishing(config, target, triton, meta, encoded)
     return target
 
 
@@ -219,8 +219,9 @@ def model_card(config: ExportConfig, version: int, meta, facts: BuildFacts, held
     )
 
 
-def report_published(config: ExportConfig, target: Path, triton, meta, encoded: EncodedOptions) -> None:
-    """What was published and how to deploy it; the encoded twins and the hand-over file."""
+def finish_publishing(config: ExportConfig, target: Path, triton, meta, encoded: EncodedOptions) -> None:
+    """After the version is in place: its encoded twins at the same version, the hand-over file
+    (--result-file), and what was published and how to deploy it, on stdout."""
     name = config.model_name
     print(f"published {target} ({(target / 'model.onnx').stat().st_size / 1e6:.1f} MB model; every file listed with "
           f"its sha256 in {target / CHECKSUMS_FILE}; how it was made in {PROVENANCE_FILE}, what it is for in {MODEL_CARD_FILE})")

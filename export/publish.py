@@ -24,6 +24,7 @@ from histoserve.formats.repository_layout import (
     RepositoryError,
     config_to_text,
     contract_of,
+    is_model_name,
     read_config,
     versions,
     write_text_if_changed,
@@ -135,7 +136,7 @@ def build_config(
     """
     if loaded_versions < 1:
         raise RepositoryError("loaded_versions must be at least 1")
-    if not NAME_PATTERN.match(name):
+    if not is_model_name(name):
         raise RepositoryError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
     if batching.max_batch_size < 1:
         raise RepositoryError("max_batch_size must be at least 1 (the batch axis is dynamic)")
@@ -283,7 +284,7 @@ def check_publishable(repository: Path, config: mc.ModelConfig, labels: list[str
     """What `publish` would refuse, checked before any work: the version number (returned, the next
     free one by default) must be new, a model already there must keep its contract, the CPU variant
     must build, and the repository must be writable. Raises RepositoryError naming the problem."""
-    if not NAME_PATTERN.match(config.name):
+    if not is_model_name(config.name):
         raise RepositoryError(f"model name {config.name!r} must match {NAME_PATTERN.pattern}")
     cpu_variant(config, cpu_tuning)
     repository = Path(repository)

@@ -48,6 +48,12 @@ def read_config(path: Path) -> mc.ModelConfig:
         raise RepositoryError(f"{path}: not a valid Triton model config ({error})") from error
 
 
+def is_model_name(text: str) -> bool:
+    """The rule for a model's name (a folder of the repository, and a Triton model name): NAME_PATTERN
+    over the whole text ("digits\\n" is not one)."""
+    return NAME_PATTERN.fullmatch(text) is not None
+
+
 def is_version_name(text: str) -> bool:
     """The rule for a version folder's name: a positive integer in ASCII digits without leading zeros
     ("1", "12"; not "0", "01", "1.0", "١" or export's `.staging-*` folders)."""

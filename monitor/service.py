@@ -21,9 +21,11 @@ With a record file (record_log.py), every accepted record is also appended to it
 restarted monitor replays it (`Monitor.restore()`) and takes up its windows where it left them, and `python -m histoserve.monitor
 report` reads it for windows over the history, with plots.
 
-Metrics, labelled by model and version (drift ones only once a window holds `min_window` records):
+Metrics, labelled by model and version where they are about one (records_rejected by reason; drift ones
+only once a window holds `min_window` records):
 histoserve_monitor_records_total, histoserve_monitor_records_rejected_total,
 histoserve_monitor_records_unwritten_total (the record file failed), histoserve_monitor_window_records,
+histoserve_monitor_unauthorized_requests_total, histoserve_monitor_windows_evicted_total,
 histoserve_monitor_baseline_missing (1: no readable drift_baseline.json for that version),
 histoserve_drift_p_value{test,kind} and histoserve_drift_detected{test,kind} per test,
 histoserve_prediction_drift, histoserve_input_drift (0/1, after the Bonferroni correction),
@@ -47,7 +49,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from histoserve.formats.baseline import BaselineError, DriftBaseline, baseline_path, read_baseline
 from histoserve.formats.records import PredictionRecord, RecordError
-from histoserve.formats.repository_layout import NAME_PATTERN, is_version_name
+from histoserve.formats.repository_layout import is_model_name, is_version_name
 from histoserve.monitor.drift import ALPHA, MAX_ACCURACY_DROP, DriftReport, records_report
 from histoserve.monitor.metrics import MonitorMetrics
 from histoserve.monitor.record_log import RecordLog
@@ -122,7 +124,7 @@ class WriterTokens:
 def why_not_held(repository: Path, model: str, version: str) -> str | None:
     """Why a record for this model version is refused (not a name, not a number, not in the repository);
     None when the repository holds it."""
-    if len(model) > MAX_MODEL_NAME or not NAME_PATTERN.fullmatch(model) or ".." in model:
+    if len(model) > MAX_MODEL_NAME or not is_model_name(model) or ".." in model:
         return f"model {model[:64]!r} is not a model name"
     if len(version) > MAX_VERSION_NAME or not is_version_name(version):
         return f"version {version[:32]!r} is not a version number"

@@ -1,6 +1,6 @@
 """A CycloneDX SBOM per project image, from the pinned environment: `make sbom`.
 
-Each Dockerfile stage that installs this project (`pip install -c constraints.txt '.[extras]'`) gets
+Each Dockerfile stage that installs this project (`pip install -c constraints.txt "<its wheel>[extras]"`) gets
 sbom/<stage>.cdx.json listing exactly the Python packages that install puts in the image, each at the
 version constraints.txt pins: the project's requirements with those extras, and theirs, resolved from
 the installed metadata of this environment (markers evaluated for it: Linux, CPython 3.11, as the
@@ -29,7 +29,8 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "histoserve"
-INSTALL = re.compile(r"pip install .*-c \S*constraints\.txt\s+'?(?:\.|/opt/histoserve)(?:\[([^\]]*)\])?'?")
+# a stage's `pip install -c .../constraints.txt "$(ls .../histoserve-*.whl)[extras]"` of the project's wheel
+INSTALL = re.compile(r'pip install .*-c \S*constraints\.txt\s+"\$\(ls \S*/histoserve-\*\.whl\)(?:\[([^\]]*)\])?"')
 
 
 def image_extras(dockerfile: Path) -> dict[str, list[str]]:

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command and (before := argv[:argv.index(args.command)]):  # argparse would drop them without a word
+        parser.error(f"{' '.join(before)}: options of the local server; `{args.command}` takes only its own")
     return args.run(args, args.parser)
 
 

@@ -38,7 +38,6 @@ from tritonclient.utils import InferenceServerException
 
 from histoserve.formats.admin import AdminKey
 from histoserve.formats.options import ClientTls
-from histoserve.serve import repository_follower
 from histoserve.serve.cpu_repository import sync_cpu_repository
 from histoserve.serve.repository_follower import RepositoryFollower
 from histoserve.serve.triton_flags import GrpcTls, Ports, ServerError, TritonFlags, check_ports_free
@@ -133,8 +132,11 @@ class TritonServer:
                  extra_args: Sequence[str] = (), model_control_mode: str = "none", repository_poll_s: float = 5.0,
                  grpc_tls: GrpcTls | None = None, admin_key: AdminKey | None = None, restrict_admin: bool = True,
                  allow_http: bool = True, client_tls: ClientTls | None = None, remove_on_stop: Sequence[Path] = ()):
-        flags = flags or TritonFlags(ports or Ports(), address, log_verbose, model_control_mode, repository_poll_s,
-                                     grpc_tls, admin_key, restrict_admin, allow_http, tuple(extra_args))
+        keywords = TritonFlags(ports or Ports(), address, log_verbose, model_control_mode, repository_poll_s,
+                               grpc_tls, admin_key, restrict_admin, allow_http, tuple(extra_args))
+        if flags is not None and (ports is not None or keywords != replace(TritonFlags(Ports()), ports=keywords.ports)):
+            raise TypeError("TritonServer: give the flags as flags= or as keywords, not both (the keywords would be ignored)")
+        flags = flags or keywords
         self.flags = flags if flags.admin_key else replace(flags, admin_key=AdminKey.generate())
         self.model_repository = Path(model_repository)
         self.ready_timeout_s, self.client_tls = ready_timeout_s, client_tls
@@ -179,7 +181,7 @@ class TritonServer:
         return self.workdir / "tritonserver.log"
 
     @property
-    def local_repository(self) -> Path:
+    def cpu_repository(self) -> Path:
         assert self.workdir is not None
         return self.workdir / "model_repository"
 
@@ -207,11 +209,11 @@ class TritonServer:
         self.workdir = Path(tempfile.mkdtemp(prefix="histoserve-serve-"))
         try:
             self.admin_key.write(self.admin_key_file)
-            self.models = sync_cpu_repository(self.model_repository, self.local_repository)
+            self.models = sync_cpu_repository(self.model_repository, self.cpu_repository)
             backends = installation.make_backend_directory(self.workdir / "backends")
             with open(self.log_file, "wb") as log:
                 self.process = subprocess.Popen(
-                    self.command(self.local_repository, backends, installation),
+                    self.command(self.cpu_repository, backends, installation),
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     env=self.environment(installation), start_new_session=True,
                 )
@@ -220,14 +222,9 @@ class TritonServer:
             self.stop()
             raise
         if self.flags.polls:
-            self.follower = RepositoryFollower(self.model_repository, self.local_repository, self.flags.repository_poll_s,
+            self.follower = RepositoryFollower(self.model_repository, self.cpu_repository, self.flags.repository_poll_s,
                                                self.repository_index, self.grpc_url).start()
         return self
-
-    def unavailable_versions(self) -> dict[tuple[str, str], str]:
-        """(model, version) → Triton's reason, for each version that failed to load (its repository
-        index, an admin API, read with the same rule as `python -m histoserve.client rollout-status`)."""
-        return repository_follower.unavailable_versions(self.repository_index, self.grpc_url)
 
     def repository_index(self) -> list[dict]:
         """Triton's repository index (an admin API: with the key), over HTTP while it is on, else over gRPC."""

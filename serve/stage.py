@@ -50,6 +50,7 @@ from histoserve.formats.repository_layout import (
     RepositoryError,
     contract_of,
     encoded_twins,
+    is_model_name,
     read_config,
     versions,
 )
@@ -87,7 +88,7 @@ class StagedVersion:
 def stage(store: Path, model: str, version: int, target: Path, trusted: list[Path] | None = None) -> StagedVersion:
     """Stage `model` at `version`, and its encoded twins at the same version when the store has them;
     with `trusted` (public keys), each folder's signature must verify with one of them first."""
-    if not NAME_PATTERN.match(model):
+    if not is_model_name(model):
         raise StageError(f"--model {model!r} must match {NAME_PATTERN.pattern}")
     source = version_folder(store, model, version)
     if not source.is_dir():

@@ -108,7 +108,8 @@ def started_triton(repository: Path, **options):
     from histoserve.serve.server import TritonServer
     from histoserve.serve.triton_flags import free_ports
 
-    options.setdefault("ports", free_ports(options.get("address", "127.0.0.1")))
+    if "flags" not in options:
+        options.setdefault("ports", free_ports(options.get("address", "127.0.0.1")))
     server = TritonServer(repository, **options)
     try:
         yield server.start()

@@ -52,6 +52,7 @@ def test_the_site_builds_strictly_with_every_page_in_it(site):
                  "guides/export/index", "guides/serving/index", "guides/client/index", "guides/encoded/index",
                  "guides/slides/index", "guides/loadtest/index", "guides/monitoring/index", "kubernetes/index",
                  "kubernetes/jobs/index", "kubernetes/security/index", "kubernetes/rollouts/index",
+                 "kubernetes/deploying/index", "kubernetes/observability/index", "tests/index",
                  "reference/index", "reference/locust/index", *(f"reference/{stage}/index" for stage in STAGES)):
         assert (site / f"{page}.html").is_file(), page
 
@@ -66,6 +67,7 @@ def test_a_broken_anchor_or_link_fails_the_build(tmp_path):
     copy = tmp_path / "project"
     copy.mkdir()
     shutil.copy(ROOT / "mkdocs.yml", copy / "mkdocs.yml")
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")  # the hook's list of stages
     shutil.copytree(DOCS, copy / "docs", ignore=shutil.ignore_patterns("__pycache__"))
     quickstart = copy / "docs" / "quickstart.md"
     quickstart.write_text(quickstart.read_text() + "\nSee [the contract](guides/export.md#no-such-section).\n")

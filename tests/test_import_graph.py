@@ -151,3 +151,62 @@ def test_relative_imports_within_a_stage_are_fine_and_an_unknown_folder_is_not(t
 def test_the_stage_list_is_the_packaged_one():
     """ALLOWED names exactly the folders pyproject.toml packages under histoserve."""
     assert sorted(PACKAGES) == sorted(ALLOWED)
+
+
+# --- every name imported from the package exists (a rename that missed a benchmark or script) ----
+
+
+def module_path(root: Path, module: str) -> Path | None:
+    """The file of histoserve.<stage>.<...> in the checkout, or None."""
+    parts = module.split(".")[1:]
+    for candidate in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+        if parts and candidate.is_file():
+            return candidate
+    return None
+
+
+def top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.col_offset == 0:
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.col_offset == 0:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset == 0:
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return names
+
+
+def unresolved_imports(root: Path) -> list[str]:
+    problems = []
+    for name in python_files(root):
+        tree = ast.parse((root / name).read_text(), name)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("histoserve.")):
+                continue
+            path = module_path(root, node.module)
+            if path is None:
+                problems.append(f"{name}:{node.lineno}: no module {node.module}")
+                continue
+            defined = top_level_names(path)
+            for alias in node.names:
+                if alias.name not in defined and module_path(root, f"{node.module}.{alias.name}") is None:
+                    problems.append(f"{name}:{node.lineno}: {node.module} has no {alias.name}")
+    return problems
+
+
+def test_every_name_imported_from_the_package_exists():
+    """Read, not imported: benchmarks/ and scripts/ have no test that runs them, so a rename must not
+    leave them importing a name that is gone."""
+    assert unresolved_imports(ROOT) == []
+
+
+def test_an_import_of_a_renamed_name_is_caught(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "precision.py").write_text("import numpy as np\nLIMIT = 1\n\ndef onnx_probabilities():\n    pass\n")
+    (tmp_path / "bench.py").write_text("from histoserve.export.precision import LIMIT, np, onnx_probabilities\n")
+    assert unresolved_imports(tmp_path) == []
+    (tmp_path / "bench.py").write_text("from histoserve.export.precision import predict\nfrom histoserve.export.gone import x\n")
+    assert unresolved_imports(tmp_path) == ["bench.py:1: histoserve.export.precision has no predict",
+                                            "bench.py:2: no module histoserve.export.gone"]

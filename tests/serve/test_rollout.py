@@ -152,7 +152,7 @@ def test_publishing_never_drops_traffic_and_a_broken_version_is_named_while_the_
             wait_until(lambda: served_by_version(server)["2"] > before + 20, 30, "version 2 keeps serving")
 
             shutil.rmtree(model_dir / "3")  # the rollback: move the broken version out of the repository
-            wait_until(lambda: not (server.local_repository / MODEL / "3").exists(), 30, "serve's copy drops version 3")
+            wait_until(lambda: not (server.cpu_repository / MODEL / "3").exists(), 30, "serve's copy drops version 3")
             syncs = server.repository_syncs  # serve and Triton both poll every 2 s: count Triton's polls by serve's
             wait_until(lambda: server.repository_syncs >= syncs + 2, 30, "Triton polls the repository without version 3")
             attempts, syncs = server.log_text().count(f"loading: {MODEL}:3"), server.repository_syncs

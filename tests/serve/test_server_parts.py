@@ -60,6 +60,9 @@ def test_a_server_is_configured_through_its_flags_or_their_keywords():
     same = TritonServer("repo", Ports(1, 2, 3), "127.0.0.2", admin_key=key, allow_http=False)
     assert same.flags == flags
     assert TritonServer("repo").admin_key is not None  # no key given: one made for this run
+    for both in ({"ports": Ports(4, 5, 6)}, {"log_verbose": 1}, {"extra_args": ["--exit-timeout-secs=5"]}):
+        with pytest.raises(TypeError, match="not both"):  # a keyword beside flags= would be ignored
+            TritonServer("repo", flags=flags, **both)
     assert server.failed_versions == {} and server.repository_syncs == 0  # no follower before a poll-mode start
 
 
@@ -100,3 +103,15 @@ def wait_until(condition, timeout_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+@pytest.mark.parametrize("argv", [["--no-http", "stage", "--store", ".", "--target", "t", "--allow-unsigned"],
+                                  ["--grpc-port", "9", "golden-gate", "--repository", ".", "--model", "m", "--version", "1"]])
+def test_the_local_server_s_options_before_a_pod_command_are_refused_not_dropped(argv, capsys):
+    from histoserve.serve.__main__ import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    command = next(word for word in argv if word in ("stage", "golden-gate"))
+    assert f"options of the local server; `{command}` takes only its own" in capsys.readouterr().err
