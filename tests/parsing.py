@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import importlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -69,12 +70,14 @@ def parse_problem(stage: str, args: list[str] | tuple[str, ...]) -> str | None:
     return None
 
 
-def locust_problem(args: list[str]) -> str | None:
+def locust_problem(args: list[str], site: Path | None = None, cwd: Path = ROOT) -> str | None:
     """`python -m histoserve.loadtest locust ARGS` hands ARGS to Locust, whose parser holds the
     locustfile's options only once the file is loaded (and that patches gevent into the process): so
-    a subprocess, with --list, which parses everything and stops before any load."""
+    a subprocess, with --list, which parses everything and stops before any load. `site`: an unpacked
+    wheel to run instead of the checkout (first on PYTHONPATH)."""
+    env = {**os.environ, "PYTHONPATH": str(site)} if site else None
     result = subprocess.run([sys.executable, "-m", "histoserve.loadtest", "locust", *args, "--list"], capture_output=True,
-                            text=True, timeout=120, cwd=ROOT)
+                            text=True, timeout=120, cwd=cwd, env=env)
     if result.returncode == 0:
         return None
     errors = [line for line in result.stderr.splitlines() if "error:" in line]

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.k8s.manifests import KUSTOMIZATIONS, render_cached
-from tests.parsing import parse_problem
+from tests.parsing import locust_problem, parse_problem
 from tests.stages import PACKAGES, SCRIPTS, STAGES
 
 
@@ -206,8 +206,8 @@ def command_problems(installed, where: str, words: list[str], helps: dict) -> li
     options = rest[len(head):]
     options = options[:options.index("--")] if "--" in options else options  # then only operands
     if head == ["locust"]:  # Locust parses with the packaged locustfile's options; --list stops before any load
-        result = run_installed(installed, "-m", module, "locust", *options, "--list")
-        return [] if result.returncode == 0 else [f"{where}: {' '.join(words)}: {result.stderr.strip()[-300:]}"]
+        problem = locust_problem(options, site=installed / "site", cwd=installed / "elsewhere")
+        return [] if problem is None else [f"{where}: {' '.join(words)}: {problem}"]
     key = (module, *head)
     if key not in helps:
         helps[key] = run_installed(installed, "-m", *key, "--help")
