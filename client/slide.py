@@ -503,16 +503,13 @@ def load_progress(path: Path, key: dict, labels: list[str]) -> list[dict]:
                          "score": float(record["score"]), **{f"p_{label}": float(record[f"p_{label}"]) for label in labels}})
         except (KeyError, TypeError, ValueError):
             continue  # a damaged row: its tile is classified again
-    with open(path, "w", newline="") as handle:  # rewritten without a torn last line, so appends stay whole
-        handle.write(lines[0])
-        writer = csv.DictWriter(handle, columns_of(labels), lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(exact(row))
+    # rewritten without a torn last line, so appends stay whole; atomically, so a kill now loses nothing
+    write_atomically(path, lines[0] + rows_csv(rows, labels))
     return rows
 
 
-def write_tiles_csv(path: Path, rows: list[dict], labels: list[str]) -> None:
+def rows_csv(rows: list[dict], labels: list[str]) -> str:
+    """The header and the rows, as tiles.csv and progress.csv hold them."""
     import io
 
     buffer = io.StringIO()
@@ -520,7 +517,11 @@ def write_tiles_csv(path: Path, rows: list[dict], labels: list[str]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow(exact(row))
-    write_atomically(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_tiles_csv(path: Path, rows: list[dict], labels: list[str]) -> None:
+    write_atomically(path, rows_csv(rows, labels))
 
 
 def write_geojson(path: Path, rows: list[dict], labels: list[str]) -> None:

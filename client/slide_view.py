@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import re
@@ -38,6 +39,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from histoserve.client.slide import OVERLAY_PNG, PROGRESS_CSV, SLIDE_EXTRA, SUMMARY_JSON, TILES_CSV
 from histoserve.formats.options import POSITIVE_INT, Range
 
 VIEWER = Path(__file__).resolve().parent / "viewer"
@@ -50,12 +52,11 @@ STATIC_FILES = {
     "openseadragon/openseadragon.min.js": VIEWER / "openseadragon" / "openseadragon.min.js",
     "openseadragon/LICENSE.txt": VIEWER / "openseadragon" / "LICENSE.txt",
 }
-DZI, DZ_FILES, OVERLAY, TILES, CONFIG = "slide.dzi", "slide_files", "overlay.png", "tiles.json", "viewer.json"
+DZI, DZ_FILES, OVERLAY, TILES, CONFIG = "slide.dzi", "slide_files", OVERLAY_PNG, "tiles.json", "viewer.json"
 DZ_TILE_SIZE, DZ_OVERLAP = 254, 1  # 256-px tiles with their overlap, as OpenSlide's own examples
 TILE_FORMATS = {"jpeg": "image/jpeg", "png": "image/png"}
 JPEG_QUALITY = 90
 PORT = Range(int, 0, 65535)
-SLIDE_EXTRA = "pip install 'histoserve[slide]'"
 
 
 class ViewerError(RuntimeError):
@@ -81,9 +82,9 @@ class ResultFolder:
 def _summary_of(folder: Path) -> dict:
     if not folder.is_dir():
         raise ViewerError(f"{folder}: no such folder (give DIR/<slide stem>, a folder `python -m histoserve.client slide --out DIR` wrote)")
-    path = folder / "summary.json"
+    path = folder / SUMMARY_JSON
     if not path.is_file():
-        interrupted = (folder / "progress.csv").is_file()
+        interrupted = (folder / PROGRESS_CSV).is_file()
         hint = " (an interrupted run: rerun `python -m histoserve.client slide` to finish it)" if interrupted else ""
         raise ViewerError(f"{path}: missing: {folder} is not a finished result folder of `python -m histoserve.client slide`{hint}")
     try:
@@ -135,13 +136,13 @@ def load_result(folder: Path, slide: Path | None = None) -> ResultFolder:
     if not slide_path.is_file():
         if slide is not None:
             raise ViewerError(f"--slide {slide_path}: no such file")
-        raise ViewerError(f"{folder / 'summary.json'}: its slide {named} is not there any more (moved or deleted): "
+        raise ViewerError(f"{folder / SUMMARY_JSON}: its slide {named} is not there any more (moved or deleted): "
                           f"give the slide's new path with --slide PATH")
-    labels, tiles = _read_tiles(folder / "tiles.csv", list(summary.get("classes") or {}))
+    labels, tiles = _read_tiles(folder / TILES_CSV, list(summary.get("classes") or {}))
     palette = summary.get("colours") or {}
     missing = [label for label in labels if not re.fullmatch(r"#[0-9a-fA-F]{6}", str(palette.get(label, "")))]
     if missing:
-        raise ViewerError(f"{folder / 'summary.json'}: no #rrggbb colour for class(es) {', '.join(missing)} in \"colours\"")
+        raise ViewerError(f"{folder / SUMMARY_JSON}: no #rrggbb colour for class(es) {', '.join(missing)} in \"colours\"")
     overlay_path = folder / OVERLAY
     try:
         with Image.open(overlay_path) as overlay:
@@ -177,14 +178,14 @@ class SlideView:
         if (width, height) != (result.width, result.height):
             self.slide.close()
             raise ViewerError(f"{result.slide_path}: {width}×{height} pixels, but "
-                              f"{result.folder / 'summary.json'} is of a {result.width}×{result.height} slide: not the slide "
+                              f"{result.folder / SUMMARY_JSON} is of a {result.width}×{result.height} slide: not the slide "
                               "these results are of")
         identity = ((result.summary.get("run") or {}).get("slide_identity") or "")
         quickhash = self.slide.properties.get("openslide.quickhash-1")
         if quickhash and ":" not in identity and identity and identity != quickhash:
             self.slide.close()
             raise ViewerError(f"{result.slide_path}: its OpenSlide quickhash differs from the one in "
-                              f"{result.folder / 'summary.json'}: not the slide these results are of")
+                              f"{result.folder / SUMMARY_JSON}: not the slide these results are of")
         # limit_bounds=False: the Deep Zoom image is the whole level-0 plane, in tiles.csv's coordinates
         self.deepzoom = DeepZoomGenerator(self.slide, tile_size=DZ_TILE_SIZE, overlap=DZ_OVERLAP, limit_bounds=False)
 
@@ -222,12 +223,16 @@ class SlideView:
     def config_json(self) -> bytes:
         return (json.dumps(self.config(), indent=1) + "\n").encode()
 
-    def tiles_json(self) -> bytes:
-        """tiles.csv as {"labels", "columns", "tiles": [[x, y, width, height, tissue, label index, score, p...]]}."""
+    @functools.cached_property
+    def _tiles_json(self) -> bytes:  # made once: the results do not change while they are viewed
         return json.dumps({"labels": self.result.labels,
                            "columns": ["x", "y", "width", "height", "tissue", "label", "score",
                                        *(f"p_{label}" for label in self.result.labels)],
                            "tiles": self.result.tiles}, separators=(",", ":")).encode()
+
+    def tiles_json(self) -> bytes:
+        """tiles.csv as {"labels", "columns", "tiles": [[x, y, width, height, tissue, label index, score, p...]]}."""
+        return self._tiles_json
 
     def overlay_png(self) -> bytes:
         return (self.result.folder / OVERLAY).read_bytes()

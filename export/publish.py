@@ -295,9 +295,8 @@ def check_publishable(repository: Path, config: mc.ModelConfig, labels: list[str
     if (model_dir / "config.pbtxt").exists():
         _check_same_contract(model_dir, read_config(model_dir / "config.pbtxt"), config, labels)
     version = version or (max(versions(model_dir), default=0) + 1)
-    if version_folder(repository, config.name, version).exists():
-        raise RepositoryError(f"{version_folder(repository, config.name, version)} already exists: versions are immutable, "
-                              "pick another --version")
+    if (folder := version_folder(repository, config.name, version)).exists():
+        raise RepositoryError(f"{folder} already exists: versions are immutable, pick another --version")
     return version
 
 

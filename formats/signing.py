@@ -53,8 +53,8 @@ def key_fingerprint(public_pem: bytes) -> str:
 def _hashing_config():
     import model_signing
 
-    # Only the signature itself is left out: no git-file exemptions, so no file of a version is unsigned.
-    return model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=False)
+    # SIGNED_AS: only the signature itself is left out, no git-file exemptions, so no file of a version is unsigned.
+    return model_signing.hashing.Config().set_ignored_paths(paths=SIGNED_AS["ignore_paths"], ignore_git_paths=False)
 
 
 def check_signing_key(private_key: Path) -> None:

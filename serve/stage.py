@@ -137,7 +137,7 @@ def prepare_folder(store: Path, model: str, version: int, target: Path, placed: 
         try:
             problems = verify_checksums(copied)
         except VersionFilesError as error:
-            raise StageError(str(error).replace(str(copied), str(source))) from None
+            raise as_named(error, copied, source) from None
         if problems:
             raise StageError(f"{source} does not match its SHA256SUMS after copying ({len(problems)} problem(s)):\n  "
                              + "\n  ".join(p.replace(str(copied), str(source)) for p in problems))
@@ -183,7 +183,7 @@ def check_identity(folder: Path, model: str, version: int, source: Path, require
     try:
         identity = read_identity(folder)
     except VersionFilesError as error:
-        raise StageError(str(error).replace(str(folder), str(source))) from None
+        raise as_named(error, folder, source) from None
     if identity is None:
         if required:
             raise StageError(f"{source / IDENTITY_FILE}: missing: the signature does not say which model and version "
@@ -215,7 +215,7 @@ def check_version(folder: Path, model: str, version: int, source: Path) -> None:
     try:
         golden, _ = GoldenAnswers.read(folder)
     except VersionFilesError as error:
-        raise StageError(str(error).replace(str(folder), str(source))) from None
+        raise as_named(error, folder, source) from None
     if (golden.model, golden.version) != (model, version):
         raise StageError(f"{source / 'golden.json'}: answers for {golden.model} version {golden.version}, "
                          f"not {model} version {version}")
@@ -229,7 +229,7 @@ def own_config(folder: Path, name: str, model: str, source: Path):
     try:
         config = read_config(folder / name)
     except RepositoryError as error:
-        raise StageError(str(error).replace(str(folder), str(source))) from None
+        raise as_named(error, folder, source) from None
     if config.name != model:
         raise StageError(f"{source / name}: name: the config is for model {config.name!r}, not {model!r}")
     return config
@@ -272,3 +272,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
           f"matching its SHA256SUMS{signed}" + (f"; and its encoded twins {', '.join(staged.twins)}" if staged.twins else ""),
           flush=True)
     return 0
+
+
+def as_named(error: Exception, copy: Path, source: Path) -> StageError:
+    """`error` about the working copy, as a StageError naming the store's files it was copied from."""
+    return StageError(str(error).replace(str(copy), str(source)))
